@@ -1,0 +1,315 @@
+"""Typed configuration: one dataclass per component, loaded from YAML plus dotted overrides.
+
+Every field is documented once, beside it (the ``doc`` metadata). ``load_config`` turns a YAML
+mapping and ``key.sub=value`` strings into a validated ``Config``; an unknown key or a value of the
+wrong type is a ``ConfigError`` that names the key and what is allowed. Cross-field rules live in
+each dataclass's ``__post_init__`` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rexrag.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field with its documentation attached (shown by ``rexrag train --help-config``)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _choices(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{kind}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("Local path, hub id (needs network) or 'smollm2-135m' (offline default).", "smollm2-135m")
+    dtype: str = doc("Parameter dtype: float32 | bfloat16 | float16.", "float32")
+    lora_rank: int = doc("LoRA rank; 0 trains all parameters.", 0)
+    lora_alpha: int = doc("LoRA alpha.", 32)
+    lora_dropout: float = doc("LoRA dropout.", 0.0)
+    lora_target: list[str] = doc("Module names LoRA adapts.", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    autocast_bf16: bool = doc("bf16 autocast for forward passes where the device supports it.", False)
+
+    def __post_init__(self):
+        _choices("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.lora_rank < 0:
+            raise ConfigError("model.lora_rank must be >= 0 (0 disables LoRA)")
+
+
+@dataclass
+class RetrievalConfig:
+    index: str = doc("Index directory built by `rexrag index` (used when url is empty).", "")
+    url: str = doc("Search-R1-compatible /retrieve endpoint; overrides index when set.", "")
+    topk: int = doc("Passages returned per search.", 3)
+    timeout_s: float = doc("HTTP timeout per request.", 30.0)
+    retries: int = doc("Bounded retries for a failed retrieval call.", 2)
+    api_key: str = doc("Optional API key sent as X-API-Key to a remote retriever.", "")
+
+    def __post_init__(self):
+        if self.topk < 1:
+            raise ConfigError("retrieval.topk must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = doc("Rollouts per prompt (GRPO group size G).", 5)
+    max_turns: int = doc("Search turns allowed before the final answer-only turn.", 4)
+    max_new_tokens_per_turn: int = doc("Tokens the policy may generate in one turn.", 256)
+    max_obs_tokens: int = doc("Retrieved <information> text is truncated to this many tokens.", 500)
+    max_total_tokens: int = doc("Cap on prompt + response tokens of one trajectory.", 4096)
+    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
+    top_p: float = doc("Nucleus sampling mass.", 1.0)
+    top_k: int = doc("Top-k sampling (0 = off).", 0)
+    template: str = doc("Instruction template: 'rexrag', 'search-r1', a file path, or a literal containing {question}.", "rexrag")
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ConfigError("rollout.n must be >= 1")
+        if self.max_turns < 0:
+            raise ConfigError("rollout.max_turns must be >= 0")
+        if self.temperature < 0:
+            raise ConfigError("rollout.temperature must be >= 0 (0 means greedy)")
+
+
+@dataclass
+class AlgoConfig:
+    adv_estimator: str = doc("Advantage estimator: grpo | rloo | reinforce_pp | gae.", "grpo")
+    norm_adv_by_std: bool = doc("GRPO: divide by group std (False = Dr. GRPO).", True)
+    gamma: float = doc("GAE discount.", 1.0)
+    lam: float = doc("GAE lambda.", 1.0)
+    clip_low: float = doc("PPO clip epsilon below 1.", 0.2)
+    clip_high: float = doc("PPO clip epsilon above 1 (0.28 = clip-higher).", 0.2)
+    dual_clip_c: float = doc("Dual-clip constant c (> 1); 0 disables.", 0.0)
+    loss_agg: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.", "token-mean")
+    kl_coef: float = doc("KL-to-reference coefficient.", 0.001)
+    kl_type: str = doc("k1 | k2 | k3 (k3 = 'low-var').", "k3")
+    kl_in_reward: bool = doc("Fold KL into the reward instead of the loss.", False)
+    entropy_coef: float = doc("Entropy bonus coefficient.", 0.0)
+    value_clip: float = doc("Value-loss clip range (gae only).", 0.2)
+    vf_coef: float = doc("Value-loss coefficient (gae only).", 0.5)
+
+    def __post_init__(self):
+        _choices("algo.adv_estimator", self.adv_estimator, ("grpo", "rloo", "reinforce_pp", "gae"))
+        _choices("algo.loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        _choices("algo.kl_type", self.kl_type, ("k1", "k2", "k3"))
+        if self.dual_clip_c and self.dual_clip_c <= 1.0:
+            raise ConfigError("algo.dual_clip_c must be > 1 (or 0 to disable)")
+
+
+@dataclass
+class RexConfig:
+    enabled: bool = doc("Turn REX-RAG mixed sampling on.", False)
+    trigger: str = doc("per_trajectory (public code) | dead_end_group (paper framing).", "per_trajectory")
+    probe_prob: float = doc("p: chance a wrong original is probed (per_trajectory).", 0.2)
+    probes_per_dead_group: int = doc("Probes per all-wrong group (dead_end_group).", 2)
+    keep_ratio: float = doc("rho_0: initial share of B*G kept after the filter.", 0.08)
+    keep_cap: int = doc("Optional cap on kept probes per step (0 = none).", 0)
+    rho_momentum: float = doc("rho <- m*rho + (1-m)*probe EM accuracy.", 0.9)
+    correction: str = doc("rex_token | rex_sequence | none.", "rex_token")
+    seq_weight_cap: float = doc("Truncation of the rex_sequence weight.", 10.0)
+    train_probe_tokens: bool = doc("Train the inserted probe prompt tokens (public code: yes).", True)
+    pool: str = doc("Exploratory prompt pool file ('' = bundled pool of 30).", "")
+
+    def __post_init__(self):
+        _choices("rex.trigger", self.trigger, ("per_trajectory", "dead_end_group"))
+        _choices("rex.correction", self.correction, ("rex_token", "rex_sequence", "none"))
+        if not 0.0 <= self.probe_prob <= 1.0:
+            raise ConfigError("rex.probe_prob must be in [0, 1]")
+        if not 0.0 <= self.keep_ratio <= 1.0:
+            raise ConfigError("rex.keep_ratio must be in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = doc("Training QA files (FlashRAG jsonl or Search-R1 parquet).", factory=list)
+    batch_size: int = doc("Prompts per step (B).", 8)
+    shuffle: bool = doc("Shuffle the training examples each epoch.", True)
+    skip_bad: bool = doc("Skip malformed rows (counted) instead of failing.", False)
+    limit: int = doc("Use at most this many training examples (0 = all).", 0)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = doc("Optimizer steps (each = one rollout batch).", 10)
+    lr: float = doc("Learning rate.", 1e-6)
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    ppo_epochs: int = doc("Passes over each rollout batch.", 1)
+    mini_batch_size: int = doc("Trajectories per optimizer update.", 16)
+    micro_batch_size: int = doc("Trajectories per forward/backward (gradient accumulation).", 4)
+    max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    reward: str = doc("Reward function name or dotted path.", "em")
+    seed: int = doc("Random seed.", 0)
+    out_dir: str = doc("Run directory (metrics, checkpoints, plots).", "runs/default")
+    save_every: int = doc("Checkpoint every N steps (0 = only at the end).", 0)
+    keep_last: int = doc("Checkpoints kept.", 2)
+    resume: bool = doc("Resume from the latest checkpoint in out_dir.", False)
+    log_tensorboard: bool = doc("Write TensorBoard events.", True)
+    wandb_project: str = doc("Log to wandb when set and installed.", "")
+
+    def __post_init__(self):
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ConfigError("trainer.micro_batch_size must be <= trainer.mini_batch_size")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rex: RexConfig = field(default_factory=RexConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert one value to the annotated type, naming ``key`` on failure."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} expects null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} expects true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and out != value:
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}; allowed keys here: {sorted(fields)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} expects a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars ("1" -> 1)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Load ``cls`` from a YAML file (optional) and dotted ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections {sorted(f.name for f in dataclasses.fields(cls))}")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(cls, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every field, for help output."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, getattr(instance, f.name), f.metadata.get("doc", "")))
+    return rows
