@@ -9,6 +9,8 @@ each dataclass's ``__post_init__`` with a message that says what to change.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +123,8 @@ class RexConfig:
     probes_per_dead_group: int = doc("Probes per all-wrong group (dead_end_group).", 2)
     keep_ratio: float = doc("rho_0: initial share of B*G kept after the filter.", 0.08)
     keep_cap: int = doc("Optional cap on kept probes per step (0 = none).", 0)
+    keep_min: int = doc("Keep at least this many probes per step when any exist (0 = paper rule; with tiny batches rho can decay below 1/(B*G) and then never update again).", 0)
+    success_reward: float = doc("An original (or probe) with reward >= this counts as correct; below it is 'wrong' (public code: score < 1).", 1.0)
     rho_momentum: float = doc("rho <- m*rho + (1-m)*probe EM accuracy.", 0.9)
     correction: str = doc("rex_token | rex_sequence | none.", "rex_token")
     seq_weight_cap: float = doc("Truncation of the rex_sequence weight.", 10.0)
@@ -134,6 +138,12 @@ class RexConfig:
             raise ConfigError("rex.probe_prob must be in [0, 1]")
         if not 0.0 <= self.keep_ratio <= 1.0:
             raise ConfigError("rex.keep_ratio must be in [0, 1]")
+        if self.keep_cap < 0 or self.keep_min < 0 or self.probes_per_dead_group < 1:
+            raise ConfigError("rex.keep_cap and rex.keep_min must be >= 0 and rex.probes_per_dead_group >= 1")
+        if not 0.0 <= self.rho_momentum <= 1.0:
+            raise ConfigError("rex.rho_momentum must be in [0, 1]")
+        if self.seq_weight_cap <= 1.0:
+            raise ConfigError("rex.seq_weight_cap must be > 1 (weights of originals are 1/(1-alpha) > 1)")
 
 
 @dataclass
@@ -149,6 +159,7 @@ class DataConfig:
 class TrainerConfig:
     steps: int = doc("Optimizer steps (each = one rollout batch).", 10)
     lr: float = doc("Learning rate.", 1e-6)
+    critic_lr: float = doc("Value-model learning rate for algo.adv_estimator=gae (0 = same as lr).", 0.0)
     warmup_steps: int = doc("Linear warm-up steps.", 0)
     weight_decay: float = doc("AdamW weight decay.", 0.0)
     ppo_epochs: int = doc("Passes over each rollout batch.", 1)
@@ -183,8 +194,31 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+class _Raw(str):
+    """An override value exactly as typed; converted by the target field's type in ``_coerce``."""
+
+
+def _from_raw(value: _Raw, tp: Any) -> Any:
+    """Typed reading of a command-line value: strings stay verbatim, lists split on commas."""
+    if tp is str:
+        return str(value)  # "2026-11-22", "0.10", "yes", "null" stay text (YAML would change them)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple) and not value.strip().startswith("["):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if origin in (typing.Union, types.UnionType) and str in typing.get_args(tp):
+        return None if value.strip() in ("null", "~") and type(None) in typing.get_args(tp) else str(value)
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return str(value)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check/convert one value to the annotated type, naming ``key`` on failure."""
+    if isinstance(value, _Raw):
+        value = _from_raw(value, tp)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -192,7 +226,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} expects a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)
@@ -212,8 +246,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{key} expects true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
@@ -226,6 +262,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} expects an integer, got {value!r}")
         return out
     if tp is str:
+        if isinstance(value, bool) or value is None:
+            # YAML 1.1 reads yes/no/on/off/null unquoted as booleans / None.
+            raise ConfigError(f"{key} expects a string, got {value!r}; quote the value in YAML")
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
@@ -239,9 +280,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            raise ConfigError(f"unknown config key {key!r}; allowed keys here: {sorted(fields)}")
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; allowed keys here: {sorted(fields)}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            if value is None:  # an empty YAML section ("model:" with everything commented out)
+                value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} expects a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
             kwargs[name] = _build(tp, value, key + ".")
@@ -256,13 +301,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars ("1" -> 1)."""
+    """``["a.b=1", "c=x"]`` -> nested dict of raw strings.
+
+    Values are read by the type of the field they set (see ``_coerce``): a string field gets the
+    text verbatim, a list field splits ``"a,b"`` on commas (or takes a YAML flow list ``[a, b]``),
+    numbers and booleans are parsed ("1e-6", "true", "on", "1").
+    """
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _Raw(raw.strip())
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -1,0 +1,70 @@
+"""``rexrag eval``: score a model or checkpoint on QA sets (EM / F1 / cover-EM) and write a report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = """Examples:
+  rexrag eval --model runs/demo/final --dataset hotpotqa=questions.jsonl --index indexes/bm25 --out runs/eval
+  rexrag eval --model smollm2-135m --benchmarks nq,hotpotqa,2wikimultihopqa --data-dir data \\
+              --retriever-url http://127.0.0.1:8000/retrieve --method agent --limit 200 --out runs/eval
+
+--data-dir layout (FlashRAG): DIR/<benchmark>/test.jsonl (or dev.jsonl / val.jsonl; otherwise the
+first *test*, then *dev*, then *val* .jsonl/.parquet file, preferring names containing 'flashrag',
+then the largest). Benchmarks: nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model/checkpoint on QA sets (direct | rag | agent)",
+                       description=__doc__, epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model dir, `rexrag train`/`warmup` checkpoint (full or LoRA), or smollm2-135m")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=FILE", help="a QA file (FlashRAG jsonl or Search-R1 parquet); repeatable")
+    p.add_argument("--benchmarks", default="", help="comma-separated benchmark names resolved under --data-dir")
+    p.add_argument("--data-dir", default="", help="folder with one sub-folder per benchmark")
+    p.add_argument("--index", default="", help="index directory built by `rexrag index`")
+    p.add_argument("--retriever-url", default="", help="Search-R1-compatible /retrieve endpoint (instead of --index)")
+    p.add_argument("--topk", type=int, default=3, help="passages per search")
+    p.add_argument("--method", default="agent", choices=["agent", "rag", "direct"])
+    p.add_argument("--limit", type=int, default=0, help="at most N questions per dataset (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
+    p.add_argument("--max-turns", type=int, default=4, help="agent: search turns before the answer-only turn")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per turn (agent) or per answer")
+    p.add_argument("--template", default="rexrag", help="agent prompt template: rexrag | search-r1 | file | literal with {question}")
+    p.add_argument("--label", default="", help="row label in the tables (default: model name + method)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (metrics.json, metrics.md, predictions.jsonl)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rexrag.config import ModelConfig, RetrievalConfig
+    from rexrag.eval.evaluate import EvalOptions, load_datasets, run_eval
+    from rexrag.models import load_model, load_tokenizer
+
+    opts = EvalOptions(method=args.method, topk=args.topk, batch_size=args.batch_size, max_turns=args.max_turns,
+                       max_new_tokens=args.max_new_tokens, template=args.template, limit=args.limit,
+                       seed=args.seed, device=args.device)
+    benchmarks = [b for b in args.benchmarks.split(",") if b.strip()]
+    datasets = load_datasets(args.dataset, benchmarks, args.data_dir or None, limit=args.limit)
+    retriever = None
+    if args.method != "direct":
+        from rexrag.errors import UserError
+        from rexrag.retrieval import load_retriever
+
+        if not (args.index or args.retriever_url):
+            raise UserError(f"--method {args.method} needs --index DIR or --retriever-url URL")
+        retriever = load_retriever(RetrievalConfig(index=args.index, url=args.retriever_url, topk=args.topk))
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=args.device)
+    label = args.label or f"{Path(args.model).name} ({args.method})"
+    info = {"model": args.model, "method": args.method,
+            "retriever": args.retriever_url or args.index or "none", "top-k": args.topk if retriever else 0}
+    result = run_eval(datasets, model, tokenizer, retriever, opts, args.out, label, info)
+    avg = result["summary"].get("average", {})
+    print(f"EM {100 * avg.get('em', 0):.1f}  F1 {100 * avg.get('f1', 0):.1f}  cover-EM {100 * avg.get('cover_em', 0):.1f}"
+          f"  ({avg.get('n', 0)} questions, {result['seconds']:.0f}s) -> {Path(args.out) / 'metrics.md'}")
+    return 0

@@ -1,0 +1,50 @@
+"""``rexrag serve``: serve an index over HTTP with Search-R1's ``/retrieve`` JSON (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an index with a Search-R1-compatible POST /retrieve",
+        description="Serve an index directory over HTTP: POST /retrieve with Search-R1's JSON "
+        '({"queries": [...], "topk": 3, "return_scores": true}) and GET /health.',
+    )
+    p.add_argument("--index", required=True, help="index directory built by `rexrag index`")
+    p.add_argument("--kind", choices=["bm25", "dense"], default=None, help="fail unless the index is of this kind")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", default="", metavar="VAR",
+                   help="require the key held in env var VAR in the X-API-Key header")
+    p.add_argument("--default-topk", type=int, default=3, help="topk when a request leaves it out")
+    p.add_argument("--max-topk", type=int, default=100)
+    p.add_argument("--max-queries", type=int, default=512, help="queries per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rexrag.errors import UserError
+    from rexrag.retrieval import load_index
+    from rexrag.retrieval.server import create_app
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    if not 1 <= args.default_topk <= args.max_topk:
+        raise UserError(f"--default-topk {args.default_topk} must be between 1 and --max-topk {args.max_topk}")
+    retriever = load_index(args.index, expect_kind=args.kind)
+    app = create_app(retriever, default_topk=args.default_topk, max_topk=args.max_topk,
+                     max_queries=args.max_queries, max_body_bytes=args.max_body_bytes, api_key=api_key)
+    print(f"serving {retriever.manifest['kind']} index {args.index} "
+          f"({retriever.manifest['passages']} passages) on http://{args.host}:{args.port}/retrieve", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

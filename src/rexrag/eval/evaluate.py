@@ -1,0 +1,278 @@
+"""Evaluate a model or checkpoint on QA sets: ``direct``, ``rag`` or ``agent`` (multi-turn search).
+
+All methods decode greedily (temperature 0) in batches, so a run is deterministic for a given model,
+data and retriever. Scores follow Search-R1 / REX-RAG: the prediction is the last complete
+``<answer>...</answer>`` span of the model's own response, scored by exact match after SQuAD
+normalisation (plus F1 and cover-EM). A response without an answer span scores 0 — unlike FlashRAG's
+direct baselines, which score the raw generation; we keep one rule for all methods so the rows of a
+table are comparable.
+
+Benchmark files: ``--benchmarks nq,hotpotqa --data-dir DIR`` looks for FlashRAG-format files in
+``DIR/<name>/`` (see ``resolve_benchmark``): ``test.jsonl`` / ``dev.jsonl`` / ``val.jsonl`` as
+FlashRAG ships them, else ``*test*`` then ``*dev*`` then ``*val*`` files (``.jsonl`` or Search-R1
+``.parquet``), preferring names containing ``flashrag`` and then the largest file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rexrag.data import QAExample
+from rexrag.errors import UserError
+from rexrag.eval import report
+
+BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+BENCHMARK_ALIASES = {"2wiki": "2wikimultihopqa", "tqa": "triviaqa", "hotpot": "hotpotqa"}
+METHODS = ("direct", "rag", "agent")
+_SPLIT_TIERS = ("test", "dev", "val")
+
+DIRECT_TEMPLATE = (
+    "Answer the given question. Think step by step inside <think> and </think>, then give the final "
+    "answer inside <answer> and </answer>, without detailed explanation. For example, "
+    "<answer> Beijing </answer>. Question: {question}\n"
+)
+RAG_TEMPLATE = (
+    "Answer the given question using the documents below. Think step by step inside <think> and "
+    "</think>, then give the final answer inside <answer> and </answer>, without detailed "
+    "explanation. For example, <answer> Beijing </answer>.\n\n{question}\n"
+)
+
+
+@dataclass
+class EvalOptions:
+    method: str = "agent"
+    topk: int = 3
+    batch_size: int = 16
+    max_turns: int = 4
+    max_new_tokens: int = 256  # per turn (agent) or for the whole answer (direct, rag)
+    max_obs_tokens: int = 500
+    template: str = "rexrag"  # agent prompt template (rexrag.prompts); direct/rag use their own
+    limit: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)  # free-form labels written to metrics.json
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r} is not allowed; choose one of {list(METHODS)}")
+        if self.batch_size < 1 or self.topk < 1 or self.max_new_tokens < 1:
+            raise UserError("--batch-size, --topk and --max-new-tokens must be >= 1")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, Path]:
+    """``"NAME=FILE"`` -> (name, path); a bare FILE is named after its stem."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).name.split(".")[0], spec
+    name, path = name.strip(), Path(path.strip()).expanduser()
+    if not name:
+        raise UserError(f"--dataset {spec!r}: the name before '=' is empty")
+    if not path.is_file():
+        raise UserError(f"--dataset {spec!r}: file {path} does not exist")
+    return name, path
+
+
+def resolve_benchmark(name: str, data_dir: str | Path) -> Path:
+    """The question file of benchmark ``name`` under ``data_dir`` (layout in the module docstring)."""
+    key = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}; choose from {list(BENCHMARKS)} (or use --dataset NAME=FILE)")
+    folder = Path(data_dir).expanduser() / key
+    if not folder.is_dir():
+        raise UserError(f"benchmark {key!r}: folder {folder} does not exist; expected {folder}/test.jsonl (FlashRAG layout)")
+    for tier in _SPLIT_TIERS:
+        for ext in (".jsonl", ".parquet"):
+            if (folder / f"{tier}{ext}").is_file():
+                return folder / f"{tier}{ext}"
+    for tier in _SPLIT_TIERS:
+        found = [p for p in folder.iterdir() if p.is_file() and tier in p.name.lower() and p.suffix in (".jsonl", ".parquet")]
+        if found:
+            found.sort(key=lambda p: ("flashrag" not in p.name, p.suffix != ".jsonl", -p.stat().st_size, p.name))
+            return found[0]
+    raise UserError(f"benchmark {key!r}: no test/dev/val .jsonl or .parquet file in {folder}")
+
+
+def load_datasets(specs: list[str], benchmarks: list[str], data_dir: str | Path | None, limit: int = 0
+                  ) -> dict[str, tuple[Path, list[QAExample]]]:
+    """{dataset name: (file, examples)} with globally unique group ids; ``limit`` per dataset."""
+    from rexrag.data import assign_group_ids, load_qa
+
+    files: dict[str, Path] = {}
+    for spec in specs:
+        name, path = parse_dataset_spec(spec)
+        files[name] = path
+    if benchmarks and not data_dir:
+        raise UserError("--benchmarks needs --data-dir (a folder with one sub-folder per benchmark)")
+    for bench in benchmarks:
+        key = BENCHMARK_ALIASES.get(bench.strip().lower(), bench.strip().lower())
+        files[key] = resolve_benchmark(bench, data_dir)
+    if not files:
+        raise UserError("nothing to evaluate: give --dataset NAME=FILE or --benchmarks NAMES --data-dir DIR")
+    out, start = {}, 0
+    for name, path in files.items():
+        examples = list(load_qa(path, source=name, limit=limit))
+        assign_group_ids(examples, start=start)
+        start += len(examples)
+        out[name] = (path, examples)
+    return out
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _one_shot_prompt(tokenizer, ex: QAExample, passages: list | None) -> list[int]:
+    """Prompt ids for ``direct`` (no passages) and ``rag`` (passages above the question)."""
+    from rexrag.prompts import build_prompt_ids
+
+    if passages is None:
+        return build_prompt_ids(tokenizer, ex.question, DIRECT_TEMPLATE)
+    from rexrag.retrieval import format_information
+
+    # The documents ride in the "question" slot so the template itself stays a plain literal.
+    text = f"Documents:\n{format_information(passages)}\n\nQuestion: {ex.question}"
+    return build_prompt_ids(tokenizer, text, RAG_TEMPLATE)
+
+
+def _run_one_shot(examples, model, tokenizer, retriever, opts: EvalOptions) -> list[dict]:
+    from rexrag.rewards import extract_answer
+    from rexrag.rollout.engine import HFBackend, SamplingParams
+
+    passages = retriever.search([e.question for e in examples], opts.topk) if opts.method == "rag" else None
+    prompts = [_one_shot_prompt(tokenizer, e, passages[i] if passages else None) for i, e in enumerate(examples)]
+    backend = HFBackend(model, tokenizer, device=opts.device, max_batch=opts.batch_size)
+    params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
+    outs = backend.generate(prompts, [["</answer>"]] * len(prompts), params)
+    rows = []
+    for i, out in enumerate(outs):
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        answer = extract_answer(text)
+        rows.append({"prediction": answer, "response": text, "n_searches": 1 if passages else 0,
+                     "format_ok": answer is not None, "stop_reason": out.finish,
+                     "retrieved": [p.id for p in passages[i]] if passages else []})
+    return rows
+
+
+def make_agent(model, tokenizer, retriever, opts: EvalOptions):
+    """A greedy SearchAgent for evaluation."""
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout.agent import SearchAgent
+    from rexrag.rollout.engine import HFBackend
+
+    cfg = RolloutConfig(n=1, max_turns=opts.max_turns, max_new_tokens_per_turn=opts.max_new_tokens,
+                        max_obs_tokens=opts.max_obs_tokens, temperature=0.0, template=opts.template)
+    backend = HFBackend(model, tokenizer, device=opts.device, max_batch=opts.batch_size)
+    return SearchAgent(backend, tokenizer, retriever, cfg, topk=opts.topk)
+
+
+def _run_agent(examples, agent, tokenizer) -> list[dict]:
+    from rexrag.rewards import format_ok
+    from rexrag.rollout.agent import response_text
+
+    trajs = agent.rollout(list(examples), n=1)
+    rows = []
+    for t in trajs:
+        text = response_text(tokenizer, t)
+        rows.append({"prediction": t.answer, "response": text, "n_searches": int(t.n_searches),
+                     "format_ok": bool(format_ok(text)), "stop_reason": t.stop_reason, "trajectory": t})
+    return rows
+
+
+def score_row(prediction: str | None, golds: list[str]) -> dict[str, float]:
+    """EM / F1 / cover-EM of one prediction (0 when there is no answer span)."""
+    from rexrag.rewards import cover_em, exact_match, f1_score
+
+    if prediction is None:
+        return {"em": 0.0, "f1": 0.0, "cover_em": 0.0}
+    return {"em": float(exact_match(prediction, golds)), "f1": float(f1_score(prediction, golds)),
+            "cover_em": float(cover_em(prediction, golds))}
+
+
+def evaluate_examples(examples: list[QAExample], model, tokenizer, retriever, opts: EvalOptions,
+                      dataset: str = "", progress=None, task=None) -> list[dict]:
+    """Per-question result rows (see ``report``) for one dataset, in input order.
+
+    Agent rows also carry the ``Trajectory`` object under ``"trajectory"`` (dropped when written).
+    """
+    if opts.method != "direct" and retriever is None:
+        raise UserError(f"--method {opts.method} needs a retriever: give --index DIR or --retriever-url URL")
+    agent = make_agent(model, tokenizer, retriever, opts) if opts.method == "agent" else None
+    rows = []
+    for s in range(0, len(examples), opts.batch_size):
+        chunk = examples[s : s + opts.batch_size]
+        with torch.no_grad():
+            results = _run_agent(chunk, agent, tokenizer) if agent else _run_one_shot(chunk, model, tokenizer, retriever, opts)
+        for ex, res in zip(chunk, results):
+            rows.append({"dataset": dataset or ex.data_source, "id": ex.id, "question": ex.question,
+                         "golden_answers": list(ex.golden_answers), **score_row(res["prediction"], ex.golden_answers),
+                         **res})
+        if progress is not None and task is not None:
+            progress.advance(task, len(chunk))
+    return rows
+
+
+# --------------------------------------------------------------------------- trajectories as text
+
+
+def trajectory_pieces(tokenizer, traj, include_prompt: bool = False) -> list[tuple[str, str]]:
+    """Consecutive runs of one segment kind, decoded: ``[("POLICY", "<think>..."), ("INFO", ...), ...]``."""
+    from rexrag.rollout.trajectory import Seg
+
+    pieces: list[tuple[str, str]] = []
+    start = 0
+    n = len(traj.token_ids)
+    for i in range(1, n + 1):
+        if i == n or traj.segments[i] != traj.segments[start]:
+            kind = Seg(traj.segments[start]).name
+            if include_prompt or kind != "PROMPT":
+                pieces.append((kind, tokenizer.decode(traj.token_ids[start:i], skip_special_tokens=False)))
+            start = i
+    return pieces
+
+
+def _jsonable(row: dict, tokenizer) -> dict:
+    out = {k: v for k, v in row.items() if k != "trajectory"}
+    traj = row.get("trajectory")
+    if traj is not None:
+        out["segments"] = [list(p) for p in trajectory_pieces(tokenizer, traj)]
+    return out
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer, retriever, opts: EvalOptions,
+             out_dir: str | Path | None, label: str, info: dict[str, Any] | None = None, quiet: bool = False) -> dict:
+    """Evaluate every dataset; write metrics.json, metrics.md and predictions.jsonl into ``out_dir``.
+
+    Returns ``{"summary": report.summarize(...), "rows": [...], "seconds": float}``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    torch.manual_seed(opts.seed)
+    total = sum(len(ex) for _, ex in datasets.values())
+    rows: list[dict] = []
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=quiet, transient=False) as progress:
+        task = progress.add_task(f"{label} ({opts.method})", total=total)
+        for name, (_, examples) in datasets.items():
+            progress.update(task, description=f"{label} ({opts.method}) {name}")
+            rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task)
+    seconds = time.perf_counter() - start
+    summary = report.summarize(rows)
+    if out_dir is not None:
+        out = Path(out_dir)
+        meta = {"label": label, "method": opts.method, **(info or {}), "seconds": round(seconds, 2),
+                "files": {n: str(p) for n, (p, _) in datasets.items()}, "options": asdict(opts)}
+        report.write_metrics_json(out / "metrics.json", {"meta": meta, "datasets": summary})
+        report.atomic_write_text(out / "metrics.md", report.metrics_markdown(label, summary, info))
+        report.write_predictions_jsonl(out / "predictions.jsonl", (_jsonable(r, tokenizer) for r in rows))
+    return {"summary": summary, "rows": rows, "seconds": seconds}

@@ -1,0 +1,265 @@
+"""Evaluation reports: metrics.json, a Markdown table in the paper's layout, per-question jsonl,
+before/after comparisons and training-curve plots.
+
+Scores are per question in ``[0, 1]``; tables show them x100 with one decimal, as the REX-RAG and
+Search-R1 papers do. The "Avg" column is the unweighted mean over the datasets present (the papers
+average the seven benchmarks the same way), not a mean over all questions.
+
+Per-question rows (dicts) carry at least ``dataset``, ``em``, ``f1``, ``cover_em``, ``n_searches``
+and ``format_ok``; everything else (question, prediction, gold, trajectory text) is passed through
+to the jsonl file unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+# (key, column title) in the order of the paper's tables; other datasets follow in first-seen order.
+PAPER_COLUMNS: list[tuple[str, str]] = [
+    ("nq", "NQ"),
+    ("triviaqa", "TriviaQA"),
+    ("popqa", "PopQA"),
+    ("hotpotqa", "HotpotQA"),
+    ("2wikimultihopqa", "2Wiki"),
+    ("musique", "Musique"),
+    ("bamboogle", "Bamboogle"),
+]
+SCORE_KEYS = ("em", "f1", "cover_em")
+SUMMARY_KEYS = ("em", "f1", "cover_em", "mean_searches", "valid_format_rate")
+AVERAGE = "average"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_predictions_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """One JSON object per question (atomic)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def write_metrics_json(path: str | Path, metrics: dict) -> Path:
+    return atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a jsonl file; a bad line raises ValueError naming file and line."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-dataset means plus the unweighted average over datasets.
+
+    Returns ``{dataset: {n, em, f1, cover_em, mean_searches, valid_format_rate}, ..., "average": {...}}``.
+    """
+    by_ds: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_ds[str(r["dataset"])].append(r)
+    out: dict[str, dict[str, float]] = {}
+    for ds, items in by_ds.items():
+        out[ds] = {
+            "n": len(items),
+            **{k: _mean([float(r[k]) for r in items]) for k in SCORE_KEYS},
+            "mean_searches": _mean([float(r.get("n_searches", 0)) for r in items]),
+            "valid_format_rate": _mean([1.0 if r.get("format_ok") else 0.0 for r in items]),
+        }
+    if out:
+        out[AVERAGE] = {"n": sum(int(v["n"]) for v in out.values())}
+        out[AVERAGE].update({k: _mean([v[k] for d, v in out.items() if d != AVERAGE]) for k in SUMMARY_KEYS})
+    return out
+
+
+def ordered_datasets(names: Iterable[str]) -> list[str]:
+    """Paper order first, then the rest in the order given (``average`` excluded)."""
+    names = [n for n in dict.fromkeys(names) if n != AVERAGE]
+    known = [k for k, _ in PAPER_COLUMNS if k in names]
+    return known + [n for n in names if n not in known]
+
+
+def column_title(name: str) -> str:
+    return dict(PAPER_COLUMNS).get(name, name)
+
+
+def _fmt(value: Any, scale: float = 100.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{float(value) * scale:.1f}"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metrics_table_md(results: dict[str, dict], metric: str = "em", info: dict[str, Any] | None = None) -> str:
+    """Markdown table: rows = method/model label, columns = datasets (paper order) + Avg.
+
+    ``results`` maps a row label to a ``summarize`` output. ``info`` (model, corpus, retriever,
+    top-k, ...) is written above the table as a bullet list.
+    """
+    datasets = ordered_datasets(d for m in results.values() for d in m)
+    lines = []
+    for key, value in (info or {}).items():
+        lines.append(f"- {key}: {value}")
+    if lines:
+        lines.append("")
+    scale = 1.0 if metric == "mean_searches" else 100.0
+    lines.append(f"{metric.upper() if metric in SCORE_KEYS else metric} " + ("(x100)" if scale == 100.0 else ""))
+    lines.append("")
+    header = ["Method"] + [column_title(d) for d in datasets] + ["Avg"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for label, summary in results.items():
+        cells = [label]
+        for d in datasets:
+            cells.append(_fmt(summary[d][metric], scale) if d in summary else "–")
+        cells.append(_fmt(summary.get(AVERAGE, {}).get(metric), scale))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def n_table_md(summary: dict) -> str:
+    """One-line table of question counts per dataset."""
+    datasets = ordered_datasets(summary)
+    return (
+        "| " + " | ".join(["n"] + [column_title(d) for d in datasets]) + " |\n"
+        + "|" + "|".join(["---"] + ["---:"] * len(datasets)) + "|\n"
+        + "| " + " | ".join(["questions"] + [str(int(summary[d]["n"])) for d in datasets]) + " |\n"
+    )
+
+
+def metrics_markdown(label: str, summary: dict, info: dict[str, Any] | None = None) -> str:
+    """The full metrics.md of one evaluation: EM, F1, cover-EM tables plus searches and format rate."""
+    parts = [f"# Evaluation: {label}\n", metrics_table_md({label: summary}, "em", info)]
+    for metric in ("f1", "cover_em", "valid_format_rate", "mean_searches"):
+        parts.append(metrics_table_md({label: summary}, metric))
+    parts.append(n_table_md(summary))
+    return "\n".join(parts)
+
+
+def comparison_table_md(before: dict, after: dict, labels: tuple[str, str] = ("before", "after"),
+                        metrics: tuple[str, ...] = SUMMARY_KEYS) -> str:
+    """Before/after table: one row per (dataset, metric), with the change. Scores x100."""
+    datasets = ordered_datasets(list(before) + list(after)) + [AVERAGE]
+    lines = [
+        f"| Dataset | Metric | {labels[0]} | {labels[1]} | change |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for d in datasets:
+        if d not in before and d not in after:
+            continue
+        for m in metrics:
+            scale = 1.0 if m == "mean_searches" else 100.0
+            b = before.get(d, {}).get(m)
+            a = after.get(d, {}).get(m)
+            delta = (a - b) if a is not None and b is not None else None
+            sign = "+" if delta is not None and delta >= 0 else ""
+            title = "Avg" if d == AVERAGE else column_title(d)
+            lines.append(f"| {title} | {m} | {_fmt(b, scale)} | {_fmt(a, scale)} | "
+                         f"{sign + _fmt(delta, scale) if delta is not None else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+# Plot name -> predicate on a metric key. Trainer metric names are matched loosely (substring), so
+# the plots keep working when a key is renamed from e.g. "reward/mean" to "train/reward_mean".
+PLOT_GROUPS: dict[str, Any] = {
+    "reward": lambda k: "reward" in k and "std" not in k and not k.startswith("rex/"),
+    "dead_end": lambda k: "dead" in k,
+    "probe": lambda k: (k.startswith("rex/") or "probe" in k) and "dead" not in k,
+}
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict]:
+    """Training metrics, one JSON object per step (as written by ``rexrag train``)."""
+    return read_jsonl(path)
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, rec in enumerate(records):
+        v = rec.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+            continue
+        xs.append(float(rec.get("step", i)))
+        ys.append(float(v))
+    return xs, ys
+
+
+def plot_curves(records: list[dict], keys: list[str], path: str | Path, title: str) -> Path | None:
+    """One small subplot per key (metrics have different scales); saves a PNG, or None if no data."""
+    keys = [k for k in keys if _series(records, k)[0]]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; must precede pyplot import
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, linewidth=1.5)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_training(records: list[dict], out_dir: str | Path, max_keys: int = 9) -> dict[str, Path]:
+    """PNG per plot group (reward, dead_end, probe) that has data; returns {group: path}."""
+    keys = list(dict.fromkeys(k for rec in records for k in rec if k != "step"))
+    out = {}
+    for name, pred in PLOT_GROUPS.items():
+        chosen = [k for k in keys if pred(k)][:max_keys]
+        path = plot_curves(records, chosen, Path(out_dir) / f"{name}.png", name.replace("_", " "))
+        if path is not None:
+            out[name] = path
+    return out

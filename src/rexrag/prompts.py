@@ -1,0 +1,72 @@
+"""Instruction templates and prompt token ids for the search agent.
+
+The tags are the ones Search-R1 and REX-RAG use (``<think>``, ``<search>``, ``<information>``,
+``<answer>``). ``"rexrag"`` is our own wording; ``"search-r1"`` reproduces the public Search-R1
+instruction word for word so that its released checkpoints can be evaluated under the prompt they
+were trained with. A template can also be a file path or a literal string containing ``{question}``.
+
+The instruction goes into a single user turn of the tokenizer's chat template (with the generation
+prompt appended) when the tokenizer has one, otherwise it is tokenised as plain text. Only the
+``{question}`` placeholder is substituted (``str.replace``), so templates may contain other braces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rexrag.errors import UserError
+
+PLACEHOLDER = "{question}"
+
+TEMPLATES: dict[str, str] = {
+    "rexrag": (
+        "You answer questions with the help of a search engine. Think step by step inside "
+        "<think> </think>. Whenever a fact is missing, write a search query as <search> query </search>; "
+        "the system then shows the best matching passages inside <information> </information>. "
+        "Search again if the passages are not enough. When you know the answer, give only the short "
+        "answer inside <answer> </answer>, for example <answer> Paris </answer>.\n"
+        "Question: {question}\n"
+    ),
+    # Search-R1 (Jin et al., 2025) instruction, verbatim, for evaluating its checkpoints.
+    "search-r1": (
+        "Answer the given question. You must conduct reasoning inside <think> and </think> first every time "
+        "you get new information. After reasoning, if you find you lack some knowledge, you can call a search "
+        "engine by <search> query </search> and it will return the top searched results between <information> "
+        "and </information>. You can search as many times as your want. If you find no further external "
+        "knowledge needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
+        "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n"
+    ),
+}
+
+
+def resolve_template(template: str) -> str:
+    """A template name, a file path, or a literal containing ``{question}`` -> the template text."""
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if PLACEHOLDER in template:
+        return template
+    path = Path(template).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if PLACEHOLDER not in text:
+            raise UserError(f"template file {path} must contain the placeholder {PLACEHOLDER}")
+        return text
+    raise UserError(
+        f"rollout.template={template!r} is neither a known template {sorted(TEMPLATES)}, "
+        f"an existing file, nor a literal containing {PLACEHOLDER}"
+    )
+
+
+def render_prompt(question: str, template: str = "rexrag") -> str:
+    """The instruction text for one question (before any chat template)."""
+    return resolve_template(template).replace(PLACEHOLDER, question.strip())
+
+
+def build_prompt_ids(tokenizer, question: str, template: str = "rexrag") -> list[int]:
+    """Token ids of the full prompt: chat template (user turn + generation prompt) when available."""
+    text = render_prompt(question, template)
+    if getattr(tokenizer, "chat_template", None):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        # The chat text already carries its special tokens; adding them again would double the BOS.
+        return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])

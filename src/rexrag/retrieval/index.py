@@ -1,0 +1,251 @@
+"""Index directories: build atomically, describe with a manifest, load with checks.
+
+An index directory holds ``manifest.json`` (kind, model, corpus path + sha256, passage count,
+parameters, library versions), the passages (``passages.jsonl`` + ``offsets.npy``, read lazily
+through a memory map so a large corpus is not held in RAM) and the backend's own files.
+
+Building happens in a hidden sibling temp directory; the manifest is written last and the directory
+is then renamed into place, so an interrupted or failed build leaves nothing that ``load_index``
+accepts. (Search-R1 / FlashRAG keep index and corpus as two unrelated paths with no record of which
+corpus or model built the index; here they travel together and are checked on load.)
+
+Index kinds are a registry: ``register_index_kind(name, build, load)``; bm25 and dense register
+themselves in ``rexrag.retrieval``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import mmap
+import os
+import platform
+import shutil
+import uuid
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata as _md
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rexrag.errors import IndexMismatchError, UserError
+from rexrag.retrieval.base import Passage, Retriever
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PASSAGES = "passages.jsonl"
+OFFSETS = "offsets.npy"
+
+
+# --------------------------------------------------------------------------- passage store
+
+
+class PassageStore(Sequence):
+    """Read-only passages of an index dir, parsed on access from a memory-mapped jsonl."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        self.offsets = np.load(directory / OFFSETS, mmap_mode="r")  # [N+1] byte offsets
+        self._fh = open(directory / PASSAGES, "rb")
+        size = os.fstat(self._fh.fileno()).st_size
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        row = json.loads(self._mm[int(self.offsets[i]) : int(self.offsets[i + 1])])
+        return Passage(row["id"], row["title"], row["text"])
+
+    @staticmethod
+    def write(directory: Path, passages: Iterable[Passage]) -> int:
+        """Stream passages into ``directory``; returns the count."""
+        offsets = array("q", [0])
+        with open(directory / PASSAGES, "wb") as fh:
+            for p in passages:
+                line = json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False) + "\n"
+                fh.write(line.encode("utf-8"))
+                offsets.append(fh.tell())
+        np.save(directory / OFFSETS, np.frombuffer(offsets, dtype=np.int64))
+        return len(offsets) - 1
+
+
+def iter_texts(passages: Sequence[Passage], prefix: str = "") -> Iterable[str]:
+    """What backends index: the Search-R1 ``contents`` string (title line + text)."""
+    for p in passages:
+        yield prefix + p.contents
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """``build(passages, out_dir, **params) -> {"model": str, "params": dict}``;
+    ``load(dir, manifest, passages) -> Retriever``."""
+
+    name: str
+    build: Callable[..., dict]
+    load: Callable[[Path, dict, Sequence[Passage]], Retriever]
+
+
+_KINDS: dict[str, IndexKind] = {}
+
+
+def register_index_kind(name: str, build: Callable[..., dict], load: Callable[..., Retriever]) -> None:
+    if name in _KINDS:
+        raise ValueError(f"index kind {name!r} is already registered")
+    _KINDS[name] = IndexKind(name, build, load)
+
+
+def get_index_kind(name: str) -> IndexKind:
+    if name not in _KINDS:
+        raise UserError(f"unknown index kind {name!r}; choose one of {sorted(_KINDS)}")
+    return _KINDS[name]
+
+
+def index_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+# --------------------------------------------------------------------------- build / load
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("rexrag", "numpy", "bm25s", "PyStemmer", "faiss-cpu", "sentence-transformers", "torch", "transformers"):
+        try:
+            out[dist] = _md.version(dist)
+        except _md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def build_index(
+    corpus: str | Path,
+    kind: str,
+    out: str | Path,
+    *,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    **params: Any,
+) -> Path:
+    """Build a ``kind`` index of the jsonl ``corpus`` into the directory ``out`` (atomically).
+
+    ``params`` go to the backend (bm25: k1, b, method, stopwords, stemmer; dense: model, index_type,
+    query_prefix, passage_prefix, batch_size, ...). Returns ``out``.
+    """
+    from rexrag.data import iter_corpus
+
+    spec = get_index_kind(kind)
+    corpus, out = Path(corpus), Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        skipped: list[str] = []
+        n = PassageStore.write(tmp, iter_corpus(corpus, skip_bad=skip_bad, skipped=skipped))
+        if n == 0:
+            raise UserError(f"{corpus}: no passages to index")
+        store = PassageStore(tmp)
+        info = spec.build(store, tmp, **params)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "model": info.get("model", ""),
+            "corpus": {"path": str(corpus), "sha256": file_sha256(corpus), "bytes": corpus.stat().st_size},
+            "passages": n,
+            "skipped_rows": len(skipped),
+            "params": info.get("params", {}),
+            "versions": library_versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks a complete build
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, trash)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IndexMismatchError(f"index directory {directory} does not exist; build it with `rexrag index`")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise IndexMismatchError(
+            f"{directory} has no {MANIFEST}: not a complete rexrag index (an interrupted build?); "
+            "rebuild it with `rexrag index`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise IndexMismatchError(f"{path}: unreadable manifest ({exc})") from None
+    for key in ("format_version", "kind", "passages", "params"):
+        if key not in manifest:
+            raise IndexMismatchError(f"{path}: manifest lacks {key!r}; rebuild the index")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise IndexMismatchError(
+            f"{path}: index format {manifest['format_version']} is not {FORMAT_VERSION}; rebuild the index"
+        )
+    return manifest
+
+
+def load_index(
+    directory: str | Path, expect_kind: str | None = None, expect_model: str | None = None
+) -> Retriever:
+    """Open an index directory as a Retriever, checking it is complete and what was asked for."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if expect_kind and manifest["kind"] != expect_kind:
+        raise IndexMismatchError(f"{directory} is a {manifest['kind']!r} index, but {expect_kind!r} was asked for")
+    if expect_model and manifest.get("model") != expect_model:
+        raise IndexMismatchError(
+            f"{directory} was built with model {manifest.get('model')!r}, but {expect_model!r} was asked for"
+        )
+    store = PassageStore(directory)
+    if len(store) != manifest["passages"]:
+        raise IndexMismatchError(
+            f"{directory}: manifest says {manifest['passages']} passages but the store holds {len(store)}; rebuild"
+        )
+    retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store)
+    retriever.manifest = manifest
+    return retriever

@@ -1,0 +1,201 @@
+"""``RexExplorer``: the trainer's REX-RAG hook (mixed sampling + policy correction + adaptive ratio).
+
+The trainer calls, once per step (see /API.md "Trainer <-> REX-RAG hook"):
+
+    probes = explorer.explore(originals, rewards, agent, score_fn, reward_fn)   # after rollout + reward
+    behaviour, seq_w, m = explorer.correct(batch, old_logprobs, is_probe, probe_start)  # before the loss
+    metrics = explorer.end_step()                                                # after the update
+
+The batch holds the originals first, then the kept probes. ``explore`` stores the step's alpha
+(kept / (originals + kept)) and failure rate e, so ``correct`` gives the same answer whether it is
+called on the whole batch or on a mini-batch slice. Differences from the public code are listed in
+``rexrag.rex.probe`` and ``rexrag.rex.correction``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from rexrag.config import RexConfig, RolloutConfig
+from rexrag.rex import probe as P
+from rexrag.rex.correction import behaviour_logprobs
+from rexrag.rex.pool import Pool
+from rexrag.rollout.trajectory import Seg, Trajectory
+
+_SEG_NAMES = {Seg.PROMPT: "prompt", Seg.POLICY: "policy", Seg.INFO: "info", Seg.NOTICE: "notice", Seg.PROBE: "probe"}
+
+
+class RexExplorer:
+    """Implements the Explorer protocol of API.md for REX-RAG."""
+
+    def __init__(
+        self,
+        cfg: RexConfig,
+        rollout_cfg: RolloutConfig,
+        tokenizer,
+        pool: Pool | str | None = None,
+        seed: int = 0,
+        clip_range: tuple[float, float] = (0.2, 0.2),
+    ):
+        self.cfg = cfg
+        self.rollout_cfg = rollout_cfg
+        self.tokenizer = tokenizer
+        self.pool = pool if isinstance(pool, Pool) else Pool.load(pool if pool is not None else cfg.pool, tokenizer)
+        self.rng = random.Random(seed)
+        self.ratio = P.AdaptiveRatio(cfg.keep_ratio, cfg.rho_momentum)
+        self.clip_range = clip_range
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self.alpha = 0.0
+        self.failure_rate = 0.0
+        self._accuracy: float | None = None
+        self._step_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ mixed sampling
+    def _candidates(self, originals: list[Trajectory], failed: list[bool]) -> list[Trajectory]:
+        cuts = [P.answer_cut(t, self.tokenizer) if f and not t.is_probe else None for t, f in zip(originals, failed)]
+        sources = P.select_sources(
+            [t.group_id for t in originals],
+            failed,
+            [c is not None for c in cuts],
+            self.cfg.trigger,
+            self.rng,
+            probe_prob=self.cfg.probe_prob,
+            probes_per_dead_group=self.cfg.probes_per_dead_group,
+        )
+        out = []
+        for i in sources:
+            k = self.rng.randrange(len(self.pool))  # uniform choice of exploratory prompt
+            out.append(P.make_probe(originals[i], i, cuts[i], self.pool.token_ids[k], k))
+        return out
+
+    def _filter(self, candidates: list[Trajectory], n_originals: int, score_fn: Callable) -> list[Trajectory]:
+        k = P.keep_count(n_originals, self.ratio.rho, len(candidates), self.cfg.keep_cap, self.cfg.keep_min)
+        if k == 0:
+            return []
+        if k >= len(candidates):
+            return candidates  # nothing to rank away; skip the scoring forward pass
+        scores = P.probe_scores(candidates, score_fn(candidates))
+        return [candidates[i] for i in P.top_k(scores, k)]
+
+    def _continue(self, kept: list[Trajectory], agent) -> list[Trajectory]:
+        budgets = [max(0, self.rollout_cfg.max_turns - t.n_searches) for t in kept]
+        # the agent extends in place; remember what each probe was so its record can be checked
+        before = [(list(t.token_ids), list(t.segments), t.source_index, t.probe_start, t.group_id, t.meta["pool_index"]) for t in kept]
+        done = agent.run(kept, budgets)
+        if len(done) != len(kept):
+            raise RuntimeError(f"agent.run returned {len(done)} trajectories for {len(kept)} probes")
+        for (ids, segs, src, start, gid, k), after in zip(before, done):
+            n = len(ids)
+            if after.token_ids[:n] != ids or after.segments[:n] != segs:
+                raise RuntimeError("agent.run changed a probe's prefix tokens; probes must continue token-exactly")
+            after.is_probe, after.source_index, after.probe_start, after.group_id = True, src, start, gid
+            after.meta = {**after.meta, "pool_index": k}
+        return done
+
+    def explore(
+        self,
+        originals: list[Trajectory],
+        rewards: list[float],
+        agent,
+        score_fn: Callable[[list[Trajectory]], list[torch.Tensor]],
+        reward_fn: Callable[[list[Trajectory]], list[float]],
+    ) -> list[Trajectory]:
+        """Kept, finished probes (is_probe, source group, meta['reward'] set) for this step's batch."""
+        if len(rewards) != len(originals):
+            raise ValueError(f"{len(rewards)} rewards for {len(originals)} originals")
+        self._reset_step()
+        failed = P.failed_mask(rewards, self.cfg.success_reward)
+        group_ids = [t.group_id for t in originals]
+        candidates = self._candidates(originals, failed)
+        kept = self._filter(candidates, len(originals), score_fn)
+        probes = self._continue(kept, agent) if kept else []
+        probe_rewards = [float(r) for r in reward_fn(probes)] if probes else []
+        for t, r in zip(probes, probe_rewards, strict=True):
+            t.meta["reward"] = r
+        correct = [r >= self.cfg.success_reward for r in probe_rewards]
+        self._accuracy = sum(correct) / len(correct) if correct else None
+        self.failure_rate = sum(failed) / len(failed) if failed else 0.0
+        self.alpha = len(probes) / (len(originals) + len(probes)) if probes else 0.0
+        dead = set(P.dead_end_groups(group_ids, failed))
+        rescued = {t.group_id for t, c in zip(probes, correct) if c and t.group_id in dead}
+        self._step_metrics = {
+            "rex/dead_end_frac": P.dead_end_fraction(group_ids, failed),
+            "rex/failure_rate": self.failure_rate,
+            "rex/probes_made": float(len(candidates)),
+            "rex/probes_kept": float(len(probes)),
+            "rex/probe_acc": self._accuracy if self._accuracy is not None else float("nan"),
+            "rex/dead_groups_rescued": float(len(rescued)),
+            "rex/alpha": self.alpha,
+        }
+        return probes
+
+    # ------------------------------------------------------------------ correction
+    def correct(
+        self, batch: dict[str, torch.Tensor], old_logprobs: torch.Tensor, is_probe: torch.Tensor, probe_start: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(behaviour_logprobs [B, T], seq_weights [B] | None, metrics). Equals old_logprobs exactly
+        (same tensor) and None when the step has no kept probes or correction is ``none``."""
+        segments = batch["segments"]
+        if bool(is_probe.any()) and self.alpha <= 0.0:
+            raise RuntimeError("correct() got probes but explore() kept none this step; call explore() first")
+        behaviour, weights = behaviour_logprobs(
+            self.cfg.correction,
+            batch["input_ids"],
+            segments,
+            old_logprobs,
+            is_probe,
+            probe_start,
+            self.pool.trie,
+            self.alpha,
+            self.failure_rate,
+            self.cfg.seq_weight_cap,
+        )
+        metrics = self._ratio_metrics(old_logprobs, behaviour, weights, batch["loss_mask"].bool())
+        for seg, name in _SEG_NAMES.items():
+            metrics[f"rex/tokens_{name}"] = float((segments == seg).sum())
+        return behaviour, weights, metrics
+
+    def _ratio_metrics(self, old, behaviour, weights, mask) -> dict[str, float]:
+        """Importance ratio pi_old / q at the start of the update, over loss tokens (rex_token), or the
+        sequence weights (rex_sequence); 'clipped' = outside [1 - clip_low, 1 + clip_high]."""
+        if weights is not None:
+            r = weights.double()
+            cap = self.cfg.seq_weight_cap
+            clipped = (r >= cap).double().mean()
+        else:
+            r = (old - behaviour).double().exp()[mask]
+            lo, hi = self.clip_range
+            clipped = ((r < 1 - lo) | (r > 1 + hi)).double().mean() if r.numel() else torch.tensor(0.0)
+        if r.numel() == 0:
+            return {"rex/ratio_mean": 1.0, "rex/ratio_min": 1.0, "rex/ratio_max": 1.0, "rex/ratio_clipfrac": 0.0}
+        return {
+            "rex/ratio_mean": float(r.mean()),
+            "rex/ratio_min": float(r.min()),
+            "rex/ratio_max": float(r.max()),
+            "rex/ratio_clipfrac": float(clipped),
+        }
+
+    # ------------------------------------------------------------------ step end / checkpoint
+    def end_step(self) -> dict[str, float]:
+        """Update rho from the kept probes' accuracy; return the step's rex/ metrics."""
+        rho = self.ratio.update(self._accuracy)
+        metrics = {**self._step_metrics, "rex/rho": rho}
+        self._accuracy = None  # a second end_step in the same step must not update rho twice
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"ratio": self.ratio.state_dict(), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ratio.load_state_dict(state["ratio"])
+        if "rng" in state:
+            rng_state = state["rng"]
+            # JSON round trips turn the tuple state into lists
+            if isinstance(rng_state, list):
+                rng_state = (rng_state[0], tuple(rng_state[1]), rng_state[2])
+            self.rng.setstate(rng_state)

@@ -1,0 +1,128 @@
+"""Metrics sinks for training: ``metrics.jsonl``, TensorBoard, optional wandb, and a rich progress bar.
+
+Metric names are namespaced: ``rollout/``, ``reward/``, ``actor/``, ``critic/``, ``timing/``,
+``memory/`` and ``rex/``. Only the main process writes. On resume, lines of ``metrics.jsonl`` for
+steps after the checkpoint are dropped first (they belong to the part of the run that is redone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+NAMESPACES = ("rollout", "reward", "actor", "critic", "timing", "memory", "rex")
+PROGRESS_KEYS = ("reward/mean", "actor/pg_loss", "actor/kl", "rollout/response_length_mean", "timing/step_s")
+
+
+def memory_metrics() -> dict[str, float]:
+    """Peak host RSS (and peak accelerator memory when CUDA is in use), in GiB."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    out = {"memory/peak_rss_gib": peak_kb * scale / 2**30}
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["memory/cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except Exception:  # memory stats are best-effort  # noqa: BLE001
+        pass
+    return out
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only records with ``step <= last_step`` (atomic rewrite)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Writes one JSON record per step plus TensorBoard scalars (and wandb when asked and installed)."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 wandb_project: str = "", config: dict | None = None, resume_step: int | None = None,
+                 total_steps: int = 0, progress: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self._tb = self._wandb = self._progress = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run in an old directory starts a fresh log
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("wandb_project is set but wandb is not installed; logging to jsonl/TensorBoard only", file=sys.stderr)
+            else:
+                self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(self.out_dir), resume="allow")
+        if progress:
+            self._start_progress(total_steps, resume_step or 0)
+
+    def _start_progress(self, total: int, done: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=done, info="")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in sorted(metrics.items())}}
+        with self.path.open("a") as fh:  # one line per step; a crash loses at most the current line
+            fh.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._tb is not None:
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._progress is not None:
+            info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics)
+            self._progress.update(self._task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,241 @@
+"""Format warm-up: a short supervised fine-tune on automatically built search trajectories.
+
+Why: small instruct models rarely follow the tag protocol (SmolLM2-135M emits a search tag about
+once in 24 samples), so RL from an exact-match reward starts at zero reward and learns nothing.
+The paper does not need this (Qwen2.5-3B follows the protocol); Search-R1 users commonly add a
+format reward instead. Here we teach the protocol directly, and only the protocol: the targets are
+the agent's own actions, never the retrieved text.
+
+Each warm-up trajectory is token-exact, in the same layout the agent produces at rollout time::
+
+    PROMPT   build_prompt_ids(question)
+    POLICY   <think> ... </think>\\n<search> QUERY </search>
+    INFO     \\n\\n<information>Doc 1(Title: ...) ...</information>\\n\\n     (real retrieved passages)
+    POLICY   <think> ... </think>\\n<search> TITLE </search>                 (optional second hop)
+    INFO     ...
+    POLICY   <think> ... </think>\\n<answer> GOLD </answer>
+
+Queries: the first is the question itself; the optional second hop searches the title of a gold
+(supporting) passage that the first search missed when the example's metadata lists
+``supporting_titles`` (HotpotQA / 2Wiki), otherwise the title of the best retrieved passage that the
+question does not already name. Loss = mean negative log-likelihood over POLICY tokens only
+(``loss_mask_for``), so INFO and PROMPT tokens get no gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rexrag.data import QAExample
+from rexrag.errors import UserError
+from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
+
+
+@dataclass
+class WarmupConfig:
+    n_examples: int = 32  # training questions turned into trajectories (0 = all given)
+    steps: int = 16  # optimizer steps
+    batch_size: int = 4  # trajectories per step
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    topk: int = 3
+    max_obs_tokens: int = 500  # retrieved text per search is cut to this many tokens, as in the agent
+    second_hop: str = "auto"  # auto (when a useful second query exists) | never
+    template: str = "rexrag"
+    autocast_bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.second_hop not in ("auto", "never"):
+            raise UserError(f"warmup second_hop={self.second_hop!r}; choose 'auto' or 'never'")
+        if min(self.steps, self.batch_size, self.topk, self.max_obs_tokens) < 1 or self.n_examples < 0:
+            raise UserError("warmup steps, batch_size, topk and max_obs_tokens must be >= 1 (n_examples >= 0)")
+
+
+# --------------------------------------------------------------------------- building trajectories
+
+
+def info_text(passages, tokenizer, max_obs_tokens: int) -> str:
+    """The inserted observation text; the retrieved part is cut to ``max_obs_tokens`` tokens."""
+    from rexrag.retrieval import format_information
+
+    body = format_information(passages)
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_obs_tokens:
+        body = tokenizer.decode(ids[:max_obs_tokens], skip_special_tokens=True)
+    return f"\n\n<information>{body}</information>\n\n"
+
+
+def search_query(question: str) -> str:
+    """First query: the question, without the trailing question mark and extra spaces."""
+    return " ".join(question.strip().rstrip("?").split())
+
+
+def second_query(example: QAExample, first_hits) -> str | None:
+    """A follow-up query for a multi-hop question, or None when none would add anything."""
+    seen = {p.title.lower() for p in first_hits}
+    for title in (example.metadata or {}).get("supporting_titles") or []:
+        if title.lower() not in seen:
+            return str(title)
+    if (example.metadata or {}).get("supporting_titles"):
+        return None  # every gold passage was already found
+    question = example.question.lower()
+    for p in first_hits:
+        if p.title and p.title.lower() not in question:
+            return p.title
+    return None
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str, list]], cfg: WarmupConfig) -> Trajectory:
+    """One token-exact trajectory: prompt, ``(query, passages)`` search turns, then the gold answer."""
+    from rexrag.prompts import build_prompt_ids
+
+    if not example.golden_answers:
+        raise UserError(f"warm-up example {example.id!r} has no golden answer")
+    traj = Trajectory(group_id=example.group_id, example=example)
+    traj.extend(build_prompt_ids(tokenizer, example.question, cfg.template), Seg.PROMPT, 0)
+    for turn, (query, passages) in enumerate(hops):
+        thought = "I need to search for this." if turn == 0 else f"I should also look up {query}."
+        action = _ids(tokenizer, f"<think> {thought} </think>\n<search> {query} </search>")
+        traj.extend(action, Seg.POLICY, turn, [0.0] * len(action))
+        traj.extend(_ids(tokenizer, info_text(passages, tokenizer, cfg.max_obs_tokens)), Seg.INFO, turn)
+    gold = example.golden_answers[0].strip()
+    final = _ids(tokenizer, f"<think> The passages give the answer. </think>\n<answer> {gold} </answer>")
+    traj.extend(final, Seg.POLICY, len(hops), [0.0] * len(final))
+    traj.n_searches, traj.stop_reason, traj.answer = len(hops), "answer", gold
+    traj.check()
+    return traj
+
+
+def build_warmup_trajectories(tokenizer, retriever, examples: list[QAExample], cfg: WarmupConfig) -> list[Trajectory]:
+    """Search the retriever (batched, one call per hop) and build one trajectory per example."""
+    examples = list(examples)
+    if cfg.n_examples:
+        examples = random.Random(cfg.seed).sample(examples, min(cfg.n_examples, len(examples)))
+    if not examples:
+        raise UserError("warm-up needs at least one training question")
+    first = retriever.search([search_query(e.question) for e in examples], cfg.topk)
+    follow = [second_query(e, hits) if cfg.second_hop == "auto" else None for e, hits in zip(examples, first)]
+    todo = [i for i, q in enumerate(follow) if q]
+    second = dict(zip(todo, retriever.search([follow[i] for i in todo], cfg.topk))) if todo else {}
+    trajs = []
+    for i, ex in enumerate(examples):
+        hops = [(search_query(ex.question), first[i])]
+        if i in second:
+            hops.append((follow[i], second[i]))
+        trajs.append(build_warmup_trajectory(tokenizer, ex, hops, cfg))
+    return trajs
+
+
+# --------------------------------------------------------------------------- training
+
+
+def nll_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of the loss-masked tokens (POLICY only; INFO/PROMPT excluded).
+
+    batch: ``to_batch`` output; input_ids, attention_mask, loss_mask all [B, T].
+    """
+    from rexrag.models import sequence_logprobs
+
+    lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    mask = batch["loss_mask"].to(lp.dtype)
+    return -(lp * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def finetune(model, tokenizer, trajs: list[Trajectory], cfg: WarmupConfig, device: str = "cpu", quiet: bool = False) -> list[float]:
+    """AdamW on the warm-up trajectories for ``cfg.steps`` steps; returns the loss of every step.
+
+    Batches cycle through a seeded shuffle of ``trajs``; the model is left in eval mode.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("warm-up: the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    use_bf16 = cfg.autocast_bf16 and torch.device(device).type in ("cpu", "cuda")
+    losses: list[float] = []
+    model.train()
+    with Progress(TextColumn("[bold]warm-up"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), disable=quiet) as progress:
+        task = progress.add_task("warm-up", total=cfg.steps, loss="-")
+        for _ in range(cfg.steps):
+            while len(order) < cfg.batch_size:
+                block = list(range(len(trajs)))
+                rng.shuffle(block)
+                order += block
+            picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            batch = {k: v.to(device) for k, v in to_batch([trajs[i] for i in picked], pad, train_probe_tokens=False).items()}
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = nll_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            losses.append(float(loss.detach()))
+            progress.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def save_checkpoint(model, tokenizer, out: str | Path, extra: dict | None = None) -> Path:
+    """``save_pretrained`` model + tokenizer into ``out`` atomically (temp dir, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "warmup.json").write_text(json.dumps(extra, indent=2) + "\n")
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def run_warmup(model, tokenizer, retriever, examples: list[QAExample], cfg: WarmupConfig, out: str | Path | None,
+               device: str = "cpu", quiet: bool = False) -> dict:
+    """Build trajectories, fine-tune, save (when ``out``). Returns a summary dict (also warmup.json)."""
+    start = time.perf_counter()
+    trajs = build_warmup_trajectories(tokenizer, retriever, examples, cfg)
+    built = time.perf_counter()
+    losses = finetune(model, tokenizer, trajs, cfg, device=device, quiet=quiet)
+    summary = {
+        "config": asdict(cfg),
+        "trajectories": len(trajs),
+        "two_hop": sum(1 for t in trajs if t.n_searches > 1),
+        "mean_tokens": sum(len(t) for t in trajs) / len(trajs),
+        "mean_target_tokens": sum(t.count(Seg.POLICY) for t in trajs) / len(trajs),
+        "losses": [round(x, 5) for x in losses],
+        "seconds_build": round(built - start, 2),
+        "seconds_train": round(time.perf_counter() - built, 2),
+    }
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, summary)
+        summary["checkpoint"] = str(out)
+    return summary

@@ -1,0 +1,42 @@
+"""Shared pytest fixtures: the SmolLM2 tokenizer, a tiny random Llama on its vocabulary, the data dir.
+
+The tokenizer is real (the offline default's), the model is random and tiny: component tests run in
+seconds without loading SmolLM2 weights (those tests are marked ``slow``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rexrag.models import load_tokenizer, tiny_llama
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repository with shared/ beside it: <repo>/../shared/data.
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct tokenizer (pad token set, chat template kept)."""
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_model(smol_tokenizer):
+    """Random 2-layer Llama (hidden 64) over the SmolLM2 vocabulary; fresh per test, seed 0."""
+    return tiny_llama(
+        len(smol_tokenizer),
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory (<repo>/../shared/data); skips only when it is genuinely absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data dir {SHARED_DATA} is absent (CI places shared/ beside the repo)")
+    return SHARED_DATA

@@ -1,0 +1,103 @@
+"""A tiny, fast RL setting for trainer tests: a character tokenizer, a random tiny Llama, a single-turn
+sampler that builds token-exact Trajectory records, and a learnable toy reward.
+
+Used by tests/test_trainer.py in-process and by tests/train_worker.py under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rexrag.config import Config, load_config
+from rexrag.data import QAExample
+from rexrag.models import tiny_llama
+from rexrag.rollout.trajectory import Seg, Trajectory
+
+VOCAB = 16
+TARGET = "c"  # the toy reward pays for this letter early in the completion
+
+
+class CharTokenizer:
+    """id 0 = pad/eos; ids 1..15 = letters a..o."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + int(i) - 1) for i in ids if int(i) != 0)
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "char_vocab.json").write_text(json.dumps({"vocab": VOCAB}))
+
+
+def toy_model(seed: int = 0):
+    return tiny_llama(VOCAB, hidden=32, layers=2, heads=2, seed=seed, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+
+
+def toy_examples(n: int = 16) -> list[QAExample]:
+    return [QAExample(id=f"toy_{i}", question=f"q{i}", golden_answers=[TARGET], group_id=100 + i) for i in range(n)]
+
+
+def early_target_reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
+    """1 when the gold letter appears among the first 3 generated characters, else 0."""
+    return [1.0 if a and a[0] in c[:3] else 0.0 for c, a in zip(completions, answers)]
+
+
+def prompt_ids(ex: QAExample) -> list[int]:
+    i = int(ex.id.split("_")[1])
+    return [1 + (i * 7) % 15, 1 + (i * 3 + 5) % 15, 1 + (i + 11) % 15]
+
+
+class ToyRollout:
+    """Single-turn sampling of ``new_tokens`` tokens (no EOS stop), PROMPT + POLICY segments.
+
+    With ``per_group_seed`` each group is sampled with its own generator seeded by (seed, trainer
+    step, group id): the samples do not depend on which process or batch a prompt lands in. Otherwise
+    the global torch RNG is used (restored by checkpoints).
+    """
+
+    def __init__(self, model, new_tokens: int = 6, seed: int = 0, per_group_seed: bool = False):
+        self.model, self.new_tokens, self.seed, self.per_group_seed = model, new_tokens, seed, per_group_seed
+        self.trainer = None  # set by the test so per-group seeds can include the step
+
+    @torch.no_grad()
+    def _sample(self, prompt: list[int], n: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([prompt] * n)
+        lps = []
+        for _ in range(self.new_tokens):
+            logits = self.model(input_ids=ids).logits[:, -1].float()
+            logp = torch.log_softmax(logits, -1)
+            tok = torch.multinomial(logp.exp(), 1, generator=gen)
+            lps.append(logp.gather(-1, tok))
+            ids = torch.cat([ids, tok], 1)
+        return ids[:, len(prompt):], torch.cat(lps, 1)
+
+    def __call__(self, examples: list[QAExample], n: int) -> list[Trajectory]:
+        out = []
+        step = self.trainer.step_idx if self.trainer is not None else 0
+        for ex in examples:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 10_007 + ex.group_id) if self.per_group_seed else None
+            prompt = prompt_ids(ex)
+            toks, lps = self._sample(prompt, n, gen)
+            for k in range(n):
+                tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
+                tr.extend(prompt, Seg.PROMPT, 0)
+                tr.extend(toks[k].tolist(), Seg.POLICY, 0, lps[k].tolist())
+                out.append(tr)
+        return out
+
+
+def toy_config(out_dir, *overrides: str) -> Config:
+    base = [
+        f"trainer.out_dir={out_dir}", "trainer.lr=0.003", "trainer.steps=2", "trainer.mini_batch_size=16",
+        "trainer.micro_batch_size=8", "trainer.log_tensorboard=false", "data.batch_size=8", "rollout.n=4",
+        "algo.kl_coef=0.0", "rollout.max_total_tokens=16",
+    ]
+    return load_config(None, base + list(overrides))
