@@ -101,7 +101,7 @@ def test_smollm2_real_rollout_against_bm25(shared_data, smol_tokenizer):
 
     qa = load_qa(shared_data / "derived" / "hotpotqa_dev_ctx.flashrag.jsonl", limit=2)
     corpus = load_corpus(shared_data / "derived" / "multihop_dev_corpus.flashrag.jsonl")
-    wanted = {pid for ex in qa for pid in ex.metadata.get("gold_passage_ids", [])}
+    wanted = {pid for ex in qa for pid in ex.metadata.get("supporting_doc_ids", [])}
     passages = [p for p in corpus if p.id in wanted] + list(corpus[:400])
     retriever = BM25Retriever.from_passages(passages)
     model = load_model(ModelConfig())

@@ -19,6 +19,15 @@ from toy_rl import CharTokenizer, ToyRollout, early_target_reward, toy_config, t
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy model is tiny: one intra-op thread is ~50x faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_trainer(tmp_path, *overrides, model=None, reward=early_target_reward, per_group_seed=False, **kw):
     cfg = toy_config(tmp_path, *overrides)
     model = model if model is not None else toy_model()
@@ -171,6 +180,8 @@ def test_two_processes_match_one_process(tmp_path):
         assert torch.allclose(p, outs[2][n], atol=2e-5, rtol=1e-4), n
     m1 = read_metrics(tmp_path / "p1" / "metrics.jsonl")
     m2 = read_metrics(tmp_path / "p2" / "metrics.jsonl")
+    assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
+        assert b["rollout/trajectories"] == a["rollout/trajectories"] / 2  # really split over 2 processes
         assert math.isclose(a["reward/mean"], b["reward/mean"], abs_tol=1e-9)
         assert math.isclose(a["actor/pg_loss"], b["actor/pg_loss"], rel_tol=1e-3, abs_tol=1e-5)

@@ -69,11 +69,16 @@ def test_trajectory_is_token_exact_with_masked_info(smol_tokenizer):
     assert torch.equal(mask.bool(), segs == Seg.POLICY)
 
 
-def test_observation_truncated_to_max_obs_tokens(smol_tokenizer):
-    p = [Passage("x", "T", "word " * 400)]
-    text = warmup.info_text(p, smol_tokenizer, max_obs_tokens=20)
-    body = text[len("\n\n<information>"): -len("</information>\n\n")]
-    assert len(smol_tokenizer(body, add_special_tokens=False)["input_ids"]) <= 21
+def test_info_block_matches_the_agent_insertion(smol_tokenizer):
+    from rexrag.retrieval import format_information
+    from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN
+
+    tok = smol_tokenizer
+    p = [Passage("x", "T", "word " * 400), Passage("y", "U", "short")]
+    ids = warmup.info_ids(p, tok, max_obs_tokens=20)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    assert ids == enc(INFO_OPEN) + enc(format_information(p))[:20] + enc(INFO_CLOSE)
+    assert len(warmup.info_ids(p, tok, max_obs_tokens=10_000)) == len(enc(INFO_OPEN)) + len(enc(format_information(p))) + len(enc(INFO_CLOSE))
 
 
 def test_info_tokens_get_no_gradient(smol_tokenizer, tiny_model):
@@ -108,9 +113,13 @@ def test_finetune_lowers_target_loss_and_checkpoint_loads(smol_tokenizer, tiny_m
     tok = smol_tokenizer
     cfg = warmup.WarmupConfig(n_examples=0, steps=5, batch_size=2, lr=1e-2, topk=1, max_obs_tokens=12)
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    full = to_batch(warmup.build_warmup_trajectories(tok, FakeRetriever(), _examples(), cfg), tok.pad_token_id)
+    with torch.no_grad():
+        nll_before = warmup.nll_loss(tiny_model, full).item()
     summary = warmup.run_warmup(tiny_model, tok, FakeRetriever(), _examples(), cfg, tmp_path / "ckpt", quiet=True)
-    losses = summary["losses"]
-    assert len(losses) == 5 and losses[-1] < 0.7 * losses[0]
+    with torch.no_grad():
+        nll_after = warmup.nll_loss(tiny_model, full).item()
+    assert len(summary["losses"]) == 5 and nll_after < 0.85 * nll_before
     assert any(not torch.equal(before[n], p) for n, p in tiny_model.named_parameters())
     ckpt = tmp_path / "ckpt"
     assert json.loads((ckpt / "warmup.json").read_text())["trajectories"] == 3

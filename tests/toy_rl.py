@@ -68,8 +68,10 @@ class ToyRollout:
         self.trainer = None  # set by the test so per-group seeds can include the step
 
     @torch.no_grad()
-    def _sample(self, prompt: list[int], n: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor([prompt] * n)
+    def _sample(self, prompts: list[list[int]], n: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows = each prompt repeated n times (prompt-major); returns new tokens and their log-probs."""
+        ids = torch.tensor([p for p in prompts for _ in range(n)])
+        start = ids.shape[1]
         lps = []
         for _ in range(self.new_tokens):
             logits = self.model(input_ids=ids).logits[:, -1].float()
@@ -77,19 +79,23 @@ class ToyRollout:
             tok = torch.multinomial(logp.exp(), 1, generator=gen)
             lps.append(logp.gather(-1, tok))
             ids = torch.cat([ids, tok], 1)
-        return ids[:, len(prompt):], torch.cat(lps, 1)
+        return ids[:, start:], torch.cat(lps, 1)
 
     def __call__(self, examples: list[QAExample], n: int) -> list[Trajectory]:
-        out = []
         step = self.trainer.step_idx if self.trainer is not None else 0
-        for ex in examples:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 10_007 + ex.group_id) if self.per_group_seed else None
-            prompt = prompt_ids(ex)
-            toks, lps = self._sample(prompt, n, gen)
+        prompts = [prompt_ids(ex) for ex in examples]
+        if self.per_group_seed:
+            parts = [self._sample([p], n, torch.Generator().manual_seed(self.seed * 1_000_003 + step * 10_007 + ex.group_id))
+                     for p, ex in zip(prompts, examples)]
+            toks, lps = torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])
+        else:  # all prompts have the same length: one batch
+            toks, lps = self._sample(prompts, n, None)
+        out = []
+        for i, ex in enumerate(examples):
             for k in range(n):
                 tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
-                tr.extend(prompt, Seg.PROMPT, 0)
-                tr.extend(toks[k].tolist(), Seg.POLICY, 0, lps[k].tolist())
+                tr.extend(prompts[i], Seg.PROMPT, 0)
+                tr.extend(toks[i * n + k].tolist(), Seg.POLICY, 0, lps[i * n + k].tolist())
                 out.append(tr)
         return out
 

@@ -12,7 +12,7 @@ import sys
 
 from rexrag import __version__
 
-COMMANDS = ["index", "serve"]
+COMMANDS = ["index", "serve", "eval", "warmup", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

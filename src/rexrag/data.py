@@ -230,7 +230,7 @@ def load_qa(path: str | Path, *, skip_bad: bool = False, source: str | None = No
     path = _check_path(path)
     if path.suffix == ".parquet":
         out = _collect(path, _rows_parquet(path), _parse_searchr1(path, source), skip_bad, limit)
-    elif path.suffix in (".jsonl", ".json"):
+    elif path.suffix == ".jsonl":
         out = _collect(path, _rows_jsonl(path), _parse_flashrag(path, source), skip_bad, limit)
     else:
         raise DataError(f"{path}: unknown QA file type {path.suffix!r}; expected .jsonl (FlashRAG) or .parquet (Search-R1)")

@@ -65,15 +65,15 @@ class WarmupConfig:
 # --------------------------------------------------------------------------- building trajectories
 
 
-def info_text(passages, tokenizer, max_obs_tokens: int) -> str:
-    """The inserted observation text; the retrieved part is cut to ``max_obs_tokens`` tokens."""
+def info_ids(passages, tokenizer, max_obs_tokens: int) -> list[int]:
+    """The inserted observation, tokenised exactly as ``SearchAgent`` inserts it at rollout time:
+    ``INFO_OPEN`` + the formatted passages cut to ``max_obs_tokens`` tokens + ``INFO_CLOSE``, each
+    tokenised on its own."""
     from rexrag.retrieval import format_information
+    from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN
 
-    body = format_information(passages)
-    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
-    if len(ids) > max_obs_tokens:
-        body = tokenizer.decode(ids[:max_obs_tokens], skip_special_tokens=True)
-    return f"\n\n<information>{body}</information>\n\n"
+    body = _ids(tokenizer, format_information(passages))[:max_obs_tokens]
+    return _ids(tokenizer, INFO_OPEN) + body + _ids(tokenizer, INFO_CLOSE)
 
 
 def search_query(question: str) -> str:
@@ -112,7 +112,7 @@ def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str,
         thought = "I need to search for this." if turn == 0 else f"I should also look up {query}."
         action = _ids(tokenizer, f"<think> {thought} </think>\n<search> {query} </search>")
         traj.extend(action, Seg.POLICY, turn, [0.0] * len(action))
-        traj.extend(_ids(tokenizer, info_text(passages, tokenizer, cfg.max_obs_tokens)), Seg.INFO, turn)
+        traj.extend(info_ids(passages, tokenizer, cfg.max_obs_tokens), Seg.INFO, turn)
     gold = example.golden_answers[0].strip()
     final = _ids(tokenizer, f"<think> The passages give the answer. </think>\n<answer> {gold} </answer>")
     traj.extend(final, Seg.POLICY, len(hops), [0.0] * len(final))

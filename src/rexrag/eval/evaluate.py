@@ -141,13 +141,12 @@ def _one_shot_prompt(tokenizer, ex: QAExample, passages: list | None) -> list[in
     return build_prompt_ids(tokenizer, text, RAG_TEMPLATE)
 
 
-def _run_one_shot(examples, model, tokenizer, retriever, opts: EvalOptions) -> list[dict]:
-    from rexrag.rewards import extract_answer
-    from rexrag.rollout.engine import HFBackend, SamplingParams
+def _run_one_shot(examples, backend, tokenizer, retriever, opts: EvalOptions) -> list[dict]:
+    from rexrag.rewards import extract_answer, format_ok
+    from rexrag.rollout.engine import SamplingParams
 
     passages = retriever.search([e.question for e in examples], opts.topk) if opts.method == "rag" else None
     prompts = [_one_shot_prompt(tokenizer, e, passages[i] if passages else None) for i, e in enumerate(examples)]
-    backend = HFBackend(model, tokenizer, device=opts.device, max_batch=opts.batch_size)
     params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
     outs = backend.generate(prompts, [["</answer>"]] * len(prompts), params)
     rows = []
@@ -155,20 +154,24 @@ def _run_one_shot(examples, model, tokenizer, retriever, opts: EvalOptions) -> l
         text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
         answer = extract_answer(text)
         rows.append({"prediction": answer, "response": text, "n_searches": 1 if passages else 0,
-                     "format_ok": answer is not None, "stop_reason": out.finish,
+                     "format_ok": bool(format_ok(text)), "stop_reason": out.finish,
                      "retrieved": [p.id for p in passages[i]] if passages else []})
     return rows
 
 
-def make_agent(model, tokenizer, retriever, opts: EvalOptions):
+def make_backend(model, tokenizer, opts: EvalOptions):
+    from rexrag.rollout.engine import HFBackend
+
+    return HFBackend(model, tokenizer, device=opts.device, max_batch=opts.batch_size, seed=opts.seed)
+
+
+def make_agent(backend, tokenizer, retriever, opts: EvalOptions):
     """A greedy SearchAgent for evaluation."""
     from rexrag.config import RolloutConfig
     from rexrag.rollout.agent import SearchAgent
-    from rexrag.rollout.engine import HFBackend
 
     cfg = RolloutConfig(n=1, max_turns=opts.max_turns, max_new_tokens_per_turn=opts.max_new_tokens,
                         max_obs_tokens=opts.max_obs_tokens, temperature=0.0, template=opts.template)
-    backend = HFBackend(model, tokenizer, device=opts.device, max_batch=opts.batch_size)
     return SearchAgent(backend, tokenizer, retriever, cfg, topk=opts.topk)
 
 
@@ -196,19 +199,21 @@ def score_row(prediction: str | None, golds: list[str]) -> dict[str, float]:
 
 
 def evaluate_examples(examples: list[QAExample], model, tokenizer, retriever, opts: EvalOptions,
-                      dataset: str = "", progress=None, task=None) -> list[dict]:
+                      dataset: str = "", progress=None, task=None, backend=None) -> list[dict]:
     """Per-question result rows (see ``report``) for one dataset, in input order.
 
+    ``backend`` (a ``GenerationBackend``) replaces the HF backend built from ``model`` when given.
     Agent rows also carry the ``Trajectory`` object under ``"trajectory"`` (dropped when written).
     """
     if opts.method != "direct" and retriever is None:
         raise UserError(f"--method {opts.method} needs a retriever: give --index DIR or --retriever-url URL")
-    agent = make_agent(model, tokenizer, retriever, opts) if opts.method == "agent" else None
+    backend = backend or make_backend(model, tokenizer, opts)
+    agent = make_agent(backend, tokenizer, retriever, opts) if opts.method == "agent" else None
     rows = []
     for s in range(0, len(examples), opts.batch_size):
         chunk = examples[s : s + opts.batch_size]
         with torch.no_grad():
-            results = _run_agent(chunk, agent, tokenizer) if agent else _run_one_shot(chunk, model, tokenizer, retriever, opts)
+            results = _run_agent(chunk, agent, tokenizer) if agent else _run_one_shot(chunk, backend, tokenizer, retriever, opts)
         for ex, res in zip(chunk, results):
             rows.append({"dataset": dataset or ex.data_source, "id": ex.id, "question": ex.question,
                          "golden_answers": list(ex.golden_answers), **score_row(res["prediction"], ex.golden_answers),
@@ -249,7 +254,8 @@ def _jsonable(row: dict, tokenizer) -> dict:
 
 
 def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer, retriever, opts: EvalOptions,
-             out_dir: str | Path | None, label: str, info: dict[str, Any] | None = None, quiet: bool = False) -> dict:
+             out_dir: str | Path | None, label: str, info: dict[str, Any] | None = None, quiet: bool = False,
+             backend=None) -> dict:
     """Evaluate every dataset; write metrics.json, metrics.md and predictions.jsonl into ``out_dir``.
 
     Returns ``{"summary": report.summarize(...), "rows": [...], "seconds": float}``.
@@ -265,7 +271,7 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
         task = progress.add_task(f"{label} ({opts.method})", total=total)
         for name, (_, examples) in datasets.items():
             progress.update(task, description=f"{label} ({opts.method}) {name}")
-            rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task)
+            rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task, backend)
     seconds = time.perf_counter() - start
     summary = report.summarize(rows)
     if out_dir is not None:

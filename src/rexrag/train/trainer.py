@@ -218,6 +218,7 @@ class Trainer:
         t = {"start": time.perf_counter()}
         prompts = self.sampler.next_batch()[self.rank :: self.world]  # whole groups per process
         examples = [self.examples[i] for i in prompts]
+        self._reseed_rollout()
         with self._timed(t, "gen"):
             self.model.eval()
             trajs = self.rollout_fn(examples, self.cfg.rollout.n)
@@ -255,6 +256,13 @@ class Trainer:
         metrics.update({f"timing/{k}_s": v for k, v in t.items() if k != "start"})
         metrics.update({"timing/step_s": t_total, "timing/tokens_per_s": n_tok / max(t_total, 1e-9), **memory_metrics()})
         return metrics
+
+    def _reseed_rollout(self) -> None:
+        """Seed the generation backend from (seed, step, rank): a resumed run samples what an
+        uninterrupted one would have (the backend's generator is not part of the global RNG state)."""
+        gen = getattr(getattr(self.agent, "backend", None), "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + self.rank)
 
     @contextlib.contextmanager
     def _timed(self, t: dict, name: str):
@@ -381,13 +389,14 @@ class Trainer:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro)
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
+        # (DeepSpeed clips inside its engine and returns None here.)
         gnorm = self.acc.clip_grad_norm_(actor_params, self.tc.max_grad_norm)
-        metrics["actor/grad_norm"] = float(gnorm)
-        ok = finite and _finite(gnorm)
+        metrics["actor/grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
+        ok = finite and (gnorm is None or _finite(gnorm))
         if self.critic is not None:
             cnorm = self.acc.clip_grad_norm_(list(self.critic.parameters()), self.tc.max_grad_norm)
-            metrics["critic/grad_norm"] = float(cnorm)
-            ok = ok and _finite(cnorm)
+            metrics["critic/grad_norm"] = float(cnorm) if cnorm is not None else float("nan")
+            ok = ok and (cnorm is None or _finite(cnorm))
         if ok:
             self.optimizer.step()
         else:  # never let NaN/inf reach the weights or the Adam moments

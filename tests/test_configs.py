@@ -1,0 +1,52 @@
+"""Every shipped recipe loads through load_config, and the paper recipes carry the paper's values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rexrag.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"demo_cpu.yaml", "search_r1_grpo_3b.yaml", "search_r1_ppo_3b.yaml", "rexrag_grpo_3b.yaml", "rexrag_grpo_7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads(path):
+    cfg = load_config(path)
+    assert cfg.trainer.micro_batch_size <= cfg.trainer.mini_batch_size
+    assert cfg.data.batch_size * cfg.rollout.n >= cfg.trainer.mini_batch_size
+
+
+@pytest.mark.parametrize("name", ["search_r1_grpo_3b", "search_r1_ppo_3b", "rexrag_grpo_3b", "rexrag_grpo_7b"])
+def test_paper_values(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert (cfg.data.batch_size, cfg.trainer.steps, cfg.trainer.lr) == (512, 1005, 1e-6)
+    assert cfg.trainer.warmup_steps > 0 and cfg.trainer.ppo_epochs == 1
+    assert (cfg.algo.kl_coef, cfg.algo.kl_type, cfg.rollout.temperature, cfg.retrieval.topk) == (0.001, "k3", 1.0, 3)
+    assert cfg.trainer.mini_batch_size == 256 * cfg.rollout.n
+    if name.startswith("rexrag"):
+        assert cfg.rex.enabled and (cfg.rex.probe_prob, cfg.rex.keep_ratio) == (0.2, 0.08)
+        assert cfg.algo.adv_estimator == "grpo" and cfg.rollout.n == 5
+    else:
+        assert not cfg.rex.enabled
+    assert cfg.algo.adv_estimator == ("gae" if "ppo" in name else "grpo")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in {"MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    assert data["num_processes"] >= 2
+
+
+def test_override_beats_recipe():
+    cfg = load_config(CONFIGS / "demo_cpu.yaml", ["trainer.steps=3", "algo.adv_estimator=rloo"])
+    assert cfg.trainer.steps == 3 and cfg.algo.adv_estimator == "rloo"

@@ -1,0 +1,167 @@
+"""Tests for rexrag.eval.evaluate and `rexrag eval`: methods, scoring, files, benchmark layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rexrag.data import QAExample
+from rexrag.errors import UserError
+from rexrag.eval import evaluate as E
+from rexrag.retrieval.base import Passage
+from rexrag.rollout.engine import GenOutput
+
+
+class FakeRetriever:
+    def __init__(self):
+        self.queries = []
+
+    def search(self, queries, k):
+        self.queries += list(queries)
+        return [[Passage(f"d{i}", f"Title {i}", f"Some facts, number {i}.") for i in range(k)]
+                for q in queries]
+
+
+class ScriptedBackend:
+    """Answers from a script keyed by a word of the prompt: searches once, then answers."""
+
+    def __init__(self, tokenizer, answers: dict[str, str], search_first: bool):
+        self.tok, self.answers, self.search_first = tokenizer, answers, search_first
+        self.calls = []
+
+    def generate(self, prompts, stops, params):
+        self.calls.append((len(prompts), params.temperature))
+        outs = []
+        for p in prompts:
+            text = self.tok.decode(p)
+            key = next(k for k in self.answers if k in text)
+            if self.search_first and "<information>" not in text.split("assistant")[-1]:
+                reply = f"<think> look up </think>\n<search> {key} </search>"
+                stop = "</search>"
+            else:
+                reply = f"<think> known </think>\n<answer> {self.answers[key]} </answer>"
+                stop = "</answer>"
+            ids = self.tok(reply, add_special_tokens=False)["input_ids"]
+            outs.append(GenOutput(ids, [0.0] * len(ids), "stop", stop))
+        return outs
+
+
+def _examples():
+    return [QAExample("q1", "What is the capital of France?", ["Paris"], 0, "demo"),
+            QAExample("q2", "Which ocean is largest?", ["Pacific Ocean"], 1, "demo"),
+            QAExample("q3", "Who wrote Hamlet?", ["William Shakespeare"], 2, "demo")]
+
+
+ANSWERS = {"France": "Paris", "ocean": "the Pacific ocean", "Hamlet": "Marlowe"}
+
+
+@pytest.mark.parametrize("method", ["direct", "rag", "agent"])
+def test_methods_score_scripted_answers(method, smol_tokenizer, tmp_path):
+    tok = smol_tokenizer
+    backend = ScriptedBackend(tok, ANSWERS, search_first=method == "agent")
+    retriever = FakeRetriever()
+    opts = E.EvalOptions(method=method, batch_size=2, max_new_tokens=32)
+    res = E.run_eval({"demo": (tmp_path / "x.jsonl", _examples())}, None, tok, retriever, opts, tmp_path / "out",
+                     "scripted", {"model": "scripted"}, quiet=True, backend=backend)
+    rows = res["rows"]
+    assert [r["prediction"] for r in rows] == ["Paris", "the Pacific ocean", "Marlowe"]
+    assert [r["em"] for r in rows] == [1.0, 1.0, 0.0]  # "the" is dropped by normalisation
+    assert all(t == 0.0 for _, t in backend.calls)  # greedy
+    assert max(n for n, _ in backend.calls) <= 2  # batched by batch_size
+    expected_searches = {"direct": 0, "rag": 1, "agent": 1}[method]
+    assert all(r["n_searches"] == expected_searches for r in rows)
+    assert all(r["format_ok"] for r in rows)
+    assert len(retriever.queries) == (0 if method == "direct" else 3)
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert summary["datasets"]["demo"]["em"] == pytest.approx(2 / 3)
+    assert summary["datasets"]["average"]["em"] == pytest.approx(2 / 3)
+    assert summary["meta"]["method"] == method
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["q1", "q2", "q3"] and preds[0]["golden_answers"] == ["Paris"]
+    assert "<answer> Paris </answer>" in preds[0]["response"]
+    if method == "agent":
+        kinds = [k for k, _ in preds[0]["segments"]]
+        assert kinds == ["POLICY", "INFO", "POLICY"]
+        assert "trajectory" not in preds[0]
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| scripted | 66.7 | 66.7 |" in md
+
+
+def test_rag_puts_passages_in_the_prompt(smol_tokenizer):
+    ids = E._one_shot_prompt(smol_tokenizer, _examples()[0], [Passage("a", "Paris", "Capital {x} of France.")])
+    text = smol_tokenizer.decode(ids)
+    assert 'Doc 1(Title: "Paris") Capital {x} of France.' in text and "Question: What is the capital" in text
+
+
+def test_agent_needs_retriever(smol_tokenizer):
+    with pytest.raises(UserError, match="needs a retriever"):
+        E.evaluate_examples(_examples(), None, smol_tokenizer, None, E.EvalOptions(method="rag"), backend=object())
+
+
+def test_real_tiny_model_is_deterministic_and_batched(smol_tokenizer, tiny_model, tmp_path):
+    opts = E.EvalOptions(method="agent", batch_size=2, max_new_tokens=6, max_turns=1)
+    a = E.run_eval({"d": (None, _examples())}, tiny_model, smol_tokenizer, FakeRetriever(), opts, None, "t", quiet=True)
+    opts1 = E.EvalOptions(method="agent", batch_size=3, max_new_tokens=6, max_turns=1)
+    b = E.run_eval({"d": (None, _examples())}, tiny_model, smol_tokenizer, FakeRetriever(), opts1, None, "t", quiet=True)
+    assert [r["response"] for r in a["rows"]] == [r["response"] for r in b["rows"]]
+    assert a["summary"]["d"]["n"] == 3
+
+
+def test_resolve_benchmark_layouts(tmp_path):
+    (tmp_path / "nq").mkdir()
+    (tmp_path / "nq" / "nq_test_small.flashrag.jsonl").write_text("{}\n")
+    (tmp_path / "nq" / "nq_test_big.flashrag.jsonl").write_text("{}\n" * 5)
+    (tmp_path / "nq" / "train.jsonl").write_text("{}\n")
+    assert E.resolve_benchmark("nq", tmp_path).name == "nq_test_big.flashrag.jsonl"
+    (tmp_path / "nq" / "dev.jsonl").write_text("{}\n")
+    assert E.resolve_benchmark("nq", tmp_path).name == "dev.jsonl"  # FlashRAG's own name wins
+    (tmp_path / "2wikimultihopqa").mkdir()
+    (tmp_path / "2wikimultihopqa" / "2wiki_dev.jsonl").write_text("{}\n")
+    assert E.resolve_benchmark("2wiki", tmp_path).name == "2wiki_dev.jsonl"
+    with pytest.raises(UserError, match="unknown benchmark"):
+        E.resolve_benchmark("squad", tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        E.resolve_benchmark("popqa", tmp_path)
+
+
+def test_shared_data_benchmarks_load(shared_data):
+    data = E.load_datasets([], ["nq", "hotpotqa"], shared_data, limit=5)
+    assert set(data) == {"nq", "hotpotqa"}
+    assert all(len(ex) == 5 for _, ex in data.values())
+    ids = [e.group_id for _, ex in data.values() for e in ex]
+    assert len(set(ids)) == 10  # unique across datasets
+    assert data["hotpotqa"][0].name.endswith(".flashrag.jsonl")
+
+
+def test_dataset_spec_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        E.parse_dataset_spec(f"x={tmp_path / 'nope.jsonl'}")
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        E.load_datasets([], [], None)
+    with pytest.raises(UserError, match="method"):
+        E.EvalOptions(method="oracle")
+
+
+def test_eval_cli_end_to_end_on_saved_tiny_model(smol_tokenizer, tiny_model, tmp_path, capsys):
+    from rexrag.cli import main
+    from rexrag.retrieval import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\nParis fact number {i}.'}) + "\n"
+                              for i in range(8)))
+    build_index(corpus, "bm25", tmp_path / "idx")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": e.golden_answers}) + "\n"
+                          for e in _examples()))
+    tiny_model.save_pretrained(tmp_path / "model")
+    smol_tokenizer.save_pretrained(tmp_path / "model")
+    rc = main(["eval", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--index", str(tmp_path / "idx"),
+               "--method", "rag", "--max-new-tokens", "4", "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["datasets"]["mine"]["n"] == 3 and 0.0 <= m["datasets"]["mine"]["em"] <= 1.0
+    assert "EM " in capsys.readouterr().out
+    rc = main(["eval", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--method", "agent",
+               "--out", str(tmp_path / "ev2")])
+    assert rc == 2  # agent without a retriever: one-line user error
