@@ -61,13 +61,29 @@ def parse_args(argv=None):
     p.add_argument("--warmup-examples", type=int, default=64)
     p.add_argument("--append-md", action="store_true", help="append the results table to BENCHMARKS.md")
     p.add_argument("--note", default="", help="free text added to the BENCHMARKS.md entry")
-    p.add_argument("--smoke", action="store_true", help="tiny settings to check the pipeline (no warm-up)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the pipeline in minutes: a random tiny Llama on the SmolLM2 vocabulary, tiny settings")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch_size, args.n, args.max_new_tokens, args.eval_limit = 1, 1, 2, 24, 2
-        args.max_turns, args.max_obs_tokens, args.max_total_tokens, args.warmup_steps = 1, 64, 600, 0
-        args.model = args.model or "smollm2-135m"
+        args.steps, args.batch_size, args.n, args.max_new_tokens, args.eval_limit = 2, 2, 2, 16, 2
+        args.max_turns, args.max_obs_tokens, args.max_total_tokens = 1, 48, 700
+        args.keep_ratio, args.probe_prob = 0.5, 1.0  # make probes likely even at this size
     return args
+
+
+def tiny_model_dir(out: Path) -> str:
+    """A random 2-layer Llama over the SmolLM2 vocabulary saved as a checkpoint (for --smoke)."""
+    from rexrag.models import load_tokenizer, tiny_llama
+
+    target = out / "tiny_model"
+    if not (target / "config.json").is_file():
+        tok = load_tokenizer("smollm2-135m")
+        model = tiny_llama(len(tok), hidden=64, layers=2, heads=4, seed=0, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        model.save_pretrained(target)
+        tok.save_pretrained(target)
+    return str(target)
 
 
 # --------------------------------------------------------------------------- data, index, model
@@ -225,7 +241,7 @@ def markdown(results: dict, args, command: str) -> str:
     lines.append("| warmed-up (before) | " + " | ".join(f"{100 * before[n]['em']:.1f} / {100 * before[n]['f1']:.1f}" for n in names) + " | | | | | |")
     for run in results["runs"]:
         c = run["curve"]
-        kept = sum(x.get("rex/probes_kept", 0) for x in c)
+        kept = int(sum(x.get("rex/probes_kept", 0) for x in c))
         lines.append(
             f"| {run['method']} seed {run['seed']} | "
             + " | ".join(f"{100 * run['after'][n]['em']:.1f} / {100 * run['after'][n]['f1']:.1f}" for n in names)
@@ -254,9 +270,11 @@ def main(argv=None) -> int:
     from rexrag.models import load_model, load_tokenizer
     from rexrag.config import ModelConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, heldout = load_splits(args)
     retriever = get_retriever(args, out)
-    model_dir = warm_model_dir(args, out, retriever, train)
+    model_dir = tiny_model_dir(out) if args.smoke else warm_model_dir(args, out, retriever, train)
     tok = load_tokenizer(model_dir)
     before = evaluate(load_model(ModelConfig(name_or_path=model_dir)), tok, retriever, heldout, args)
     print("before:", json.dumps(before), flush=True)

@@ -152,3 +152,11 @@ def test_missing_file_and_unknown_suffix(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no QA examples"):
         load_qa(tmp_path / "empty.jsonl")
+
+
+def test_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(GOOD_QA).encode() + b"\n" + b'{"id": "2", "question": "\xff?", "golden_answers": ["x"]}\n')
+    with pytest.raises(DataError, match=r"bytes\.jsonl:line 2: not UTF-8"):
+        load_qa(path)
+    assert [e.id for e in load_qa(path, skip_bad=True)] == ["q1"]

@@ -222,6 +222,54 @@ def test_cache_dir_env_and_existing_target_is_reused(tmp_path, monkeypatch):
     assert models._import_gguf(tmp_path / "missing.gguf", target) == target
 
 
+def _fake_gguf_loaders(monkeypatch, tokenizer, model, on_load=None):
+    """Replace the GGUF loaders with fakes (the real import is covered by the slow test)."""
+    import transformers
+
+    def fake_model(path, gguf_file=None, **kw):
+        assert gguf_file == "fake.gguf"
+        if on_load:
+            on_load()
+        model.hf_quantizer = object()  # what transformers leaves on a GGUF-loaded model
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **kw: tokenizer))
+
+
+def test_gguf_import_is_atomic_and_loses_races_cleanly(tmp_path, monkeypatch, smol_tokenizer, tiny_model):
+    import rexrag.models as models
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"x")
+    root = tmp_path / "cache" / "models"
+    # normal import: a complete dir appears under the target name, no temp dirs remain
+    _fake_gguf_loaders(monkeypatch, smol_tokenizer, tiny_model)
+    out = models._import_gguf(gguf, root / "a")
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert sorted(p.name for p in root.iterdir()) == ["a"]
+
+    # another process finishes first while we convert: we keep theirs and discard ours
+    def other_process_wins():
+        (root / "b").mkdir()
+        (root / "b" / "theirs").write_text("1")
+
+    _fake_gguf_loaders(monkeypatch, smol_tokenizer, tiny_model, on_load=other_process_wins)
+    assert models._import_gguf(gguf, root / "b") == root / "b"
+    assert [p.name for p in (root / "b").iterdir()] == ["theirs"]
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
+
+    # a failed conversion leaves nothing that looks complete
+    def crash():
+        raise RuntimeError("disk full")
+
+    _fake_gguf_loaders(monkeypatch, smol_tokenizer, tiny_model, on_load=crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        models._import_gguf(gguf, root / "c")
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
+
+
 @pytest.mark.slow
 def test_smollm2_import_generate_and_cache_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("REXRAG_CACHE", str(tmp_path / "cache"))
@@ -249,3 +297,14 @@ def test_smollm2_import_generate_and_cache_reuse(tmp_path, monkeypatch):
         out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert text.strip()
+
+    # a LoRA checkpoint records the portable alias as its base, so it loads on any machine
+    lora = load_model(ModelConfig(lora_rank=2, lora_target=["q_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    again = load_model(ModelConfig(name_or_path=str(tmp_path / "ckpt")))
+    torch.testing.assert_close(_logits(again, ids), _logits(lora, ids))

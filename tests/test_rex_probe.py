@@ -135,3 +135,16 @@ def test_adaptive_ratio_update_and_state():
     r2 = P.AdaptiveRatio(0.5)
     r2.load_state_dict(r.state_dict())
     assert r2.rho == r.rho and r2.momentum == 0.9
+
+
+def test_answer_cut_with_the_smollm2_tokenizer(smol_tokenizer):
+    """SmolLM2 merges '.<' into one token: the cut drops the full stop with the tag, on a token boundary."""
+    from rexrag.rollout.trajectory import Trajectory
+
+    t = Trajectory()
+    t.extend(smol_tokenizer.encode("Question?", add_special_tokens=False), Seg.PROMPT, 0)
+    ids = smol_tokenizer.encode("<think> I think so.<answer> Paris</answer>", add_special_tokens=False)
+    t.extend(ids, Seg.POLICY, 0, [-1.0] * len(ids))
+    cut = P.answer_cut(t, smol_tokenizer)
+    assert smol_tokenizer.decode([t.token_ids[cut]]) == ".<"
+    assert smol_tokenizer.decode(t.token_ids[t.prompt_len : cut]) == "<think> I think so"

@@ -142,8 +142,7 @@ def test_empty_and_whitespace_queries_get_notice_without_retrieval():
 def test_very_long_query_is_cut_before_retrieval():
     long_query = "word " * 1000
     script = {"Q?": [f"<search>{long_query}</search>", "<answer> y </answer>"]}
-    agent, _ = _agent(script, max_new_tokens_per_turn=6000, max_total_tokens=8000)
-    agent.max_query_chars = 100
+    agent, _ = _agent(script, max_new_tokens_per_turn=6000, max_total_tokens=8000, max_query_chars=100)
     (t,) = agent.rollout(_examples("Q?"))
     (sent,) = agent.retriever.calls[0]
     assert sent == long_query.strip()[:100]

@@ -12,7 +12,7 @@ import sys
 
 from rexrag import __version__
 
-COMMANDS = ["index", "serve", "eval", "warmup", "train"]
+COMMANDS = ["index", "serve", "eval", "warmup", "train", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,6 +80,7 @@ class RolloutConfig:
     top_p: float = doc("Nucleus sampling mass.", 1.0)
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     template: str = doc("Instruction template: 'rexrag', 'search-r1', a file path, or a literal containing {question}.", "rexrag")
+    max_query_chars: int = doc("A search query longer than this is cut before retrieval.", 512)
 
     def __post_init__(self):
         if self.n < 1:
@@ -88,6 +89,15 @@ class RolloutConfig:
             raise ConfigError("rollout.max_turns must be >= 0")
         if self.temperature < 0:
             raise ConfigError("rollout.temperature must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("rollout.top_p must be in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            raise ConfigError("rollout.top_k must be >= 0 (0 = off)")
+        for key in ("max_new_tokens_per_turn", "max_total_tokens", "max_query_chars"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rollout.{key} must be >= 1")
+        if self.max_obs_tokens < 0:
+            raise ConfigError("rollout.max_obs_tokens must be >= 0")
 
 
 @dataclass

@@ -108,36 +108,44 @@ def _check_path(path: str | Path) -> Path:
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``"line N"``, parsed object) per non-blank line; a JSON error is raised as DataError later."""
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    """(``"line N"``, parsed object) per non-blank line; an undecodable line yields a DataError."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             where = f"line {lineno}"
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield where, DataError(f"{path}:{where}: not UTF-8 ({exc.reason} at byte {exc.start})")
             except json.JSONDecodeError as exc:
                 yield where, DataError(f"{path}:{where}: malformed JSON ({exc.msg} at column {exc.colno})")
 
 
-def _collect(path: Path, rows: Iterable[tuple[str, Any]], parse, skip_bad: bool, limit: int) -> Loaded:
-    out, skipped = Loaded(), []
+def _parse_rows(path: Path, rows: Iterable[tuple[str, Any]], parse, skip_bad: bool,
+                skipped: list[str]) -> Iterator[Any]:
+    """``parse(row, where)`` per row; bad rows raise, or with ``skip_bad`` are appended to ``skipped``."""
     for where, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{where}: expected a JSON object, got {type(row).__name__}")
-            out.append(parse(row, where))
+            yield parse(row, where)
         except DataError as exc:
             if not skip_bad:
                 raise
             skipped.append(str(exc))
+
+
+def _collect(path: Path, rows: Iterable[tuple[str, Any]], parse, skip_bad: bool, limit: int) -> Loaded:
+    out = Loaded()
+    for item in _parse_rows(path, rows, parse, skip_bad, out.skipped):
+        out.append(item)
         if limit and len(out) >= limit:
             break
-    if skipped:
-        log.warning("%s: skipped %d bad row(s); first: %s", path, len(skipped), skipped[0])
-    out.skipped = skipped
+    if out.skipped:
+        log.warning("%s: skipped %d bad row(s); first: %s", path, len(out.skipped), out.skipped[0])
     return out
 
 
@@ -286,22 +294,12 @@ def _parse_passage(path: Path):
 
 
 def iter_corpus(path: str | Path, *, skip_bad: bool = False, skipped: list[str] | None = None) -> Iterator[Passage]:
-    """Stream passages from a corpus jsonl (bad rows raise, or are appended to ``skipped``)."""
+    """Stream passages from a corpus jsonl (bad rows raise, or with ``skip_bad`` go to ``skipped``)."""
     path = _check_path(path)
-    parse = _parse_passage(path)
-    for where, row in _rows_jsonl(path):
-        try:
-            if isinstance(row, DataError):
-                raise row
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{where}: expected a JSON object, got {type(row).__name__}")
-            yield parse(row, where)
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            if skipped is not None:
-                skipped.append(str(exc))
-            log.warning("skipped bad corpus row: %s", exc)
+    skipped = skipped if skipped is not None else []
+    yield from _parse_rows(path, _rows_jsonl(path), _parse_passage(path), skip_bad, skipped)
+    if skipped:
+        log.warning("%s: skipped %d bad row(s); first: %s", path, len(skipped), skipped[0])
 
 
 def load_corpus(path: str | Path, *, skip_bad: bool = False) -> Loaded:

@@ -280,7 +280,7 @@ def _has_plain_head(model) -> bool:
     return callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 2048) -> torch.Tensor:
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 512) -> torch.Tensor:
     """Per-token log-probs of the given tokens under ``model``.
 
     input_ids, attention_mask: [B, T] (right or left padding; 1 = real token).

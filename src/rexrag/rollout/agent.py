@@ -24,7 +24,7 @@ Choices where the public code is silent or different:
   Search-R1 does; the answer is the text after the last ``<answer>`` before it.
 * ``</answer>`` or ``</search>`` without its opening tag in the same turn is an invalid action.
 * An empty or whitespace query gets a NOTICE and no retrieval (and costs no search); a query
-  longer than ``max_query_chars`` is cut before retrieval.
+  longer than ``cfg.max_query_chars`` is cut before retrieval.
 * The model writing ``<information>`` itself is ordinary POLICY text: INFO tokens come only from
   the retriever's passages.
 * A retriever error is retried ``retries`` times (whole batch); if it still fails, every searching
@@ -129,14 +129,13 @@ class SearchAgent:
         *,
         retries: int = 2,
         retry_wait_s: float = 0.5,
-        max_query_chars: int = 512,
         format_fn: Callable | None = None,
     ):
         if format_fn is None:
             from rexrag.retrieval import format_information as format_fn
         self.backend, self.tokenizer, self.retriever, self.cfg = backend, tokenizer, retriever, cfg
         self.topk, self.retries, self.retry_wait_s = topk, retries, retry_wait_s
-        self.max_query_chars = max_query_chars
+        self.max_query_chars = cfg.max_query_chars
         self.format_fn = format_fn
         self._encode_cache: dict[str, list[int]] = {}
         self.last_metrics: dict[str, float] = {}

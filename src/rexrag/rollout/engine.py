@@ -163,9 +163,26 @@ class HFBackend:
     ``max_batch`` rows run together (longer requests are processed in length-sorted chunks);
     ``prune=False`` keeps finished rows in the batch (masked out) instead of dropping them, which
     only exists to measure the difference. ``seed`` makes sampling reproducible.
+
+    Cross-turn prefix reuse (``reuse_cache``): when a row finishes, its keys/values are kept (up to
+    ``cache_mb`` per call); a prompt in the next call that extends a kept sequence — the agent's
+    next turn: old context + sampled turn + INFO/NOTICE — only runs its new tokens through the
+    model. The kept entries are dropped when a new call starts them over, and all of them when the
+    model's parameters change (an optimizer step bumps their version counters).
     """
 
-    def __init__(self, model, tokenizer, device: str | torch.device | None = None, max_batch: int = 64, *, seed: int | None = None, prune: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: str | torch.device | None = None,
+        max_batch: int = 64,
+        *,
+        seed: int | None = None,
+        prune: bool = True,
+        reuse_cache: bool = True,
+        cache_mb: float = 1024.0,
+    ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.model = model
@@ -173,13 +190,23 @@ class HFBackend:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch = max_batch
         self.prune = prune
+        self.reuse_cache = reuse_cache
+        self.cache_bytes = int(cache_mb * 2**20)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
         self._watcher = _StopWatcher(tokenizer)
-        self.stats = {"forward_calls": 0, "generated_tokens": 0}
+        self._store: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._next_store: list = []
+        self._next_bytes = 0
+        self._weights_version = -1
+        self.stats = {"forward_calls": 0, "generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0}
+
+    def reset_cache(self) -> None:
+        """Forget every kept prefix (call after changing the model's weights by other means than in place)."""
+        self._store = []
 
     def generate(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         if len(stops) != len(prompts):
@@ -187,6 +214,10 @@ class HFBackend:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every row needs at least one token")
+        version = sum(int(p._version) for p in self.model.parameters())
+        if version != self._weights_version:  # weights changed: kept keys/values are stale
+            self._store, self._weights_version = [], version
+        self._next_store, self._next_bytes = [], 0
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         outputs: list[GenOutput | None] = [None] * len(prompts)
         was_training = self.model.training
@@ -198,27 +229,84 @@ class HFBackend:
                     outputs[i] = out
         finally:
             self.model.train(was_training)
+            self._store, self._next_store = self._next_store, []
         return outputs  # type: ignore[return-value]
 
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids [B, L], attention_mask [B, L] with padding on the left."""
-        L = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), L), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, L - len(p) :] = 1
+    # ------------------------------------------------------------------ batch set-up
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids [B, L], mask [B, L] with padding on the left."""
+        L = max(len(p) for p in seqs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, p in enumerate(seqs):
+            if p:
+                ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[i, L - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
-    def _generate_chunk(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
+    def _lookup(self, prompt: list[int]):
+        """Longest kept sequence that is a prefix of ``prompt`` -> (tokens reused, per-layer (k, v))."""
+        best_n, best_kv = 0, None
+        for tokens, kv in self._store:
+            n = len(tokens)
+            if best_n < n <= len(prompt) and prompt[:n] == tokens:
+                best_n, best_kv = n, kv
+        return min(best_n, len(prompt) - 1), best_kv  # at least one token must go through the model
+
+    def _prefill_inputs(self, prompts: list[list[int]]):
+        """-> (input ids [B, N], attention mask [B, P + N], cache holding P reused positions).
+
+        Reused keys/values are right-aligned in the first P columns (padding on their left), the new
+        tokens left-padded after them, so a row may have a hole of padding between the two.
+        """
         from transformers import DynamicCache
 
+        matches = [self._lookup(p) for p in prompts] if (self.reuse_cache and self._store) else [(0, None)] * len(prompts)
+        P = max(n for n, _ in matches)
+        if P == 0:
+            ids, mask = self._left_pad(prompts)
+            self.stats["prefill_tokens"] += int(mask.sum())
+            return ids, mask, DynamicCache(config=self.model.config)
+        ids, new_mask = self._left_pad([p[n:] for p, (n, _) in zip(prompts, matches)])
+        past_mask = torch.zeros((len(prompts), P), dtype=torch.long, device=self.device)
+        ref = next(kv for n, kv in matches if n)
+        layers = []
+        for layer, (k0, v0) in enumerate(ref):
+            K = k0.new_zeros((len(prompts), k0.shape[0], P, k0.shape[-1]))
+            V = v0.new_zeros((len(prompts), v0.shape[0], P, v0.shape[-1]))
+            for b, (n, kv) in enumerate(matches):
+                if n:
+                    K[b, :, P - n :] = kv[layer][0][:, :n]
+                    V[b, :, P - n :] = kv[layer][1][:, :n]
+                    past_mask[b, P - n :] = 1
+            layers.append((K, V))
+        self.stats["reused_tokens"] += sum(n for n, _ in matches)
+        self.stats["prefill_tokens"] += int(new_mask.sum())
+        return ids, torch.cat([past_mask, new_mask], dim=1), DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _keep_rows(self, cache, attn: torch.Tensor, positions: list[int], seqs: list[list[int]]) -> None:
+        """Keep the keys/values of finished rows (batch ``positions``; ``seqs`` = tokens they cover)."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not self.reuse_cache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return  # sliding-window or other special layers do not hold every position
+        for j, seq in zip(positions, seqs):
+            valid = attn[j].bool()
+            per_token = sum(layer.keys[j, :, :1].numel() + layer.values[j, :, :1].numel() for layer in cache.layers)
+            size = per_token * len(seq) * cache.layers[0].keys.element_size()
+            if int(valid.sum()) != len(seq) or self._next_bytes + size > self.cache_bytes:
+                continue
+            kv = [(layer.keys[j][:, valid], layer.values[j][:, valid]) for layer in cache.layers]
+            self._next_store.append((seq, kv))
+            self._next_bytes += size
+
+    # ------------------------------------------------------------------ decoding loop
+    @torch.inference_mode()
+    def _generate_chunk(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         B = len(prompts)
-        inp, attn = self._left_pad(prompts)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        inp, attn, cache = self._prefill_inputs(prompts)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -inp.shape[1] :]
         next_pos = pos[:, -1] + 1  # [B] position of the next token per row
-        cache = DynamicCache(config=self.model.config)
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
@@ -230,7 +318,9 @@ class HFBackend:
             lps = sampling_logprobs(logits, params)
             tok = pick_tokens(lps, params.greedy, self.generator)
             tok_lp = lps.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-            keep = self._record(rows, tok.tolist(), tok_lp.tolist(), out_ids, out_lp, finish, stop_str, stops, params.max_new_tokens)
+            keep, ended = self._record(rows, tok.tolist(), tok_lp.tolist(), out_ids, out_lp, finish, stop_str, stops, params.max_new_tokens)
+            if ended:  # the last sampled token was never fed, so the cache covers prompt + ids[:-1]
+                self._keep_rows(cache, attn, ended, [prompts[rows[j]] + out_ids[rows[j]][:-1] for j in ended])
             if not keep:
                 break
             if self.prune and len(keep) < len(rows):
@@ -243,9 +333,9 @@ class HFBackend:
             next_pos = next_pos + 1
         return [GenOutput(out_ids[i], out_lp[i], finish[i] or "length", stop_str[i]) for i in range(B)]
 
-    def _record(self, rows, toks, lps, out_ids, out_lp, finish, stop_str, stops, max_new) -> list[int]:
-        """Append this step's token to every live row; return batch positions still generating."""
-        keep = []
+    def _record(self, rows, toks, lps, out_ids, out_lp, finish, stop_str, stops, max_new) -> tuple[list[int], list[int]]:
+        """Append this step's token to every live row -> (positions still generating, positions that just ended)."""
+        keep, ended = [], []
         for j, r in enumerate(rows):
             if finish[r] is not None:  # only reachable with prune=False: a masked, finished row
                 continue
@@ -261,4 +351,6 @@ class HFBackend:
                 finish[r] = "length"
             else:
                 keep.append(j)
-        return keep
+                continue
+            ended.append(j)
+        return keep, ended

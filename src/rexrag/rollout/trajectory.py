@@ -28,6 +28,8 @@ class Seg(IntEnum):
     PROBE = 4  # REX-RAG exploratory prompt, inserted by the system
 
 
+# answer: ended with </answer>; eos: the model emitted EOS without an answer; length: hit
+# rollout.max_total_tokens; turns: the turn budget ran out without an answer; running: not finished.
 STOP_REASONS = ("answer", "eos", "length", "turns", "running")
 
 
