@@ -59,7 +59,7 @@ def test_comparison_table_change_column():
 def test_metrics_markdown_and_json_roundtrip(tmp_path):
     s = report.summarize(_rows())
     md = report.metrics_markdown("smol agent", s, {"corpus": "demo"})
-    assert md.startswith("# Evaluation: smol agent") and "valid_format_rate" in md and "| questions | 1 | 2 |" in md
+    assert md.startswith("# Evaluation: smol agent") and "valid format rate (%)" in md and "| questions | 1 | 2 |" in md
     p = report.write_metrics_json(tmp_path / "m" / "metrics.json", {"datasets": s})
     assert json.loads(p.read_text())["datasets"]["nq"]["n"] == 1
     assert not list(p.parent.glob(".*tmp"))  # temp files renamed away

@@ -133,6 +133,10 @@ def test_lora_trains_only_adapters_and_reference_context_gives_base(tmp_path, sm
     assert not torch.allclose(_logits(model, IDS), base_logits, atol=1e-3)
     with reference_logprobs_context(model):
         torch.testing.assert_close(_logits(model, IDS), base_logits, atol=1e-5, rtol=1e-5)
+        # the chunked decoder + head path of sequence_logprobs sees the adapters disabled too
+        ids, mask = padded_batch(SEQS, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(sequence_logprobs(model, ids, mask), sequence_logprobs(tiny_model, ids, mask))
     assert not torch.allclose(_logits(model, IDS), base_logits, atol=1e-3)  # adapters back on
 
 

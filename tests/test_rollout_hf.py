@@ -12,7 +12,7 @@ from rexrag.models import sequence_logprobs
 from rexrag.prompts import build_prompt_ids
 from rexrag.retrieval import format_information
 from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, SearchAgent
-from rexrag.rollout.engine import HFBackend
+from rexrag.rollout.engine import HFBackend, SamplingParams
 from rexrag.rollout.trajectory import Seg, to_batch
 
 
@@ -80,6 +80,31 @@ def test_multi_turn_rescoring_reproduces_policy_logprobs(tiny_model, smol_tokeni
             lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
     diff = (lp - batch["rollout_logprobs"]).abs()[policy]
     assert diff.max().item() < 1e-4
+    assert agent.backend.stats["reused_tokens"] > 0  # later turns ran only their new tokens
+
+
+def test_prefix_reuse_matches_full_prefill_and_drops_stale_entries(tiny_model, smol_tokenizer):
+    tok = smol_tokenizer
+    questions = ("Who wrote Hamlet?", "Which river flows through Vienna?")
+    reuse = _tiny_agent(tiny_model, tok, temperature=0.0)
+    full = _tiny_agent(tiny_model, tok, temperature=0.0)
+    full.backend.reuse_cache = False
+    a, b = reuse.rollout(_examples(*questions)), full.rollout(_examples(*questions))
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert reuse.backend.stats["reused_tokens"] > 0 and full.backend.stats["reused_tokens"] == 0
+    # a prompt extending a kept sequence reuses it, unless the weights changed in between
+    backend = reuse.backend
+    params = SamplingParams(temperature=0, max_new_tokens=2)
+    (o,) = backend.generate([a[0].token_ids[:-3]], [[]], params)
+    ext = a[0].token_ids[:-3] + o.token_ids + [5]
+    before = backend.stats["reused_tokens"]
+    (o2,) = backend.generate([ext], [[]], params)
+    assert backend.stats["reused_tokens"] - before == len(ext) - 2  # all but the last sampled token and [5]
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(0.01)
+    before = backend.stats["reused_tokens"]
+    backend.generate([ext + o2.token_ids + [6]], [[]], params)
+    assert backend.stats["reused_tokens"] == before
 
 
 def test_greedy_batched_agent_equals_one_at_a_time(tiny_model, smol_tokenizer):

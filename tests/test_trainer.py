@@ -149,6 +149,12 @@ def test_lora_trains_only_adapters_with_disabled_adapter_reference(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in base_before.items())
     assert (tmp_path / "checkpoints" / "step_000002" / "model" / "adapter_model.safetensors").is_file()
+    # resume restores the adapters into a fresh LoRA model
+    fresh = get_peft_model(toy_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    tr2 = make_trainer(tmp_path, "algo.kl_coef=0.05", "model.lora_rank=4", "trainer.resume=true", model=fresh)
+    assert tr2.train() == [] and tr2.step_idx == 2
+    restored = _params(fresh)
+    assert all(torch.equal(after[n], restored[n]) for n in after)
 
 
 def test_sampler_and_schedule():
@@ -185,3 +191,103 @@ def test_two_processes_match_one_process(tmp_path):
         assert b["rollout/trajectories"] == a["rollout/trajectories"] / 2  # really split over 2 processes
         assert math.isclose(a["reward/mean"], b["reward/mean"], abs_tol=1e-9)
         assert math.isclose(a["actor/pg_loss"], b["actor/pg_loss"], rel_tol=1e-3, abs_tol=1e-5)
+
+
+class FakeExplorer:
+    """Records the hook calls; makes one probe per step (a copy of the first original with a PROBE
+    segment), lowers the behaviour log-prob of probe rows by log 2 and weights rows 1 / 0.5."""
+
+    def __init__(self):
+        self.calls, self.rho = [], 0.5
+
+    def explore(self, originals, rewards, agent, score_fn, reward_fn):
+        from rexrag.rollout.trajectory import Seg, Trajectory
+
+        self.calls.append("explore")
+        assert len(rewards) == len(originals) and all("reward" in t.meta for t in originals)
+        src = originals[0]
+        probe = Trajectory(group_id=src.group_id, example=src.example, is_probe=True, source_index=0)
+        probe.extend(src.token_ids[: src.prompt_len], Seg.PROMPT, 0)
+        probe.probe_start = len(probe)
+        probe.extend([3, 3], Seg.PROBE, 0)
+        probe.extend(src.token_ids[src.prompt_len :][:2], Seg.POLICY, 0, [-1.0, -1.0])
+        lps = score_fn([probe])
+        assert lps[0].shape == (len(probe),) and lps[0][0] == 0
+        assert reward_fn([probe]) == [1.0]  # "cc..." pays under the toy reward
+        probe.meta["reward"] = 1.0
+        self.seen_groups = {t.group_id for t in originals}
+        return [probe]
+
+    def correct(self, batch, old_logprobs, is_probe, probe_start):
+        self.calls.append("correct")
+        assert is_probe.tolist() == [False] * (len(is_probe) - 1) + [True]
+        assert int(probe_start[-1]) == 3 and int(probe_start[0]) == -1
+        beh = old_logprobs.clone()
+        beh[is_probe] -= math.log(2.0)
+        return beh, torch.where(is_probe, 0.5, 1.0), {"rex/fake_metric": 7.0}
+
+    def end_step(self):
+        self.calls.append("end_step")
+        self.rho *= 0.9
+        return {"rho": self.rho}
+
+    def state_dict(self):
+        return {"rho": self.rho}
+
+    def load_state_dict(self, state):
+        self.rho = state["rho"]
+
+
+def test_explorer_hook_call_order_and_checkpoint(tmp_path):
+    ex = FakeExplorer()
+    tr = make_trainer(tmp_path, "trainer.steps=2", "trainer.mini_batch_size=33", explorer=ex)
+    hist = tr.train()
+    assert ex.calls == ["explore", "correct", "end_step"] * 2
+    m = hist[-1]
+    assert m["rex/fake_metric"] == 7.0 and math.isclose(m["rex/rho"], 0.5 * 0.9 * 0.9)
+    assert m["rollout/trajectories"] == 33  # 8 prompts x 4 + 1 probe
+    # the probe's ratio starts at 2 (outside the clip range), so some tokens are clipped at once
+    assert hist[0]["actor/clip_frac"] > 0
+    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "explorer.pt")
+    assert math.isclose(state["rho"], 0.5 * 0.81)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = toy_model()
+    before = _params(model)
+    hist = make_trainer(tmp_path, "model.autocast_bf16=true", "algo.kl_coef=0.01", model=model, reward=_varied_reward).train()
+    assert all(math.isfinite(m["actor/pg_loss"]) and m["actor/nan_skips"] == 0 for m in hist)
+    assert any(not torch.equal(before[n], p) for n, p in _params(model).items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_kl_in_reward_and_rloo_reinforce_pp_run(tmp_path):
+    for est in ("rloo", "reinforce_pp"):
+        hist = make_trainer(tmp_path / est, f"algo.adv_estimator={est}", "algo.kl_in_reward=true", "algo.kl_coef=0.1",
+                            "trainer.steps=2").train()
+        assert all(math.isfinite(m["actor/pg_loss"]) for m in hist)
+        assert "actor/kl_loss" not in hist[-1]  # KL went into the reward, not the loss
+
+
+def test_cli_help_config_lists_trainer_keys(capsys):
+    from rexrag.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.mini_batch_size" in out and "algo.adv_estimator" in out and "trainer.critic_lr" in out
+
+
+@pytest.mark.slow
+def test_rexrag_train_cli_end_to_end_smollm2(tmp_path):
+    """`rexrag train` with the demo recipe: SmolLM2, BM25 over the bundled corpus, SearchAgent, REX on."""
+    from rexrag.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(HERE.parent / "configs" / "demo_cpu.yaml"), "--no-progress",
+               f"trainer.out_dir={out}", "trainer.steps=1", "data.batch_size=2", "rollout.n=2", "rollout.max_turns=1",
+               "rollout.max_new_tokens_per_turn=16", "trainer.mini_batch_size=4", "trainer.micro_batch_size=2"])
+    assert rc == 0
+    rec = read_metrics(out / "metrics.jsonl")[0]
+    assert rec["step"] == 1 and rec["rollout/trajectories"] >= 4 and "rex/rho" in rec
+    assert (out / "checkpoints" / "step_000001" / "model" / "config.json").is_file()
+    assert (out / "index").is_dir()

@@ -70,16 +70,17 @@ class ToyRollout:
     @torch.no_grad()
     def _sample(self, prompts: list[list[int]], n: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows = each prompt repeated n times (prompt-major); returns new tokens and their log-probs."""
-        ids = torch.tensor([p for p in prompts for _ in range(n)])
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([p for p in prompts for _ in range(n)], device=device)
         start = ids.shape[1]
         lps = []
         for _ in range(self.new_tokens):
             logits = self.model(input_ids=ids).logits[:, -1].float()
             logp = torch.log_softmax(logits, -1)
-            tok = torch.multinomial(logp.exp(), 1, generator=gen)
+            tok = torch.multinomial(logp.exp().cpu(), 1, generator=gen).to(device)  # CPU generator: same draws on any device
             lps.append(logp.gather(-1, tok))
             ids = torch.cat([ids, tok], 1)
-        return ids[:, start:], torch.cat(lps, 1)
+        return ids[:, start:].cpu(), torch.cat(lps, 1).cpu()
 
     def __call__(self, examples: list[QAExample], n: int) -> list[Trajectory]:
         step = self.trainer.step_idx if self.trainer is not None else 0

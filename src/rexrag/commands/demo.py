@@ -12,12 +12,18 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
     p.add_argument("--out", default="runs/demo", help="report directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); use 1 when other jobs share the cores")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from rexrag.demo import run_demo
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = run_demo(args.out, quick=args.quick, seed=args.seed)
     print(f"report: {report}")
     return 0

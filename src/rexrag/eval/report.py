@@ -33,6 +33,8 @@ PAPER_COLUMNS: list[tuple[str, str]] = [
 SCORE_KEYS = ("em", "f1", "cover_em")
 SUMMARY_KEYS = ("em", "f1", "cover_em", "mean_searches", "valid_format_rate")
 AVERAGE = "average"
+METRIC_TITLES = {"em": "EM (x100)", "f1": "F1 (x100)", "cover_em": "cover-EM (x100)",
+                 "valid_format_rate": "valid format rate (%)", "mean_searches": "mean searches per question"}
 
 
 # --------------------------------------------------------------------------- files
@@ -138,7 +140,7 @@ def metrics_table_md(results: dict[str, dict], metric: str = "em", info: dict[st
     if lines:
         lines.append("")
     scale = 1.0 if metric == "mean_searches" else 100.0
-    lines.append(f"{metric.upper() if metric in SCORE_KEYS else metric} " + ("(x100)" if scale == 100.0 else ""))
+    lines.append(METRIC_TITLES.get(metric, metric))
     lines.append("")
     header = ["Method"] + [column_title(d) for d in datasets] + ["Avg"]
     lines.append("| " + " | ".join(header) + " |")

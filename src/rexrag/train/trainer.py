@@ -380,9 +380,11 @@ class Trainer:
         metrics: dict[str, float] = {}
         finite = True
         for j, idx in enumerate(micro):
-            sync = j == len(micro) - 1
-            ctx = contextlib.nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
-            with ctx:
+            with contextlib.ExitStack() as stack:
+                if j < len(micro) - 1 and self.world > 1:  # one gradient all-reduce per mini-batch
+                    for module in (self.model, self.critic):
+                        if module is not None:
+                            stack.enter_context(self.acc.no_sync(module))
                 loss, m = self._micro_loss(batch, idx, norm)
                 finite &= _finite(loss.detach())
                 self.acc.backward(loss)
@@ -458,13 +460,14 @@ class Trainer:
         return out
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Average metrics over processes (keys are sorted so every rank sends the same vector)."""
+        """Average each metric over the processes that report it (key sets may differ by rank)."""
         if self.world == 1:
             return metrics
-        keys = sorted(metrics)
-        vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
-        vec = self.acc.reduce(vec, "mean")
-        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+        from accelerate.utils import gather_object
+
+        per_rank = gather_object([metrics])
+        keys = sorted({k for m in per_rank for k in m})
+        return {k: sum(m[k] for m in per_rank if k in m) / sum(1 for m in per_rank if k in m) for k in keys}
 
     # ------------------------------------------------------------------ the run
 
