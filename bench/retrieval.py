@@ -103,8 +103,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-limit", type=int, default=5000, help="passages in the dense sub-corpus (0 = skip dense)")
     ap.add_argument("--batch1-queries", type=int, default=300, help="queries timed at batch size 1 (dense: /3)")
     ap.add_argument("--rank-bm25-queries", type=int, default=50)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a 2-core machine shared with other jobs, 2 threads "
+                    "made each tiny op wait for a descheduled thread; 0 = torch default)")
     ap.add_argument("--out", default="", help="write all results as JSON here")
     args = ap.parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     sys.path.insert(0, str(REPO / "src"))
     from rexrag.data import load_corpus, load_qa
@@ -118,6 +125,7 @@ def main(argv=None) -> int:
         exs = load_qa(data / "derived" / fname)
         sets[name] = ([e.question for e in exs], [e.metadata["supporting_doc_ids"] for e in exs])
     results = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+               "torch_threads": args.torch_threads,
                "questions": {k: len(v[0]) for k, v in sets.items()}, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -74,17 +74,19 @@ def run_agent(backend, tok, retriever, cfg, examples) -> dict:
         "gen_share": m["rollout/time_gen_s"] / wall, "retrieval_share": m["rollout/time_retrieval_s"] / wall,
         "bookkeeping_share": m["rollout/time_bookkeeping_s"] / wall, "searches": int(m["rollout/searches"]),
         "turns": int(m["rollout/turns"]), "peak_rss_mb": peak_rss_mb(),
+        "backend": dict(getattr(backend, "stats", {})),
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--max-new", type=int, default=32, help="max_new_tokens_per_turn")
+    ap.add_argument("--max-new", type=int, default=24, help="max_new_tokens_per_turn")
     ap.add_argument("--turns", type=int, default=2, help="max_turns (searches)")
-    ap.add_argument("--naive-rows", type=int, default=8, help="rows the one-at-a-time reference runs")
-    ap.add_argument("--masked-batch", type=int, default=32, help="batch for the prune=False comparison (0 = skip)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--naive-rows", type=int, default=4, help="rows the one-at-a-time reference runs")
+    ap.add_argument("--obs", type=int, default=150, help="max_obs_tokens")
+    ap.add_argument("--masked-batch", type=int, default=8, help="batch for the prune=False comparison (0 = skip)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; 1 avoids OpenMP stalls on a shared machine)")
     ap.add_argument("--json", default="", help="also write results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -99,10 +101,10 @@ def main(argv=None) -> int:
     qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows, args.masked_batch])))
     print(f"setup {time.perf_counter() - t0:.1f}s: model + BM25 over {len(corpus)} passages; rss {peak_rss_mb():.0f} MB", flush=True)
     cfg = RolloutConfig(max_turns=args.turns, max_new_tokens_per_turn=args.max_new, max_total_tokens=2048,
-                        max_obs_tokens=300, temperature=1.0)
+                        max_obs_tokens=args.obs, temperature=1.0)
     HFBackend(model, tok, seed=0).generate([tok.encode("warm up")], [[]], SamplingParams(max_new_tokens=4))
 
-    results = {"config": {"max_new_tokens_per_turn": args.max_new, "max_turns": args.turns, "threads": torch.get_num_threads()}}
+    results = {"config": {"max_new_tokens_per_turn": args.max_new, "max_turns": args.turns, "max_obs_tokens": args.obs, "threads": torch.get_num_threads()}}
     torch.manual_seed(0)
     results["naive"] = run_agent(NaiveGenerateBackend(model, tok), tok, retriever, cfg, qa[: args.naive_rows])
     print("naive generate, one row at a time:", json.dumps(results["naive"]), flush=True)

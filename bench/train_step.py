@@ -11,7 +11,8 @@ no-grad forward (rexrag: old-policy + reference; TRL with one iteration: referen
 N the (tied-once) parameter count and D the tokens in the batch (prompt + completion).
 
 Usage: python bench/train_step.py [--model smollm2-135m] [--prompts 4] [--group 4] [--new-tokens 32]
-                                  [--steps 2] [--micro 8] [--threads 0] [--out results.json]
+                                  [--steps 2] [--micro 8] [--threads 0]
+                                  [--order rexrag,trl] [--out results.json]
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    ap.add_argument("--order", default="rexrag,trl", choices=["rexrag,trl", "trl,rexrag"], help="which runs first")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.threads:
@@ -211,17 +213,19 @@ def main() -> None:
                                                         tokenize=True, return_dict=False)) for q in questions]
 
     results = {}
+    # D: prompt + completion tokens of one step's batch (mean prompt length over the prompts used)
+    tokens = int(args.group * (sum(prompt_tokens) / (args.steps + 1) + args.prompts * args.new_tokens))
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        n = n_params(model)
-        # D: prompt + completion tokens of one step's batch (mean prompt length over the prompts used)
-        tokens = int(args.group * (sum(prompt_tokens) / (args.steps + 1) + args.prompts * args.new_tokens))
-        results["rexrag"] = summarise("rexrag", run_rexrag(args, model, tokenizer, examples, Path(tmp) / "rexrag"), n, tokens)
-        del model
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        results["trl"] = summarise("trl", run_trl(args, model, tokenizer, questions, Path(tmp) / "trl"), n, tokens)
+        for name in args.order.split(","):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            n = n_params(model)
+            if name == "rexrag":
+                res = run_rexrag(args, model, tokenizer, examples, Path(tmp) / "rexrag")
+            else:
+                res = run_trl(args, model, tokenizer, questions, Path(tmp) / "trl")
+            results[name] = summarise(name, res, n, tokens)
+            del model
     ratio = {k: results["rexrag"][k] / results["trl"][k] for k in ("step_s", "gen_s", "update_s")}
     print(f"rexrag / TRL time: step {ratio['step_s']:.2f}x  generation {ratio['gen_s']:.2f}x  update {ratio['update_s']:.2f}x")
     report = {"args": vars(args), "params": n, "tokens_per_step": tokens, "threads": torch.get_num_threads(),

@@ -171,12 +171,18 @@ def test_sampler_and_schedule():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-    """accelerate launch --num_processes 2 --cpu (gloo) == one process with the same global batch."""
+    """Two gloo CPU processes == one process with the same global batch.
+
+    Launched with ``accelerate launch --multi_gpu --num_processes N``: on a CPU-only machine that
+    starts N torchrun workers and Accelerator(cpu=True) makes them MULTI_CPU/gloo. (``--cpu`` would
+    start a single process in accelerate 1.x, silently making this test compare 1 with 1.)
+    """
     env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     outs = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--cpu",
+        launcher = ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--num_processes", "1", "--cpu"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(HERE / "train_worker.py"), str(out)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -58,13 +58,15 @@ class DemoProfile:
 
 
 PROFILES: dict[str, DemoProfile] = {
-    "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=32, topk=2, max_obs_tokens=64,
-                         warmup_examples=24, warmup_steps=8, warmup_batch=3, warmup_lr=1e-4,
-                         rl_steps=2, rl_prompts=2, rl_rollouts=3, rl_max_turns=1, rl_max_new_tokens=32,
+    # 64 new tokens per turn: the warm-up teaches "<think> ... </think>\n<search> QUESTION </search>",
+    # whose query alone can take 40 tokens; a smaller cap cuts the action and the turn is invalid.
+    "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
+                         warmup_examples=16, warmup_steps=8, warmup_batch=2, warmup_lr=1e-4,
+                         rl_steps=2, rl_prompts=2, rl_rollouts=3, rl_max_turns=1, rl_max_new_tokens=64,
                          rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0),
-    "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=40, topk=2, max_obs_tokens=96,
-                           warmup_examples=96, warmup_steps=24, warmup_batch=4, warmup_lr=1e-4,
-                           rl_steps=6, rl_prompts=4, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=40,
+    "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=96,
+                           warmup_examples=80, warmup_steps=20, warmup_batch=4, warmup_lr=1e-4,
+                           rl_steps=5, rl_prompts=4, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
                            rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5),
 }
 
@@ -121,7 +123,7 @@ def trajectory_md(tokenizer, traj, title: str) -> str:
     if ex is not None:
         head += [f"- question: {ex.question}", f"- gold: {', '.join(ex.golden_answers)}"]
     head += [f"- answer: {traj.answer!r}", f"- searches: {traj.n_searches}, stop: {traj.stop_reason}",
-             f"- reward: {traj.meta.get('reward', '–')}", ""]
+             f"- reward: {traj.meta.get('reward', '–')}", "", ""]
     return "\n".join(head) + render_pieces_md(trajectory_pieces(tokenizer, traj)) + "\n"
 
 

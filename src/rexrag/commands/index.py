@@ -34,10 +34,15 @@ def add_parser(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--hnsw-m", type=int, default=32)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=0, help="torch threads for encoding (0 = torch default)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from rexrag.retrieval import build_index, read_manifest
 
     if args.kind == "bm25":

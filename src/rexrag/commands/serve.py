@@ -23,11 +23,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-topk", type=int, default=100)
     p.add_argument("--max-queries", type=int, default=512, help="queries per request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for dense query encoding (0 = torch default; 1 helps on busy small machines)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     import uvicorn
 
     from rexrag.errors import UserError

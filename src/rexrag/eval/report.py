@@ -201,10 +201,21 @@ def comparison_table_md(before: dict, after: dict, labels: tuple[str, str] = ("b
 # Plot name -> predicate on a metric key. Trainer metric names are matched loosely (substring), so
 # the plots keep working when a key is renamed from e.g. "reward/mean" to "train/reward_mean".
 PLOT_GROUPS: dict[str, Any] = {
-    "reward": lambda k: "reward" in k and "std" not in k and not k.startswith("rex/"),
+    "reward": lambda k: ("reward" in k and "std" not in k and not k.startswith(("rex/", "timing/")))
+    or k == "rollout/valid_format_rate",
     "dead_end": lambda k: "dead" in k,
     "probe": lambda k: (k.startswith("rex/") or "probe" in k) and "dead" not in k,
 }
+
+
+# Shown first (in this order) when a plot group has more keys than fit; the rest follow by name.
+PLOT_PRIORITY = ("reward/mean", "reward/positive_rate", "rollout/valid_format_rate", "rex/dead_end_frac",
+                 "rex/dead_groups_rescued", "rex/probes_kept", "rex/probes_made", "rex/probe_acc", "rex/rho",
+                 "rex/alpha", "rex/failure_rate", "rex/ratio_mean", "rex/ratio_clipfrac")
+
+
+def _priority(key: str) -> tuple[int, str]:
+    return (PLOT_PRIORITY.index(key) if key in PLOT_PRIORITY else len(PLOT_PRIORITY), key)
 
 
 def read_metrics_jsonl(path: str | Path) -> list[dict]:
@@ -260,7 +271,7 @@ def plot_training(records: list[dict], out_dir: str | Path, max_keys: int = 9) -
     keys = list(dict.fromkeys(k for rec in records for k in rec if k != "step"))
     out = {}
     for name, pred in PLOT_GROUPS.items():
-        chosen = [k for k in keys if pred(k)][:max_keys]
+        chosen = sorted((k for k in keys if pred(k)), key=_priority)[:max_keys]
         path = plot_curves(records, chosen, Path(out_dir) / f"{name}.png", name.replace("_", " "))
         if path is not None:
             out[name] = path

@@ -168,7 +168,8 @@ class HFBackend:
     ``cache_mb`` per call); a prompt in the next call that extends a kept sequence — the agent's
     next turn: old context + sampled turn + INFO/NOTICE — only runs its new tokens through the
     model. The kept entries are dropped when a new call starts them over, and all of them when the
-    model's parameters change (an optimizer step bumps their version counters).
+    model's parameters change (an optimizer step bumps their version counters). On a first turn
+    the prefix shared by all rows of a chunk (system prompt + instruction) runs once.
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class HFBackend:
         self._next_store: list = []
         self._next_bytes = 0
         self._weights_version = -1
-        self.stats = {"forward_calls": 0, "generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0}
+        self.stats = {"forward_calls": 0, "generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "shared_prefix_tokens": 0}
 
     def reset_cache(self) -> None:
         """Forget every kept prefix (call after changing the model's weights by other means than in place)."""
@@ -263,6 +264,10 @@ class HFBackend:
 
         matches = [self._lookup(p) for p in prompts] if (self.reuse_cache and self._store) else [(0, None)] * len(prompts)
         P = max(n for n, _ in matches)
+        self.stats["reused_tokens"] += sum(n for n, _ in matches)
+        if P == 0 and self.reuse_cache and len(prompts) > 1:
+            matches = self._shared_prefix(prompts)
+            P = max(n for n, _ in matches)
         if P == 0:
             ids, mask = self._left_pad(prompts)
             self.stats["prefill_tokens"] += int(mask.sum())
@@ -280,9 +285,30 @@ class HFBackend:
                     V[b, :, P - n :] = kv[layer][1][:, :n]
                     past_mask[b, P - n :] = 1
             layers.append((K, V))
-        self.stats["reused_tokens"] += sum(n for n, _ in matches)
         self.stats["prefill_tokens"] += int(new_mask.sum())
         return ids, torch.cat([past_mask, new_mask], dim=1), DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _shared_prefix(self, prompts: list[list[int]], min_len: int = 8):
+        """Run the prefix common to all prompts (e.g. system + instruction) once, for every row."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        C, first = 0, prompts[0]
+        limit = min(len(p) for p in prompts) - 1
+        while C < limit and all(p[C] == first[C] for p in prompts):
+            C += 1
+        if C < min_len:
+            return [(0, None)] * len(prompts)
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([first[:C]], device=self.device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(C, device=self.device)[None],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return [(0, None)] * len(prompts)
+        self.stats["prefill_tokens"] += C
+        self.stats["shared_prefix_tokens"] += C * (len(prompts) - 1)
+        kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        return [(C, kv)] * len(prompts)
 
     def _keep_rows(self, cache, attn: torch.Tensor, positions: list[int], seqs: list[list[int]]) -> None:
         """Keep the keys/values of finished rows (batch ``positions``; ``seqs`` = tokens they cover)."""
