@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="check the pipeline in minutes: a random tiny Llama on the SmolLM2 vocabulary, tiny settings")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--from-results", default="", help="only re-plot and re-report an earlier run's results.json")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch_size, args.n, args.max_new_tokens, args.eval_limit = 2, 2, 2, 16, 2
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     from rexrag.models import load_model, load_tokenizer
     from rexrag.config import ModelConfig
 
+    if args.from_results:
+        return report(json.loads(Path(args.from_results).read_text()), args, out, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train, heldout = load_splits(args)
@@ -290,11 +293,17 @@ def main(argv=None) -> int:
                 f"policy {model_dir}; BM25 top-3 over the 23,630-passage closed corpus")
     results = {"before": before, "runs": runs, "settings": settings, "plot": str(out / "curves.png"),
                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
+    results["command"] = "python bench/rex_vs_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=float))
     os.replace(tmp, out / "results.json")
+    return report(results, args, out, argv)
+
+
+def report(results: dict, args, out: Path, argv) -> int:
+    results["plot"] = str(out / "curves.png")
     plot(results, out / "curves.png")
-    command = "python bench/rex_vs_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = results.get("command") or "python bench/rex_vs_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, args, command)
     print(text)
     if args.append_md:

@@ -4,8 +4,9 @@ Measures sampled tokens/s of ``SearchAgent`` over ``HFBackend`` (batched, KV cac
 pruned) at several batch sizes, against a naive reference in the same process: the same agent
 loop over a backend that calls ``model.generate`` one sequence at a time with the same sampling
 settings and stop strings (transformers' ``stop_strings``), log-probs from ``output_scores``.
-Also reports the time split (generation / retrieval / bookkeeping), one run with finished rows kept
-masked in the batch instead of pruned, and peak resident memory (``ru_maxrss``).
+Also reports the time split (generation / retrieval / bookkeeping), peak resident memory
+(``ru_maxrss``), and a greedy batch run three ways (same tokens): finished rows pruned (default),
+kept masked in the batch (``prune=False``), and without cross-turn KV reuse (``reuse_cache=False``).
 
     python bench/rollout.py                      # batches 1,8,32; ~5-10 min on 2 CPU cores
     python bench/rollout.py --batches 1,8 --max-new 16 --naive-rows 4   # quicker
@@ -14,6 +15,7 @@ masked in the batch instead of pruned, and peak resident memory (``ru_maxrss``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=2, help="max_turns (searches)")
     ap.add_argument("--naive-rows", type=int, default=4, help="rows the one-at-a-time reference runs")
     ap.add_argument("--obs", type=int, default=150, help="max_obs_tokens")
-    ap.add_argument("--masked-batch", type=int, default=8, help="batch for the prune=False comparison (0 = skip)")
+    ap.add_argument("--compare-batch", type=int, default=8,
+                    help="greedy batch run pruned / masked (prune=False) / without KV reuse (0 = skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; 1 avoids OpenMP stalls on a shared machine)")
     ap.add_argument("--json", default="", help="also write results here")
     args = ap.parse_args(argv)
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     model = load_model(ModelConfig())
     corpus = load_corpus(DATA / "multihop_dev_corpus.flashrag.jsonl")
     retriever = BM25Retriever.from_passages(corpus)
-    qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows, args.masked_batch])))
+    qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows, args.compare_batch])))
     print(f"setup {time.perf_counter() - t0:.1f}s: model + BM25 over {len(corpus)} passages; rss {peak_rss_mb():.0f} MB", flush=True)
     cfg = RolloutConfig(max_turns=args.turns, max_new_tokens_per_turn=args.max_new, max_total_tokens=2048,
                         max_obs_tokens=args.obs, temperature=1.0)
@@ -113,10 +116,13 @@ def main(argv=None) -> int:
         r["speedup_vs_naive"] = r["tok_per_s"] / results["naive"]["tok_per_s"]
         results[f"batch{b}"] = r
         print(f"batch {b}:", json.dumps(r), flush=True)
-    if args.masked_batch:
-        r = run_agent(HFBackend(model, tok, seed=0, prune=False), tok, retriever, cfg, qa[: args.masked_batch])
-        results[f"batch{args.masked_batch}_masked"] = r
-        print(f"batch {args.masked_batch}, finished rows masked (prune=False):", json.dumps(r), flush=True)
+    if args.compare_batch:  # greedy, so all three variants sample the very same tokens
+        greedy = dataclasses.replace(cfg, temperature=0.0)
+        rows = qa[: args.compare_batch]
+        for name, kw in (("pruned", {}), ("masked", {"prune": False}), ("no_reuse", {"reuse_cache": False})):
+            r = run_agent(HFBackend(model, tok, seed=0, **kw), tok, retriever, greedy, rows)
+            results[f"greedy{args.compare_batch}_{name}"] = r
+            print(f"greedy batch {args.compare_batch} {name}:", json.dumps(r), flush=True)
 
     print("\n| run | rows | sampled tokens | wall s | tok/s | x naive | gen % | retrieval % | bookkeeping % | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

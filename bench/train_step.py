@@ -138,6 +138,7 @@ def run_trl(args, model, tokenizer, questions: list[str], out_dir: Path) -> dict
         num_generations=args.group, max_completion_length=args.new_tokens,
         generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.001, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        gradient_checkpointing=False,  # TRL's default is True; rexrag's is False: compare like with like
         disable_dropout=True, dataloader_num_workers=0, shuffle_dataset=False, log_completions=False,
     )
     dataset = [{"prompt": [{"role": "user", "content": q}]} for q in questions]

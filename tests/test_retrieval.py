@@ -170,11 +170,20 @@ def dense_corpus(small_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dense_dirs(dense_corpus):
+    import torch
+
+    # One torch thread: on a 2-core machine shared with other jobs, tiny ops otherwise wait on a
+    # descheduled second thread (measured: 2-7x slower encoding); restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     root = dense_corpus.parent
-    flat = build_index(dense_corpus, "dense", root / "flat", index_type="flat")
-    hnsw = build_index(dense_corpus, "dense", root / "hnsw", index_type="hnsw", query_prefix="query: ",
-                       passage_prefix="")
-    return flat, hnsw
+    try:
+        flat = build_index(dense_corpus, "dense", root / "flat", index_type="flat")
+        hnsw = build_index(dense_corpus, "dense", root / "hnsw", index_type="hnsw", query_prefix="query: ",
+                           passage_prefix="")
+        yield flat, hnsw
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_dense_flat_and_hnsw(dense_dirs, dense_corpus):

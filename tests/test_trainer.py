@@ -188,6 +188,8 @@ def test_two_processes_match_one_process(tmp_path):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         outs[nproc] = torch.load(out / "final_params.pt")
+    init = dict(toy_model().named_parameters())
+    assert sum(not torch.equal(init[n].detach(), p) for n, p in outs[1].items()) > len(init) // 2  # it trained
     for n, p in outs[1].items():
         assert torch.allclose(p, outs[2][n], atol=2e-5, rtol=1e-4), n
     m1 = read_metrics(tmp_path / "p1" / "metrics.jsonl")

@@ -173,11 +173,11 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
     )
 
 
-def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str) -> dict:
+def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str) -> dict:
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
     opts = EvalOptions(method="agent", topk=p.topk, batch_size=16, max_turns=p.eval_max_turns,
-                       max_new_tokens=p.eval_max_new_tokens, max_obs_tokens=p.max_obs_tokens)
+                       max_new_tokens=p.eval_max_new_tokens, max_obs_tokens=p.max_obs_tokens, device=device)
     info = {"model": label, "corpus": "bundled demo corpus (1,796 Wikipedia paragraphs)",
             "retriever": "BM25 (bm25s)", "top-k": p.topk, "method": "agent (greedy)"}
     return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info)
@@ -201,6 +201,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's Accelerator picks the same
 
     _say("1/6 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
     model_path = resolve_model_path(DEFAULT_MODEL)
@@ -208,20 +209,22 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     build_index(demo_file("corpus.jsonl"), "bm25", out / "index", overwrite=True)
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
-    model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL))
+    model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL), device=device)
     times["setup"] = time.perf_counter() - t0
 
     datasets = load_demo_eval(p.eval_per_dataset)
     _say(f"3/6 evaluating the untrained model on {sum(len(e) for _, e in datasets.values())} held-out questions")
     t = time.perf_counter()
-    before = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", "SmolLM2-135M (untrained)")
+    before = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", "SmolLM2-135M (untrained)",
+                       device)
     times["eval_before"] = time.perf_counter() - t
 
     _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
     t = time.perf_counter()
     wcfg = WarmupConfig(n_examples=p.warmup_examples, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
                         topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=True, seed=seed)
-    warm = run_warmup(model, tokenizer, retriever, list(load_qa(demo_file("train.jsonl"))), wcfg, out / "warmup")
+    warm = run_warmup(model, tokenizer, retriever, list(load_qa(demo_file("train.jsonl"))), wcfg, out / "warmup",
+                      device=device)
     times["warmup"] = time.perf_counter() - t
     del model
 
@@ -240,8 +243,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
         raise UserError(f"training wrote no checkpoint under {out / 'train'}")
     _say(f"6/6 evaluating the trained checkpoint {ckpt / 'model'}")
     t = time.perf_counter()
-    trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")))
-    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG")
+    trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")), device=device)
+    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device)
     times["eval_after"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 

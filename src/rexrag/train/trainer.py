@@ -10,7 +10,10 @@ Multi-process data parallel goes through ``accelerate`` (DDP; FSDP/DeepSpeed con
 communication. Mini-batch ``i`` is chunk ``i`` of every process's rows; losses are normalised by
 the mini-batch's *global* token/sequence counts, so W processes give the gradient of one process
 with the same global batch. Exceptions to exactness: ``reinforce_pp`` whitens per process, and
-sampling differs unless the rollout function seeds by prompt.
+sampling differs unless the rollout function seeds by prompt. Launch several CPU processes with
+``accelerate launch --multi_gpu --num_processes N`` (torchrun workers; gloo on a CUDA-less machine):
+accelerate's ``--cpu`` launch path starts a single process. ``seq-mean-token-sum-norm`` divides by the
+constant ``rollout.max_total_tokens``.
 
 Differences from verl / Search-R1: no mini-batch shuffling (it would tie results to the process
 count); the value model (``gae``) is a separate copy of the policy's decoder with a linear head; a
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 import time
 from typing import Any, Callable, Optional, Protocol
@@ -40,10 +42,16 @@ from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import MetricsLogger, memory_metrics
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
+# Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
+_SUMMED = frozenset({"actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/loss"})
 
 
 class Explorer(Protocol):
-    """The REX-RAG hook (implemented by ``rexrag.rex.explorer.RexExplorer``); see docs/API."""
+    """The REX-RAG hook (implemented by ``rexrag.rex.explorer.RexExplorer``). Per step the trainer calls
+    ``explore`` after rewards (kept probes join the batch after the originals), ``correct`` after the
+    old/reference log-probs (its behaviour log-probs replace the old ones in the PPO ratio; optional
+    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``state_dict`` /
+    ``load_state_dict``, when present, are saved in and restored from checkpoints."""
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn) -> list[Trajectory]: ...
     def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Optional[Tensor], dict]: ...
@@ -388,8 +396,8 @@ class Trainer:
                 loss, m = self._micro_loss(batch, idx, norm)
                 finite &= _finite(loss.detach())
                 self.acc.backward(loss)
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+            for k, v in m.items():  # loss values are partial sums of the mini-batch loss; the rest are means
+                metrics[k] = metrics.get(k, 0.0) + (v if k in _SUMMED else v / len(micro))
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
         # (DeepSpeed clips inside its engine and returns None here.)
         gnorm = self.acc.clip_grad_norm_(actor_params, self.tc.max_grad_norm)
