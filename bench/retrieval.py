@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     data = Path(args.data)
     corpus = data / "derived" / "multihop_dev_corpus.flashrag.jsonl"
     sets = {}
-    for name, fname in (("hotpotqa", "hotpotqa_dev_ctx.flashrag.jsonl"), ("2wiki", "2wikimultihopqa_dev_ctx.flashrag.jsonl")):
+    files = {"hotpotqa": "hotpotqa_dev_ctx.flashrag.jsonl", "2wiki": "2wikimultihopqa_dev_ctx.flashrag.jsonl"}
+    for name, fname in files.items():
         exs = load_qa(data / "derived" / fname)
         sets[name] = ([e.question for e in exs], [e.metadata["supporting_doc_ids"] for e in exs])
     results = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0],

@@ -91,7 +91,7 @@ class ScriptedBackend:
             lps = [scripted_logprob(x, i) for i, x in enumerate(ids)]
             if t == self.tok.eos_token_id:
                 return GenOutput(ids, lps, "eos")
-            s = first_stop(self.tok.decode(ids), stops)
+            s = first_stop(self.tok.decode(ids[-max(map(len, stops), default=0) :]), stops) if stops else None
             if s is not None:
                 return GenOutput(ids, lps, "stop", s)
             if len(ids) >= params.max_new_tokens:

@@ -50,7 +50,8 @@ def test_parquet_question_from_prompt_and_string_ground_truth(shared_data):
 
 
 def test_question_extracted_from_searchr1_prompt(tmp_path):
-    prompt = [{"role": "user", "content": "Answer ... For example, <answer> Beijing </answer>. Question: who wrote hamlet?\n"}]
+    content = "Answer ... For example, <answer> Beijing </answer>. Question: who wrote hamlet?\n"
+    prompt = [{"role": "user", "content": content}]
     rows = [{"data_source": "nq", "prompt": prompt, "reward_model": {"ground_truth": {"target": ["Shakespeare"]}},
              "extra_info": {"index": 7, "split": "test"}}]
     path = tmp_path / "q.parquet"
@@ -156,7 +157,8 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 def test_non_utf8_line_is_named(tmp_path):
     path = tmp_path / "bytes.jsonl"
-    path.write_bytes(json.dumps(GOOD_QA).encode() + b"\n" + b'{"id": "2", "question": "\xff?", "golden_answers": ["x"]}\n')
+    bad = b'{"id": "2", "question": "\xff?", "golden_answers": ["x"]}\n'
+    path.write_bytes(json.dumps(GOOD_QA).encode() + b"\n" + bad)
     with pytest.raises(DataError, match=r"bytes\.jsonl:line 2: not UTF-8"):
         load_qa(path)
     assert [e.id for e in load_qa(path, skip_bad=True)] == ["q1"]

@@ -153,10 +153,16 @@ def test_nested_and_unclosed_tags():
     script = {
         "N?": ["<search> outer <search> inner </search>", "<answer> n </answer>"],
         "U?": ["no opening tag here </search>", "close only </answer>", "<answer> u </answer>"],
+        "O?": ["<search> never closed <answer> nor this", "<answer> o </answer>"],
     }
     agent, _ = _agent(script)
-    n, u = agent.rollout(_examples("N?", "U?"))
+    n, u, o = agent.rollout(_examples("N?", "U?", "O?"))
     assert agent.retriever.calls == [["inner"]]
+    assert _segments_text(o) == [
+        (Seg.POLICY, "<search> never closed <answer> nor this"),
+        (Seg.NOTICE, NOTICES["invalid"]),
+        (Seg.POLICY, "<answer> o </answer>"),
+    ]
     assert n.answer == "n" and n.n_searches == 1
     assert [s for s, _ in _segments_text(u)] == [Seg.POLICY, Seg.NOTICE, Seg.POLICY, Seg.NOTICE, Seg.POLICY]
     assert u.invalid_actions == 2 and u.answer == "u" and u.n_searches == 0

@@ -87,8 +87,8 @@ def test_multi_turn_rescoring_reproduces_policy_logprobs(tiny_model, smol_tokeni
 def test_prefix_reuse_matches_full_prefill_and_drops_stale_entries(tiny_model, smol_tokenizer):
     tok = smol_tokenizer
     questions = ("Who wrote Hamlet?", "Which river flows through Vienna?")
-    reuse = _tiny_agent(tiny_model, tok, temperature=0.0)
-    full = _tiny_agent(tiny_model, tok, temperature=0.0)
+    reuse = _tiny_agent(tiny_model, tok, temperature=0.0, max_new_tokens_per_turn=6)
+    full = _tiny_agent(tiny_model, tok, temperature=0.0, max_new_tokens_per_turn=6)
     full.backend.reuse_cache = False
     a, b = reuse.rollout(_examples(*questions)), full.rollout(_examples(*questions))
     assert [t.token_ids for t in a] == [t.token_ids for t in b]

@@ -190,7 +190,9 @@ def test_http_retriever_against_real_bm25_server(bm25_index):
         remote = HTTPRetriever(f"{url}/retrieve", timeout_s=10, retries=0)
         got, want = remote.search(queries, 3), local.search(queries, 3)
         remote.close()
-    assert [[(p.id, p.title, p.text) for p in row] for row in got] == [[(p.id, p.title, p.text) for p in row] for row in want]
+    assert [[(p.id, p.title, p.text) for p in row] for row in got] == [
+        [(p.id, p.title, p.text) for p in row] for row in want
+    ]
     assert [p.score for row in got for p in row] == pytest.approx([p.score for row in want for p in row])
 
 

@@ -63,6 +63,7 @@ class RetrievalConfig:
     timeout_s: float = doc("HTTP timeout per request.", 30.0)
     retries: int = doc("Bounded retries for a failed retrieval call.", 2)
     api_key: str = doc("Optional API key sent as X-API-Key to a remote retriever.", "")
+    device: str = doc("Device a local dense index encodes queries on (cpu, cuda, ...); BM25 ignores it.", "cpu")
 
     def __post_init__(self):
         if self.topk < 1:

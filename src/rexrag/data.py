@@ -241,9 +241,12 @@ def load_qa(path: str | Path, *, skip_bad: bool = False, source: str | None = No
     elif path.suffix == ".jsonl":
         out = _collect(path, _rows_jsonl(path), _parse_flashrag(path, source), skip_bad, limit)
     else:
-        raise DataError(f"{path}: unknown QA file type {path.suffix!r}; expected .jsonl (FlashRAG) or .parquet (Search-R1)")
+        raise DataError(
+            f"{path}: unknown QA file type {path.suffix!r}; expected .jsonl (FlashRAG) or .parquet (Search-R1)"
+        )
     if not out:
-        raise DataError(f"{path}: no QA examples loaded" + (f" ({len(out.skipped)} bad rows skipped)" if out.skipped else ""))
+        skipped = f" ({len(out.skipped)} bad rows skipped)" if out.skipped else ""
+        raise DataError(f"{path}: no QA examples loaded{skipped}")
     assign_group_ids(out)
     return out
 

@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-topk", type=int, default=100)
     p.add_argument("--max-queries", type=int, default=512, help="queries per request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--device", default="cpu", help="device for dense query encoding (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for dense query encoding (0 = torch default; 1 helps on busy small machines)")
     p.add_argument("--log-level", default="info")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     if not 1 <= args.default_topk <= args.max_topk:
         raise UserError(f"--default-topk {args.default_topk} must be between 1 and --max-topk {args.max_topk}")
-    retriever = load_index(args.index, expect_kind=args.kind)
+    retriever = load_index(args.index, expect_kind=args.kind, device=args.device)
     app = create_app(retriever, default_topk=args.default_topk, max_topk=args.max_topk,
                      max_queries=args.max_queries, max_body_bytes=args.max_body_bytes, api_key=api_key)
     print(f"serving {retriever.manifest['kind']} index {args.index} "

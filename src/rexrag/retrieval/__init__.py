@@ -40,7 +40,7 @@ def load_retriever(cfg) -> Retriever:
     if cfg.url:
         return HTTPRetriever(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key)
     if cfg.index:
-        return load_index(cfg.index)
+        return load_index(cfg.index, device=cfg.device)
     raise ConfigError("set retrieval.index (an index dir from `rexrag index`) or retrieval.url (a /retrieve endpoint)")
 
 

@@ -93,7 +93,7 @@ def iter_texts(passages: Sequence[Passage], prefix: str = "") -> Iterable[str]:
 @dataclass(frozen=True)
 class IndexKind:
     """``build(passages, out_dir, **params) -> {"model": str, "params": dict}``;
-    ``load(dir, manifest, passages) -> Retriever``."""
+    ``load(dir, manifest, passages, device="cpu") -> Retriever``."""
 
     name: str
     build: Callable[..., dict]
@@ -132,7 +132,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("rexrag", "numpy", "bm25s", "PyStemmer", "faiss-cpu", "sentence-transformers", "torch", "transformers"):
+    dists = ("rexrag", "numpy", "bm25s", "PyStemmer", "faiss-cpu", "sentence-transformers", "torch", "transformers")
+    for dist in dists:
         try:
             out[dist] = _md.version(dist)
         except _md.PackageNotFoundError:
@@ -230,9 +231,12 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def load_index(
-    directory: str | Path, expect_kind: str | None = None, expect_model: str | None = None
+    directory: str | Path, expect_kind: str | None = None, expect_model: str | None = None, device: str = "cpu"
 ) -> Retriever:
-    """Open an index directory as a Retriever, checking it is complete and what was asked for."""
+    """Open an index directory as a Retriever, checking it is complete and what was asked for.
+
+    ``device`` is where a dense index encodes queries (BM25 ignores it).
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     if expect_kind and manifest["kind"] != expect_kind:
@@ -246,6 +250,6 @@ def load_index(
         raise IndexMismatchError(
             f"{directory}: manifest says {manifest['passages']} passages but the store holds {len(store)}; rebuild"
         )
-    retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store)
+    retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store, device=device)
     retriever.manifest = manifest
     return retriever

@@ -9,7 +9,9 @@ the loop must
   at the moment a row stops;
 * stop each row on its own stop strings: a stop string is searched in decoded text, but the cut is
   made on the token that completes it (that token is kept, nothing after it is generated);
-* drop finished rows from the batch (and from the KV cache) so the remaining rows run faster.
+* drop finished rows from the batch (and from the KV cache) so the remaining rows run faster;
+* reuse each row's keys/values across the agent's turns, so a turn only runs its new tokens
+  (the inserted INFO/NOTICE block) instead of the whole context again.
 
 Greedy decoding (``temperature == 0``) has no sampling distribution; the recorded log-prob is then
 that of the model's full softmax at temperature 1, i.e. what re-scoring the sequence gives.
