@@ -108,9 +108,10 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     p = demo.PROFILES["quick"]
     path = demo.write_report(tmp_path, tok, p, {"summary": R.summarize([dict(rows[0], em=0.0)]), "rows": []},
                              {"summary": summary, "rows": rows}, {"trajectories": 3, "two_hop": 1, "losses": [2.0, 1.0]},
-                             [], [probe], {"setup": 1.0, "total": 60.0}, "quick", "ckpt")
+                             [], [probe], {"setup": 1.0, "cpu_setup": 0.5, "total": 60.0, "cpu_total": 30.0}, "quick", "ckpt")
     md = path.read_text()
     assert "| HotpotQA | em | 0.0 | 100.0 | +100.0 |" in md
+    assert "total wall time 1.0 min" in md and "CPU time 0.5 min (setup 0s)" in md
     assert "**PROBE** (inserted exploratory prompt)" in md and "Maybe I missed" in md
     assert "![reward](plots/reward.png)" in md and (tmp_path / "plots" / "probe.png").is_file()
     s = json.loads((tmp_path / "summary.json").read_text())

@@ -135,3 +135,26 @@ def test_config_validation():
         warmup.WarmupConfig(second_hop="sometimes")
     with pytest.raises(Exception, match="at least one"):
         warmup.build_warmup_trajectories(None, FakeRetriever(), [], warmup.WarmupConfig())
+
+
+def test_warmup_cli_writes_a_checkpoint_eval_accepts(smol_tokenizer, tiny_model, tmp_path, capsys):
+    from rexrag.cli import main
+    from rexrag.retrieval import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"Film {i}"\nFilm {i} was directed by someone.'}) + "\n"
+                              for i in range(6)))
+    build_index(corpus, "bm25", tmp_path / "idx")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": e.id, "question": e.question, "golden_answers": e.golden_answers}) + "\n"
+                          for e in _examples()))
+    tiny_model.save_pretrained(tmp_path / "base")
+    smol_tokenizer.save_pretrained(tmp_path / "base")
+    rc = main(["warmup", "--model", str(tmp_path / "base"), "--train-file", str(qa), "--index", str(tmp_path / "idx"),
+               "--n-examples", "2", "--steps", "2", "--batch-size", "1", "--topk", "1", "--max-obs-tokens", "8",
+               "--out", str(tmp_path / "warm")])
+    assert rc == 0 and "warm-up: 2 trajectories" in capsys.readouterr().out
+    assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "tokenizer_config.json").is_file()
+    rc = main(["eval", "--model", str(tmp_path / "warm"), "--dataset", f"qa={qa}", "--index", str(tmp_path / "idx"),
+               "--method", "agent", "--max-turns", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
+    assert rc == 0 and json.loads((tmp_path / "ev" / "metrics.json").read_text())["datasets"]["qa"]["n"] == 3
