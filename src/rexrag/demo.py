@@ -64,9 +64,9 @@ PROFILES: dict[str, DemoProfile] = {
                          warmup_examples=16, warmup_steps=8, warmup_batch=2, warmup_lr=1e-4,
                          rl_steps=2, rl_prompts=2, rl_rollouts=3, rl_max_turns=1, rl_max_new_tokens=64,
                          rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0),
-    "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=96,
-                           warmup_examples=80, warmup_steps=20, warmup_batch=4, warmup_lr=1e-4,
-                           rl_steps=5, rl_prompts=4, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
+    "default": DemoProfile(eval_per_dataset=16, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
+                           warmup_examples=48, warmup_steps=12, warmup_batch=4, warmup_lr=1e-4,
+                           rl_steps=4, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
                            rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5),
 }
 
