@@ -131,7 +131,7 @@ def test_smollm2_real_rollout_against_bm25(shared_data, smol_tokenizer):
     passages = [p for p in corpus if p.id in wanted] + list(corpus[:400])
     retriever = BM25Retriever.from_passages(passages)
     model = load_model(ModelConfig())
-    cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=32, max_obs_tokens=200, max_total_tokens=1024, temperature=1.0)
+    cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=200, max_total_tokens=1024, temperature=1.0)
     agent = SearchAgent(HFBackend(model, smol_tokenizer, seed=0), smol_tokenizer, retriever, cfg)
     trajs = agent.rollout(list(qa), n=2)
     assert len(trajs) == 4 and [t.group_id for t in trajs] == [qa[0].group_id] * 2 + [qa[1].group_id] * 2
