@@ -79,9 +79,14 @@ class _Row:
         self.done = True
 
 
-def response_text(tokenizer, traj: Trajectory) -> str:
-    """Decode of all non-PROMPT tokens (for rewards and display; never re-tokenised for training)."""
-    ids = [t for t, s in zip(traj.token_ids, traj.segments) if s != Seg.PROMPT]
+def response_text(tokenizer, traj: Trajectory, include_notices: bool = False) -> str:
+    """Decode of the response (for rewards and display; never re-tokenised for training).
+
+    NOTICE text is left out by default: it is ours, not the model's, and it quotes the tags
+    (``<answer> answer </answer>``), so a reward reading it would score our words.
+    """
+    drop = {Seg.PROMPT} if include_notices else {Seg.PROMPT, Seg.NOTICE}
+    ids = [t for t, s in zip(traj.token_ids, traj.segments) if s not in drop]
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 

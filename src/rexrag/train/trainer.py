@@ -37,6 +37,7 @@ from rexrag.algos.advantages import get_adv_estimator, token_rewards
 from rexrag.algos.losses import entropy_from_logits, entropy_loss, kl_loss, kl_penalty, masked_mean, policy_loss, value_loss
 from rexrag.config import Config, config_to_dict
 from rexrag.errors import UserError
+from rexrag.rollout.agent import response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import MetricsLogger, memory_metrics
@@ -281,8 +282,8 @@ class Trainer:
     # ------------------------------------------------------------------ rewards and scoring
 
     def completion_text(self, traj: Trajectory) -> str:
-        """Decoded response (everything after the prompt) used by reward functions."""
-        return self.tokenizer.decode(traj.response_ids, skip_special_tokens=True)
+        """Decoded response used by reward functions (the model's and the retriever's text, no notices)."""
+        return response_text(self.tokenizer, traj)
 
     def compute_rewards(self, trajs: list[Trajectory]) -> list[float]:
         """Reward of each trajectory (also stored in ``traj.meta['reward']``)."""
