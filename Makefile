@@ -7,6 +7,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Nothing here needs a model hub; failing fast beats retrying a host that cannot be reached.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: setup demo test test-slow bench
 
@@ -22,10 +24,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rexrag demo $(ARGS)
+	$(OFFLINE) $(BIN)/rexrag demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow $(ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -m slow $(ARGS)

@@ -205,6 +205,10 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="base_model_name_or_path"):
         load_model(ModelConfig(name_or_path=str(bad)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # the env var is read at import time; without this the hub client retries for ~50 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="hub id.*network"):
         load_tokenizer("no-such-org/no-such-model-rexrag")
     # a missing package names the pip command (simulated by pointing the alias at an absent package)

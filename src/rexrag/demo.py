@@ -61,8 +61,8 @@ PROFILES: dict[str, DemoProfile] = {
     # 64 new tokens per turn: the warm-up teaches "<think> ... </think>\n<search> QUESTION </search>",
     # whose query alone can take 40 tokens; a smaller cap cuts the action and the turn is invalid.
     "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
-                         warmup_examples=16, warmup_steps=8, warmup_batch=2, warmup_lr=1e-4,
-                         rl_steps=2, rl_prompts=2, rl_rollouts=3, rl_max_turns=1, rl_max_new_tokens=64,
+                         warmup_examples=12, warmup_steps=6, warmup_batch=2, warmup_lr=1e-4,
+                         rl_steps=2, rl_prompts=2, rl_rollouts=2, rl_max_turns=1, rl_max_new_tokens=64,
                          rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0),
     "default": DemoProfile(eval_per_dataset=16, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                            warmup_examples=48, warmup_steps=12, warmup_batch=4, warmup_lr=1e-4,
