@@ -213,8 +213,9 @@ def plot(results: dict, path: Path) -> None:
             ys = [c.get(key, float("nan")) for c in run["curve"]]
             if all(y != y for y in ys):
                 continue
+            rex = run["method"] == "rex"
             ax.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{run['method']} s{run['seed']}",
-                    linestyle="-" if run["method"] == "rex" else "--")
+                    linestyle="-" if rex else "--", color="tab:orange" if rex else "tab:blue", alpha=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
