@@ -16,7 +16,6 @@ the paper's accuracy. Deviations for CPU speed: KL coefficient 0 (no reference f
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources

@@ -60,7 +60,9 @@ def run(args) -> int:
         retriever = load_retriever(RetrievalConfig(index=args.index, url=args.retriever_url, topk=args.topk))
     tokenizer = load_tokenizer(args.model)
     model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=args.device)
-    label = args.label or f"{Path(args.model).name} ({args.method})"
+    parts = Path(args.model).parts
+    # a train checkpoint is .../step_000123/model: name it by its step, not by "model"
+    label = args.label or "/".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:])
     info = {"model": args.model, "method": args.method,
             "retriever": args.retriever_url or args.index or "none", "top-k": args.topk if retriever else 0}
     result = run_eval(datasets, model, tokenizer, retriever, opts, args.out, label, info)

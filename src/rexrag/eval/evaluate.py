@@ -270,7 +270,7 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
                   TimeElapsedColumn(), disable=quiet, transient=False) as progress:
         task = progress.add_task(f"{label} ({opts.method})", total=total)
         for name, (_, examples) in datasets.items():
-            progress.update(task, description=f"{label} ({opts.method}) {name}")
+            progress.update(task, description=f"{label} ({opts.method}, {name})")
             rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task, backend)
     seconds = time.perf_counter() - start
     summary = report.summarize(rows)
