@@ -81,6 +81,8 @@ def test_training_step_with_probes(tmp_path):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed  # group 0 now has signal (originals 0, probes 1)
     assert abs(m["rex/rho"] - (0.9 * 0.5 + 0.1 * 1.0)) < 1e-9
+    # rollout/ agent metrics describe the 8 originals, not the probe continuation that ran last
+    assert m["rollout/n"] == 8 and m["rollout/searches"] == 4
 
 
 def test_no_probes_equals_plain_grpo(tmp_path):

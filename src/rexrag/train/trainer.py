@@ -37,6 +37,7 @@ from rexrag.algos.advantages import get_adv_estimator, token_rewards
 from rexrag.algos.losses import entropy_from_logits, entropy_loss, kl_loss, kl_penalty, masked_mean, policy_loss, value_loss
 from rexrag.config import Config, config_to_dict
 from rexrag.errors import UserError
+from rexrag.rewards import format_ok
 from rexrag.rollout.agent import response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 from rexrag.train import checkpoint as ckpt
@@ -232,6 +233,8 @@ class Trainer:
             self.model.eval()
             trajs = self.rollout_fn(examples, self.cfg.rollout.n)
             self.model.train()
+        # copy now: probe continuations below run the same agent and overwrite its last_metrics
+        agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
         with self._timed(t, "reward"):
             rewards = self.compute_rewards(trajs)
         n_orig, rex_metrics = len(trajs), {}
@@ -257,7 +260,7 @@ class Trainer:
         self.step_idx += 1
         if self.explorer is not None:
             rex_metrics = {**rex_metrics, **self.explorer.end_step()}
-        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, rewards), **upd,
+        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, rewards, agent_metrics), **upd,
                    **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()}}
         metrics = self._reduce(metrics)
         t_total = time.perf_counter() - t["start"]
@@ -441,7 +444,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
 
-    def _rollout_metrics(self, originals: list[Trajectory], batch: dict, rewards: list[float]) -> dict[str, float]:
+    def _rollout_metrics(self, originals: list[Trajectory], batch: dict, rewards: list[float], agent_metrics: dict) -> dict[str, float]:
         r = torch.tensor(rewards, dtype=torch.float64)
         resp = torch.tensor([len(tr) - tr.prompt_len for tr in originals], dtype=torch.float64)
         policy_tok = torch.tensor([tr.count(Seg.POLICY) for tr in originals], dtype=torch.float64)
@@ -457,15 +460,9 @@ class Trainer:
             "actor/entropy_mc": float(-masked_mean(batch["old_logp"], (batch["segments"] == Seg.POLICY).float())),
             "actor/adv_mean": float(masked_mean(batch["advantages"], batch["loss_mask"])),
         }
-        try:
-            from rexrag.rewards import format_ok
-
-            out["rollout/valid_format_rate"] = float(sum(format_ok(self.completion_text(tr)) for tr in originals) / len(originals))
-        except ImportError:
-            pass
-        if self.agent is not None and getattr(self.agent, "last_metrics", None):
-            out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in self.agent.last_metrics.items()
-                        if isinstance(v, (int, float))})
+        out["rollout/valid_format_rate"] = float(sum(format_ok(self.completion_text(tr)) for tr in originals) / len(originals))
+        out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in agent_metrics.items()
+                    if isinstance(v, (int, float))})
         return out
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
