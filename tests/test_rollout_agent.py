@@ -291,7 +291,8 @@ def test_batch_round_trip_and_response_text():
     for a, b in zip(trajs, back):
         assert (a.token_ids, a.segments, a.turns, a.group_id) == (b.token_ids, b.segments, b.turns, b.group_id)
         assert b.logprobs == pytest.approx(a.logprobs)
-    assert response_text(TOK, trajs[1]) == "oops" + NOTICES["invalid"] + "<answer> b </answer>"
+    assert response_text(TOK, trajs[1], include_notices=True) == "oops" + NOTICES["invalid"] + "<answer> b </answer>"
+    assert response_text(TOK, trajs[1]) == "oops<answer> b </answer>"  # rewards never read our notices
 
 
 def test_metrics_time_split():
