@@ -82,7 +82,7 @@ def build_trainer(cfg, *, progress: bool = True):
     model.train()
     retriever = load_retriever(cfg.retrieval)
     backend = HFBackend(model, tokenizer, device=acc.device, seed=cfg.trainer.seed + 7919 * acc.process_index)
-    agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk)
+    agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries)
     explorer = None
     if cfg.rex.enabled:
         from rexrag.rex.explorer import RexExplorer
