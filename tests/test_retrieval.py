@@ -144,7 +144,7 @@ def test_build_in_progress_is_never_loadable(small_corpus, tmp_path, monkeypatch
             load_index(tmp)
         return info
 
-    monkeypatch.setitem(index_mod._KINDS, "bm25", index_mod.IndexKind("bm25", spying_build, real.load))
+    monkeypatch.setitem(index_mod._KINDS._items, "bm25", index_mod.IndexKind("bm25", spying_build, real.load))
     build_index(small_corpus, "bm25", out)
     assert load_index(out).search(["drummer"], 1)[0]
     assert not seen["tmp"].exists()

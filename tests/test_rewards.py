@@ -189,4 +189,4 @@ def test_registered_reward_is_found_by_name():
     finally:
         from rexrag import rewards
 
-        rewards._REWARDS.pop(name)
+        rewards._REWARDS.remove(name)

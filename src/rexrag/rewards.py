@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from rexrag.errors import UserError
+from rexrag.registry import Registry
 
 RewardFn = Callable[..., list[float]]
 
@@ -159,31 +160,22 @@ def format_ok(response: str | None) -> bool:
 
 # --------------------------------------------------------------------------- registry
 
-_REWARDS: dict[str, RewardFn] = {}
+_REWARDS: Registry[RewardFn] = Registry("reward")
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering ``fn(completions, answers, **kw) -> list[float]`` under ``name``."""
-
-    def deco(fn: RewardFn) -> RewardFn:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered (by {_REWARDS[name].__module__})")
-        _REWARDS[name] = fn
-        return fn
-
-    return deco
+    return _REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return _REWARDS.names()
 
 
 def get_reward(name: str) -> RewardFn:
     """A registered reward by name, or a user function by dotted path ``pkg.mod:fn`` / ``pkg.mod.fn``."""
-    if name in _REWARDS:
-        return _REWARDS[name]
-    if ":" not in name and "." not in name:
-        raise UserError(f"unknown reward {name!r}; choose one of {available_rewards()} or a dotted path 'pkg.module:fn'")
+    if name in _REWARDS or (":" not in name and "." not in name):
+        return _REWARDS.get(name, hint=" or a dotted path 'pkg.module:fn'")
     module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -200,25 +192,20 @@ def _check(completions: list[str], answers: list) -> None:
         raise ValueError(f"{len(completions)} completions but {len(answers)} answer lists")
 
 
-@register_reward("em")
-def em_reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
-    """Exact match of the extracted answer (0 when there is none)."""
-    _check(completions, answers)
-    return [exact_match(extract_answer(c), g) for c, g in zip(completions, answers)]
+def _answer_reward(metric: Callable[[str | None, list[str]], float], doc: str) -> RewardFn:
+    """A reward that scores the extracted answer of each completion with ``metric``."""
+
+    def reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
+        _check(completions, answers)
+        return [metric(extract_answer(c), g) for c, g in zip(completions, answers)]
+
+    reward.__doc__ = doc
+    return reward
 
 
-@register_reward("f1")
-def f1_reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
-    """Token F1 of the extracted answer."""
-    _check(completions, answers)
-    return [f1_score(extract_answer(c), g) for c, g in zip(completions, answers)]
-
-
-@register_reward("cover_em")
-def cover_em_reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
-    """Cover-EM of the extracted answer."""
-    _check(completions, answers)
-    return [cover_em(extract_answer(c), g) for c, g in zip(completions, answers)]
+em_reward = register_reward("em")(_answer_reward(exact_match, "Exact match of the extracted answer (0 when there is none)."))
+f1_reward = register_reward("f1")(_answer_reward(f1_score, "Token F1 of the extracted answer."))
+cover_em_reward = register_reward("cover_em")(_answer_reward(cover_em, "Cover-EM of the extracted answer."))
 
 
 @register_reward("format")

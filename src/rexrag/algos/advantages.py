@@ -29,34 +29,25 @@ import torch
 from torch import Tensor
 
 from rexrag.errors import UserError
+from rexrag.registry import Registry
 
 EPS = 1e-6
 
 AdvFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], object], tuple[Tensor, Tensor]]
-_REGISTRY: dict[str, AdvFn] = {}
+_REGISTRY: Registry[AdvFn] = Registry("advantage estimator")
 
 
 def register_adv_estimator(name: str) -> Callable[[AdvFn], AdvFn]:
     """Decorator adding an estimator under ``name``; a second registration of a name raises."""
-
-    def deco(fn: AdvFn) -> AdvFn:
-        if name in _REGISTRY:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def get_adv_estimator(name: str) -> AdvFn:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown advantage estimator {name!r}; choose one of {sorted(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def adv_estimators() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 # --------------------------------------------------------------------------- helpers

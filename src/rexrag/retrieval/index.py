@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from rexrag.errors import IndexMismatchError, UserError
+from rexrag.registry import Registry
 from rexrag.retrieval.base import Passage, Retriever
 
 MANIFEST = "manifest.json"
@@ -100,23 +101,19 @@ class IndexKind:
     load: Callable[[Path, dict, Sequence[Passage]], Retriever]
 
 
-_KINDS: dict[str, IndexKind] = {}
+_KINDS: Registry[IndexKind] = Registry("index kind")
 
 
 def register_index_kind(name: str, build: Callable[..., dict], load: Callable[..., Retriever]) -> None:
-    if name in _KINDS:
-        raise ValueError(f"index kind {name!r} is already registered")
-    _KINDS[name] = IndexKind(name, build, load)
+    _KINDS.add(name, IndexKind(name, build, load))
 
 
 def get_index_kind(name: str) -> IndexKind:
-    if name not in _KINDS:
-        raise UserError(f"unknown index kind {name!r}; choose one of {sorted(_KINDS)}")
-    return _KINDS[name]
+    return _KINDS.get(name)
 
 
 def index_kinds() -> list[str]:
-    return sorted(_KINDS)
+    return _KINDS.names()
 
 
 # --------------------------------------------------------------------------- build / load
