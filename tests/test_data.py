@@ -94,6 +94,17 @@ def test_corpus_title_text_and_contents(tmp_path):
     assert split_contents("no title line") == ("", "no title line")
 
 
+def test_corpus_contents_kept_verbatim(tmp_path):
+    """``contents`` comes back byte for byte; the split title loses only one pair of quotes."""
+    rows = ['"I Cannot Say "Farewell""\nA song.', "Unquoted title\nbody", "no newline at all", '"CRLF"\r\nbody\r\n']
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "contents": c}) + "\n" for i, c in enumerate(rows)))
+    passages = load_corpus(path)
+    assert [p.contents for p in passages] == rows
+    assert [p.title for p in passages] == ['I Cannot Say "Farewell"', "Unquoted title", "", "CRLF"]
+    assert [p.text for p in passages] == ["A song.", "body", "no newline at all", "body\r\n"]
+
+
 # ----------------------------------------------------------------------------- bad files
 
 GOOD_QA = {"id": "q1", "question": "who?", "golden_answers": ["x"]}

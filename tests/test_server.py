@@ -60,6 +60,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def serve_subprocess(index: Path, *flags: str, env: dict | None = None, headers: dict | None = None):
+    """`rexrag serve --index index *flags` as a separate process on a free loopback port; yields the
+    base URL once /health answers 200 (with ``headers``), and stops the process afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "rexrag.cli", "serve", "--index", str(index), "--port", str(port),
+           "--log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "rexrag serve did not come up"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 @pytest.fixture(scope="module")
 def fake_server():
     fake = FakeRetriever()
@@ -90,9 +117,7 @@ def test_response_shape_matches_search_r1(fake_server):
 BAD_REQUESTS = [
     ({"topk": 3}, 422, "queries"),
     ({"queries": "who?"}, 422, "queries"),
-    ({"queries": []}, 422, "queries"),
     ({"queries": ["a", 3]}, 422, "queries[1]"),
-    ({"queries": ["a", "   "]}, 422, "queries[1]"),
     ({"queries": ["a"] * 5}, 422, "queries"),
     ({"queries": ["a"], "topk": "3"}, 422, "topk"),
     ({"queries": ["a"], "topk": True}, 422, "topk"),
@@ -111,6 +136,24 @@ def test_bad_requests_get_4xx_naming_the_field(fake_server, body, status, field)
     assert r.status_code == status and r.json()["field"] == field and r.json()["detail"]
     assert len(fake.calls) == before  # never reached the retriever
     assert httpx.post(f"{url}/retrieve", json={"queries": ["ok"]}).status_code == 200  # still serving
+
+
+def test_empty_batch_and_blank_queries_are_served(fake_server):
+    """Search-R1 sends these at its defaults and its own server answers 200: so must ours."""
+    url, fake = fake_server
+    before = len(fake.calls)
+    r = httpx.post(f"{url}/retrieve", json={"queries": []})
+    assert r.status_code == 200 and r.json() == {"result": []}
+    r = httpx.post(f"{url}/retrieve", json={"queries": ["a", "", " \t\n", "b"], "topk": 1})
+    assert r.status_code == 200 and [len(row) for row in r.json()["result"]] == [1, 0, 0, 1]
+    assert r.json()["result"][3][0]["id"] == "b-0"
+    assert fake.calls[before:] == [(["a", "b"], 1)]  # blank queries never reach the retriever
+
+
+def test_default_limits_admit_a_search_r1_batch():
+    from rexrag.retrieval.server import MAX_BODY_BYTES, MAX_QUERIES
+
+    assert MAX_QUERIES >= 4096 and MAX_BODY_BYTES >= MAX_QUERIES * (4096 + 4)
 
 
 def test_malformed_and_oversized_bodies(fake_server):
@@ -190,8 +233,8 @@ def test_http_retriever_against_real_bm25_server(bm25_index):
         remote = HTTPRetriever(f"{url}/retrieve", timeout_s=10, retries=0)
         got, want = remote.search(queries, 3), local.search(queries, 3)
         remote.close()
-    assert [[(p.id, p.title, p.text) for p in row] for row in got] == [
-        [(p.id, p.title, p.text) for p in row] for row in want
+    assert [[(p.id, p.title, p.text, p.contents) for p in row] for row in got] == [
+        [(p.id, p.title, p.text, p.contents) for p in row] for row in want
     ]
     assert [p.score for row in got for p in row] == pytest.approx([p.score for row in want for p in row])
 
@@ -209,7 +252,8 @@ def test_http_retriever_retries_then_succeeds():
     r = HTTPRetriever("http://test/retrieve", retries=2, backoff_s=0.01, transport=httpx.MockTransport(handler))
     (row,) = r.search(["q"], 1)
     assert len(attempts) == 3 and attempts[0] == {"queries": ["q"], "topk": 1, "return_scores": True}
-    assert row == [Passage("7", "Title", "body", 0.0)]
+    assert row == [Passage.from_contents("7", '"Title"\nbody')]
+    assert (row[0].title, row[0].text, row[0].contents) == ("Title", "body", '"Title"\nbody')
 
 
 def test_http_retriever_bounded_retries_and_no_retry_on_4xx():
@@ -242,31 +286,14 @@ def test_http_retriever_timeout_and_refused():
 
 def test_serve_command_subprocess(bm25_index):
     """`rexrag serve` for real: a separate process, loopback, API key from an env var."""
-    port = free_port()
-    env = {**os.environ, "REXRAG_TEST_KEY": "k123"}
-    cmd = [sys.executable, "-m", "rexrag.cli", "serve", "--index", str(bm25_index), "--port", str(port),
-           "--api-key-env", "REXRAG_TEST_KEY", "--max-topk", "5", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": "k123"}
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "rexrag serve did not come up"
-            time.sleep(0.2)
+    headers = {"X-API-Key": "k123"}
+    with serve_subprocess(bm25_index, "--api-key-env", "REXRAG_TEST_KEY", "--max-topk", "5",
+                          env={"REXRAG_TEST_KEY": "k123"}, headers=headers) as url:
         body = {"queries": ["Jeff Porcaro"], "topk": 2, "return_scores": True}
         r = httpx.post(f"{url}/retrieve", json=body, headers=headers)
         assert r.status_code == 200 and r.json()["result"][0][0]["document"]["id"] == "hotpotqa-0"
         assert httpx.post(f"{url}/retrieve", json={**body, "topk": 6}, headers=headers).json()["field"] == "topk"
         assert httpx.post(f"{url}/retrieve", json=body).status_code == 401
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def test_serve_command_rejects_empty_key_env(bm25_index, monkeypatch, capsys):

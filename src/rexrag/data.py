@@ -17,7 +17,8 @@ loaded together (``load_qa_files`` / ``assign_group_ids``); ``extra_info.index``
 ``metadata`` only.
 
 Corpora are jsonl with ``id`` and either ``contents`` ('"Title"\\ntext', FlashRAG / Search-R1) or
-``title`` + ``text``.
+``title`` + ``text``. A ``contents`` string is kept byte for byte (``Passage.contents``); the
+``title`` / ``text`` fields split from it are for our own prompts only.
 
 Bad input is never silently dropped: a malformed line, a missing field or a wrong type raises
 ``DataError`` naming file, line (or parquet row) and field. With ``skip_bad=True`` such rows are
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rexrag.errors import DataError
-from rexrag.retrieval.base import Passage
+from rexrag.retrieval.base import Passage, split_contents  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +272,18 @@ def load_qa_files(paths: Iterable[str | Path], skip_bad: bool = False, limit: in
 # --------------------------------------------------------------------------- corpora
 
 
-def split_contents(contents: str) -> tuple[str, str]:
-    """'"Title"\\ntext' -> (title, text), as Search-R1 does (quotes stripped from the first line)."""
-    if "\n" not in contents:
-        return "", contents
-    first, rest = contents.split("\n", 1)
-    return first.strip('"'), rest
-
-
 def _parse_passage(path: Path):
     def parse(row: dict, where: str) -> Passage:
         pid = _get(row, "id", path, where, (str, int))
-        if "contents" in row:
-            title, text = split_contents(_get(row, "contents", path, where, str))
+        if "contents" in row:  # kept verbatim: it is what the server hands Search-R1 clients
+            p = Passage.from_contents(str(pid), _get(row, "contents", path, where, str))
         elif "title" in row or "text" in row:
-            title = _get(row, "title", path, where, str)
-            text = _get(row, "text", path, where, str)
+            p = Passage(str(pid), _get(row, "title", path, where, str), _get(row, "text", path, where, str))
         else:
             raise _bad(path, where, "contents", "missing (need 'contents' or 'title' + 'text')")
-        if not (title.strip() or text.strip()):
+        if not (p.title.strip() or p.text.strip()):
             raise _bad(path, where, "contents", "empty passage")
-        return Passage(str(pid), title, text)
+        return p
 
     return parse
 

@@ -21,8 +21,10 @@ def add_parser(subparsers) -> None:
                    help="require the key held in env var VAR in the X-API-Key header")
     p.add_argument("--default-topk", type=int, default=3, help="topk when a request leaves it out")
     p.add_argument("--max-topk", type=int, default=100)
-    p.add_argument("--max-queries", type=int, default=512, help="queries per request")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-queries", type=int, default=4096,
+                   help="queries per request (default 4096: a Search-R1 GRPO batch sends 2,560)")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20,
+                   help="request body limit (default 32 MiB: 4096 queries of up to 4096 ASCII characters)")
     p.add_argument("--device", default="cpu", help="device for dense query encoding (cpu, cuda, ...)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for dense query encoding (0 = torch default; 1 helps on busy small machines)")

@@ -47,7 +47,13 @@ def load_retriever(cfg) -> Retriever:
 def format_information(passages: list[Passage]) -> str:
     """Search-R1's ``_passages2string``: ``Doc 1(Title: "T") text\\nDoc 2(Title: ...) ...``.
 
-    As in Search-R1 the title is the first line of ``contents`` (so it keeps its double quotes) and
-    the trailing newline is stripped (Search-R1 strips it when wrapping in <information>).
+    Built from ``contents`` as Search-R1 builds it, so the model sees what it would see there: the
+    title is the first line as stored (quotes, a CR, all kept; no newline -> the whole passage is
+    the title and the text is empty), and the result is ``strip()``-ed as Search-R1 strips it
+    inside <information>. No passages (BM25 found nothing) -> "".
     """
-    return "\n".join(f'Doc {i}(Title: "{p.title}") {p.text}' for i, p in enumerate(passages, 1))
+    docs = []
+    for i, p in enumerate(passages, 1):
+        title, _, text = p.contents.partition("\n")
+        docs.append(f"Doc {i}(Title: {title}) {text}\n")
+    return "".join(docs).strip()

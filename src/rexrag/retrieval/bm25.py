@@ -2,8 +2,10 @@
 
 Differences from Search-R1's BM25 (pyserini/Lucene): tokenisation is bm25s' regex tokenizer with
 optional PyStemmer stemming and a stop-word list (both configurable and recorded in the manifest);
-the scoring variant defaults to bm25s' "lucene". Every query returns ``k`` passages (zero-score
-ones included when fewer match), best first.
+the scoring variant defaults to bm25s' "lucene". A query returns at most ``k`` passages, best first,
+and only passages with a positive score: like pyserini, a query none of whose terms occur in the
+corpus (or that is all stop words) gets an empty list. Padding with zero-score passages would hand
+the model arbitrary text as if it had been found.
 """
 
 from __future__ import annotations
@@ -21,20 +23,16 @@ BM25_DIR = "bm25"
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """[N] scores -> [k] indices, best first (ties: lower index first).
+    """[N] scores -> [<=k] indices of positive scores, best first (ties: lower index first).
 
-    Selection runs over the non-zero scores only: BM25 score vectors are mostly zeros, and numpy's
-    argpartition (what bm25s' numpy backend uses) is ~15x slower on such tie-heavy input. Zero-score
-    passages (lowest indices first) fill the list when fewer than k passages match.
+    Selection runs over the positive scores only: BM25 score vectors are mostly zeros, and numpy's
+    argpartition (what bm25s' numpy backend uses) is ~15x slower on such tie-heavy input. Fewer
+    than k passages match -> fewer than k indices (no zero-score filler, as in pyserini).
     """
-    nz = np.flatnonzero(scores)
-    if len(nz) > k:
-        nz = nz[np.argpartition(-scores[nz], k - 1)[:k]]
-    best = nz[np.lexsort((nz, -scores[nz]))]
-    if len(best) < k:
-        filler = np.setdiff1d(np.arange(min(len(scores), k + len(best))), best)[: k - len(best)]
-        best = np.concatenate([best, filler])
-    return best
+    pos = np.flatnonzero(scores > 0)
+    if len(pos) > k:
+        pos = pos[np.argpartition(-scores[pos], k - 1)[:k]]
+    return pos[np.lexsort((pos, -scores[pos]))]
 
 
 def _stemmer(language: str | None):
@@ -93,7 +91,7 @@ class BM25Retriever:
         return cls(model, tokenizer, passages)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        """[Q] queries -> [Q][min(k, N)] passages with BM25 scores, best first."""
+        """[Q] queries -> [Q][<=k] passages with positive BM25 scores, best first (maybe none)."""
         if not queries:
             return []
         k = min(int(k), len(self.passages))
@@ -102,12 +100,11 @@ class BM25Retriever:
         out = []
         for q_ids in ids:
             q_ids = [t for t in q_ids if t in known]
-            scores = self.model.get_scores_from_ids(q_ids) if q_ids else np.zeros(len(self.passages), np.float32)
-            row = []
-            for idx in top_k(scores, k):
-                p = self.passages[idx]
-                row.append(Passage(p.id, p.title, p.text, float(scores[idx])))
-            out.append(row)
+            if not q_ids:  # no term of the query is in the corpus vocabulary: nothing matches
+                out.append([])
+                continue
+            scores = self.model.get_scores_from_ids(q_ids)
+            out.append([self.passages[idx].with_score(scores[idx]) for idx in top_k(scores, k)])
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -9,6 +9,10 @@ to faiss chunk by chunk, so the corpus is never held as text *and* as a second f
 the memmap is deleted once the faiss index is written. Search-R1 builds its e5 Flat index with
 FlashRAG's encoder (mean pooling, fp16 on GPU); here pooling is whatever the sentence-transformers
 model defines.
+
+Unlike BM25 (which returns only passages that match), dense search always returns ``min(k, N)``
+passages per query, however low their similarity, exactly as Search-R1's faiss server does; an
+HNSW index may return fewer when its graph search finds fewer than ``k`` neighbours.
 """
 
 from __future__ import annotations
@@ -129,20 +133,16 @@ class DenseRetriever:
         return cls(encoder, index, passages, query_prefix=query_prefix, batch_size=batch_size, ef_search=ef_search)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        """[Q] queries -> [Q][<=k] passages scored by cosine similarity, best first."""
+        """[Q] queries -> [Q][min(k, N)] passages scored by cosine similarity, best first (no score
+        threshold; HNSW may return fewer)."""
         if not queries:
             return []
         q = encode(self.encoder, [self.query_prefix + s for s in queries], self.batch_size)
         scores, ids = self.index.search(q, min(int(k), len(self.passages)))
         out = []
         for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
-            row = []
-            for idx, score in zip(row_ids, row_scores):
-                if idx < 0:  # faiss pads with -1 when HNSW finds fewer than k
-                    continue
-                p = self.passages[idx]
-                row.append(Passage(p.id, p.title, p.text, float(score)))
-            out.append(row)
+            # faiss pads with -1 when HNSW finds fewer than k
+            out.append([self.passages[i].with_score(s) for i, s in zip(row_ids, row_scores) if i >= 0])
         return out
 
     def describe(self) -> dict[str, Any]:

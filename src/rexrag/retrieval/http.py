@@ -21,19 +21,22 @@ class RetrievalError(RuntimeError):
 
 
 def _passage(item: Any) -> Passage:
-    """One result item: ``{"document": {...}, "score": s}`` (return_scores) or a bare document."""
+    """One result item: ``{"document": {...}, "score": s}`` (return_scores) or a bare document.
+
+    ``contents`` is kept verbatim (the prompt shows it as Search-R1 would); ``id`` is optional
+    because Search-R1's BM25 server sends documents as ``{"title", "text", "contents"}`` only.
+    """
     if not isinstance(item, dict):
         raise RetrievalError(f"result item is {type(item).__name__}, expected an object")
     doc, score = (item["document"], item.get("score", 0.0)) if "document" in item else (item, 0.0)
     if not isinstance(doc, dict):
         raise RetrievalError("result 'document' is not an object")
+    pid = str(doc.get("id", ""))
     if isinstance(doc.get("contents"), str):
-        from rexrag.data import split_contents
-
-        title, text = split_contents(doc["contents"])
-    else:
-        title, text = str(doc.get("title", "")), str(doc.get("text", ""))
-    return Passage(str(doc.get("id", "")), title, text, float(score or 0.0))
+        return Passage.from_contents(pid, doc["contents"], float(score or 0.0))
+    if not isinstance(doc.get("title", ""), str) or not isinstance(doc.get("text", ""), str):
+        raise RetrievalError("result 'document' has no string 'contents' and no string 'title' / 'text'")
+    return Passage(pid, doc.get("title", ""), doc.get("text", ""), float(score or 0.0))
 
 
 class HTTPRetriever:
@@ -82,7 +85,9 @@ class HTTPRetriever:
         result = body.get("result") if isinstance(body, dict) else None
         if not isinstance(result, list) or len(result) != len(queries):
             raise RetrievalError(f"{self.url}: expected 'result' with {len(queries)} lists, got {str(body)[:200]}")
-        return [[_passage(item) for item in row] for row in result]
+        if not all(isinstance(row, list) for row in result):
+            raise RetrievalError(f"{self.url}: every 'result' row must be a list, got {str(body)[:200]}")
+        return [[_passage(item) for item in row] for row in result]  # a row may be short or empty
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.url}

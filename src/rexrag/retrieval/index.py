@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import mmap
 import os
 import platform
@@ -40,6 +41,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PASSAGES = "passages.jsonl"
 OFFSETS = "offsets.npy"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- passage store
@@ -66,8 +69,7 @@ class PassageStore(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        row = json.loads(self._mm[int(self.offsets[i]) : int(self.offsets[i + 1])])
-        return Passage(row["id"], row["title"], row["text"])
+        return _passage_from_row(json.loads(self._mm[int(self.offsets[i]) : int(self.offsets[i + 1])]))
 
     @staticmethod
     def write(directory: Path, passages: Iterable[Passage]) -> int:
@@ -75,11 +77,24 @@ class PassageStore(Sequence):
         offsets = array("q", [0])
         with open(directory / PASSAGES, "wb") as fh:
             for p in passages:
-                line = json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False) + "\n"
-                fh.write(line.encode("utf-8"))
+                fh.write((json.dumps(_passage_row(p), ensure_ascii=False) + "\n").encode("utf-8"))
                 offsets.append(fh.tell())
         np.save(directory / OFFSETS, np.frombuffer(offsets, dtype=np.int64))
         return len(offsets) - 1
+
+
+def _passage_row(p: Passage) -> dict:
+    """A corpus ``contents`` is stored as it came (title / text are split again on read, so the
+    store is not twice the corpus size); title + text corpora store their two fields."""
+    if p.raw_contents is not None:
+        return {"id": p.id, "contents": p.raw_contents}
+    return {"id": p.id, "title": p.title, "text": p.text}
+
+
+def _passage_from_row(row: dict) -> Passage:
+    if "contents" in row:
+        return Passage.from_contents(row["id"], row["contents"])
+    return Passage(row["id"], row["title"], row["text"])
 
 
 def iter_texts(passages: Sequence[Passage], prefix: str = "") -> Iterable[str]:
@@ -181,6 +196,7 @@ def build_index(
             "corpus": {"path": str(corpus), "sha256": file_sha256(corpus), "bytes": corpus.stat().st_size},
             "passages": n,
             "skipped_rows": len(skipped),
+            "contents_verbatim": True,  # passages.jsonl keeps each corpus `contents` byte for byte
             "params": info.get("params", {}),
             "versions": library_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -247,6 +263,9 @@ def load_index(
         raise IndexMismatchError(
             f"{directory}: manifest says {manifest['passages']} passages but the store holds {len(store)}; rebuild"
         )
+    if not manifest.get("contents_verbatim"):
+        log.warning("%s was built before corpus `contents` were stored verbatim: titles are re-quoted "
+                    "('\"Title\"\\ntext'); rebuild it with `rexrag index` to serve them byte-identical", directory)
     retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store, device=device)
     retriever.manifest = manifest
     return retriever

@@ -7,11 +7,19 @@ with ``return_scores``; without it each item is the bare document ``{"id", "cont
 is what Search-R1's ``retrieval_server.py`` returns in that case (so clients written for it,
 which read ``item["document"]["contents"]`` and always send ``return_scores: true``, work unchanged).
 
+What Search-R1's clients send at their defaults is answered 200, as their own server does:
+``{"queries": []}`` (a turn in which no rollout searched) -> ``{"result": []}``; an empty or
+whitespace-only query (the model wrote ``<search> </search>``) -> an empty list in that row, the
+other rows served normally; a whole GRPO batch in one request (512 prompts x 5 rollouts = 2,560
+queries) fits the default limit of 4,096 queries and 32 MiB of body. A row may also hold fewer
+than ``topk`` passages (BM25 returns only passages that match). ``contents`` is the corpus line's
+own string, byte for byte.
+
 Differences from Search-R1's server: requests are validated by hand so that every bad request is
-a 4xx JSON ``{"detail": message, "field": name}`` (Search-R1 lets pydantic answer 422 for types
-and crashes with a 500 on e.g. an empty query list); the body size, query count, query length and
-``topk`` are bounded; an optional API key header; retrieval runs in the thread pool, so the event
-loop keeps serving ``/health`` and other requests while a batch is searched; ``GET /health``.
+a 4xx JSON ``{"detail": message, "field": name}`` (Search-R1 lets pydantic answer 422 for types);
+the body size, query count, query length and ``topk`` are bounded (all configurable); an optional
+API key header; retrieval runs in the thread pool, so the event loop keeps serving ``/health`` and
+other requests while a batch is searched; ``GET /health``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from rexrag.retrieval.base import Passage, Retriever
+
+# Defaults admit one Search-R1 GRPO batch per request (2,560 queries) with room to spare; 32 MiB
+# holds 4,096 queries of the 4,096-character maximum (ASCII, as JSON).
+MAX_QUERIES = 4096
+MAX_BODY_BYTES = 32 << 20
+MAX_QUERY_CHARS = 4096
 
 
 class BadRequest(Exception):
@@ -60,15 +74,11 @@ def parse_request(raw: bytes, *, default_topk: int, max_topk: int, max_queries: 
         raise BadRequest(422, "queries", "field 'queries' is required (a list of strings)")
     if not isinstance(queries, list):
         raise BadRequest(422, "queries", f"'queries' must be a list of strings, got {type(queries).__name__}")
-    if not queries:
-        raise BadRequest(422, "queries", "'queries' must not be empty")
     if len(queries) > max_queries:
         raise BadRequest(422, "queries", f"{len(queries)} queries exceed the limit of {max_queries} per request")
     for i, q in enumerate(queries):
         if not isinstance(q, str):
             raise BadRequest(422, f"queries[{i}]", f"query must be a string, got {type(q).__name__}")
-        if not q.strip():
-            raise BadRequest(422, f"queries[{i}]", "query is empty")
         if len(q) > max_query_chars:
             raise BadRequest(422, f"queries[{i}]", f"query longer than {max_query_chars} characters")
     topk = payload.get("topk")
@@ -86,6 +96,22 @@ def parse_request(raw: bytes, *, default_topk: int, max_topk: int, max_queries: 
     return queries, topk, scores
 
 
+def search_rows(retriever: Retriever, queries: list[str], topk: int) -> list[list[Passage]]:
+    """``retriever.search`` over the non-blank queries; a blank query's row is empty (the retriever
+    never sees it: a tokenizer or encoder has nothing to work on, and one blank query must not
+    cost the whole batch its answer)."""
+    asked = [i for i, q in enumerate(queries) if q.strip()]
+    rows: list[list[Passage]] = [[] for _ in queries]
+    if not asked:
+        return rows
+    found = retriever.search([queries[i] for i in asked], topk)
+    if len(found) != len(asked):
+        raise RuntimeError(f"retriever returned {len(found)} result lists for {len(asked)} queries")
+    for i, row in zip(asked, found):
+        rows[i] = list(row)
+    return rows
+
+
 def format_results(results: list[list[Passage]], return_scores: bool) -> dict[str, Any]:
     """Search-R1's response shape (see module docstring)."""
     out = []
@@ -95,9 +121,9 @@ def format_results(results: list[list[Passage]], return_scores: bool) -> dict[st
     return {"result": out}
 
 
-def create_app(retriever: Retriever, *, default_topk: int = 3, max_topk: int = 100, max_queries: int = 512,
-               max_body_bytes: int = 1 << 20, max_query_chars: int = 4096, api_key: str | None = None,
-               api_key_header: str = "X-API-Key") -> FastAPI:
+def create_app(retriever: Retriever, *, default_topk: int = 3, max_topk: int = 100, max_queries: int = MAX_QUERIES,
+               max_body_bytes: int = MAX_BODY_BYTES, max_query_chars: int = MAX_QUERY_CHARS,
+               api_key: str | None = None, api_key_header: str = "X-API-Key") -> FastAPI:
     """The app serving ``retriever``; ``api_key`` set -> requests must send it in ``api_key_header``."""
     if not 1 <= default_topk <= max_topk:
         raise ValueError(f"default_topk={default_topk} must be within 1..max_topk={max_topk}")
@@ -130,7 +156,7 @@ def create_app(retriever: Retriever, *, default_topk: int = 3, max_topk: int = 1
         except BadRequest as exc:
             return error(exc.status, exc.field, exc.message)
         # Off the event loop: a long batch must not block other requests.
-        results = await run_in_threadpool(retriever.search, queries, topk)
+        results = await run_in_threadpool(search_rows, retriever, queries, topk)
         return JSONResponse(format_results(results, scores))
 
     @app.exception_handler(Exception)
