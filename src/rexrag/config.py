@@ -82,8 +82,20 @@ class RolloutConfig:
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     template: str = doc("Instruction template: 'rexrag', 'search-r1', a file path, or a literal containing {question}.", "rexrag")
     max_query_chars: int = doc("A search query longer than this is cut before retrieval.", 512)
+    backend: str = doc("Generation backend: auto (vllm when installed, else hf) | hf | vllm (rexrag.rollout.backends).", "auto")
+    engine_dtype: str = doc("vLLM engine dtype: auto (bfloat16 on GPUs and on CPUs with bf16 matrix units, else float32) | float32 | bfloat16 | float16.", "auto")
+    vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB.", 1.0)
+    vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of GPU memory the engine may hold (it shares the GPU with training).", 0.4)
+    vllm_enforce_eager: bool = doc("vLLM: no torch.compile / CUDA graphs (start-up in seconds; False decodes faster after a longer start-up).", True)
+    vllm_sleep: bool = doc("vLLM on GPU: offload the engine's weights and drop its KV cache during the update (sleep mode level 1).", False)
 
     def __post_init__(self):
+        from rexrag.rollout.backends import backend_choices
+
+        _choices("rollout.backend", self.backend, tuple(backend_choices()))
+        _choices("rollout.engine_dtype", self.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.vllm_kv_cache_gb <= 0 or not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError("rollout.vllm_kv_cache_gb must be > 0 and rollout.vllm_gpu_memory_utilization in (0, 1]")
         if self.n < 1:
             raise ConfigError("rollout.n must be >= 1")
         if self.max_turns < 0:

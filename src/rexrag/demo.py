@@ -171,7 +171,7 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 # --------------------------------------------------------------------------- the run
 
 
-def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int):
+def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto"):
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
                                RolloutConfig, TrainerConfig)
 
@@ -180,7 +180,8 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
         model=ModelConfig(name_or_path=model_path, autocast_bf16=True),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
-                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=1024, temperature=1.0),
+                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=1024, temperature=1.0,
+                              backend=backend),
         algo=AlgoConfig(adv_estimator="grpo", kl_coef=0.0),
         rex=RexConfig(enabled=True, probe_prob=p.probe_prob, keep_ratio=p.keep_ratio, keep_min=1),
         data=DataConfig(train_files=[str(demo_file("train.jsonl"))], batch_size=p.rl_prompts),
@@ -190,18 +191,20 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
     )
 
 
-def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str) -> dict:
+def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
+              backend: str = "auto") -> dict:
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
     opts = EvalOptions(method="agent", topk=p.topk, batch_size=16, max_turns=p.eval_max_turns,
-                       max_new_tokens=p.eval_max_new_tokens, max_obs_tokens=p.max_obs_tokens, device=device)
+                       max_new_tokens=p.eval_max_new_tokens, max_obs_tokens=p.max_obs_tokens, device=device,
+                       backend=backend)
     info = {"model": label, "corpus": "bundled demo corpus (1,796 Wikipedia paragraphs)",
             "retriever": "BM25 (bm25s)", "top-k": p.topk, "method": "agent (greedy)"}
     return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) -> Path:
-    """Run the whole demo into ``out``; returns the path of ``report.md``."""
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto") -> Path:
+    """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend."""
     import torch
 
     from rexrag.commands.train import build_trainer
@@ -231,7 +234,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     datasets = load_demo_eval(p.eval_per_dataset)
     _say(f"3/6 evaluating the untrained model on {sum(len(e) for _, e in datasets.values())} held-out questions")
     before = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", "SmolLM2-135M (untrained)",
-                       device)
+                       device, backend)
     clock.lap("eval_before")
 
     _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
@@ -243,7 +246,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
     del model
 
     _say(f"5/6 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed)
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend)
     trainer = build_trainer(cfg, progress=True)
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()
@@ -256,7 +259,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0) 
         raise UserError(f"training wrote no checkpoint under {out / 'train'}")
     _say(f"6/6 evaluating the trained checkpoint {ckpt / 'model'}")
     trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")), device=device)
-    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device)
+    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device, backend)
     clock.lap("eval_after")
     times = clock.totals()
 

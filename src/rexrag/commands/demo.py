@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); use 1 when other jobs share the cores")
+    p.add_argument("--backend", default="auto", help="generation backend: auto (vllm when installed, else hf) | hf | vllm")
     p.set_defaults(func=run)
 
 
@@ -24,6 +25,8 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    from rexrag.rollout.backends import resolve_backend_name
+
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, backend=resolve_backend_name(args.backend))
     print(f"report: {report}")
     return 0

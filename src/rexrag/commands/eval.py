@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per turn (agent) or per answer")
     p.add_argument("--template", default="rexrag", help="agent prompt template: rexrag | search-r1 | file | literal with {question}")
     p.add_argument("--label", default="", help="row label in the tables (default: model name + method)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="generation backend: auto (vllm when installed, else hf) | hf | vllm")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (metrics.json, metrics.md, predictions.jsonl)")
@@ -45,9 +46,15 @@ def run(args) -> int:
     from rexrag.eval.evaluate import EvalOptions, load_datasets, run_eval
     from rexrag.models import load_model, load_tokenizer
 
+    import torch
+
+    from rexrag.rollout.backends import resolve_backend_name
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_backend_name(args.backend)  # an unknown or missing backend fails before any model loads
     opts = EvalOptions(method=args.method, topk=args.topk, batch_size=args.batch_size, max_turns=args.max_turns,
                        max_new_tokens=args.max_new_tokens, template=args.template, limit=args.limit,
-                       seed=args.seed, device=args.device)
+                       seed=args.seed, device=device, backend=args.backend)
     benchmarks = [b for b in args.benchmarks.split(",") if b.strip()]
     datasets = load_datasets(args.dataset, benchmarks, args.data_dir or None, limit=args.limit)
     retriever = None
@@ -59,7 +66,7 @@ def run(args) -> int:
             raise UserError(f"--method {args.method} needs --index DIR or --retriever-url URL")
         retriever = load_retriever(RetrievalConfig(index=args.index, url=args.retriever_url, topk=args.topk))
     tokenizer = load_tokenizer(args.model)
-    model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=args.device)
+    model = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=device)
     parts = Path(args.model).parts
     # a train checkpoint is .../step_000123/model: name it by its step, not by "model"
     label = args.label or "/".join(parts[-2:] if parts and parts[-1] == "model" else parts[-1:])

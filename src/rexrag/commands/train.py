@@ -59,6 +59,16 @@ def _examples(cfg):
     return list(load_qa_files(files, skip_bad=cfg.data.skip_bad, limit=cfg.data.limit))
 
 
+def _backend_name(name: str, world: int) -> str:
+    """Under several processes the in-process vLLM engine would start its own distributed world
+    inside accelerate's, so ``auto`` means hf there and an explicit ``vllm`` is refused."""
+    from rexrag.errors import UserError
+
+    if world > 1 and name == "vllm":
+        raise UserError(f"rollout.backend=vllm runs in one process only (this run has {world}); use rollout.backend=hf")
+    return "hf" if world > 1 and name == "auto" else name
+
+
 def build_trainer(cfg, *, progress: bool = True):
     """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer."""
     import torch
@@ -67,7 +77,7 @@ def build_trainer(cfg, *, progress: bool = True):
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
-    from rexrag.rollout.engine import HFBackend
+    from rexrag.rollout.backends import build_backend
     from rexrag.train.trainer import Trainer, seed_everything
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -81,7 +91,8 @@ def build_trainer(cfg, *, progress: bool = True):
     model = load_model(cfg.model, device=acc.device)
     model.train()
     retriever = load_retriever(cfg.retrieval)
-    backend = HFBackend(model, tokenizer, device=acc.device, seed=cfg.trainer.seed + 7919 * acc.process_index)
+    backend = build_backend(_backend_name(cfg.rollout.backend, acc.num_processes), model, tokenizer, cfg.rollout,
+                            device=acc.device, seed=cfg.trainer.seed + 7919 * acc.process_index)
     agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries)
     explorer = None
     if cfg.rex.enabled:

@@ -173,12 +173,21 @@ class SearchAgent:
             same_turn = t.segments[-1] not in (Seg.INFO, Seg.NOTICE)
             rows.append(_Row(t, s, s + 1, t.turns[-1] if same_turn else t.turns[-1] + 1))
         counts: Counter = Counter()
+        stats0 = dict(getattr(self.backend, "stats", {}))
         t0 = time.perf_counter()
         while live := [r for r in rows if not r.done]:
             self._turn(live, counts)
         counts["time_total_s"] = time.perf_counter() - t0
-        self.last_metrics = self._metrics(rows, counts)
+        self.last_metrics = {**self._metrics(rows, counts), **self._cache_metrics(stats0)}
         return trajs
+
+    def _cache_metrics(self, before: dict) -> dict[str, float]:
+        """Share of prompt tokens whose keys/values were reused (vLLM prefix cache, HF cross-turn reuse)."""
+        after = getattr(self.backend, "stats", {})
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("reused_tokens", "shared_prefix_tokens", "prefill_tokens")}
+        reused = delta["reused_tokens"] + delta["shared_prefix_tokens"]
+        total = reused + delta["prefill_tokens"]
+        return {"rollout/prefix_cache_hit_rate": reused / total} if total > 0 else {}
 
     # ------------------------------------------------------------------ one turn
     def _turn(self, live: list[_Row], counts: Counter) -> None:

@@ -149,7 +149,8 @@ class _StopWatcher:
         return first_stop(tail, stops)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's plus the model's generation config's."""
     ids: set[int] = set()
     for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if isinstance(value, int):
@@ -195,7 +196,7 @@ class HFBackend:
         self.prune = prune
         self.reuse_cache = reuse_cache
         self.cache_bytes = int(cache_mb * 2**20)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.generator = torch.Generator(device=self.device)

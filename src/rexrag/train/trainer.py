@@ -229,6 +229,8 @@ class Trainer:
         prompts = self.sampler.next_batch()[self.rank :: self.world]  # whole groups per process
         examples = [self.examples[i] for i in prompts]
         self._reseed_rollout()
+        with self._timed(t, "weight_sync"):
+            self._sync_rollout_weights()
         with self._timed(t, "gen"):
             self.model.eval()
             trajs = self.rollout_fn(examples, self.cfg.rollout.n)
@@ -242,6 +244,7 @@ class Trainer:
             with self._timed(t, "explore"):
                 probes = self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards)
             trajs = trajs + list(probes)
+        self._engine_call("sleep")  # a colocated engine's memory is free for the update (vllm_sleep on GPU)
         batch = to_batch(trajs, self.pad_id, self.cfg.rex.train_probe_tokens)
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         batch["rewards"] = torch.tensor([tr.meta["reward"] for tr in trajs], dtype=torch.float32, device=self.acc.device)
@@ -275,6 +278,19 @@ class Trainer:
         gen = getattr(getattr(self.agent, "backend", None), "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + self.rank)
+
+    def _engine_call(self, method: str) -> None:
+        fn = getattr(getattr(self.agent, "backend", None), method, None)
+        if fn is not None:
+            fn()
+
+    def _sync_rollout_weights(self) -> None:
+        """A colocated engine (vLLM) samples from its own copy of the weights: wake it and push the
+        current ones in (a no-op when unchanged). The HF backend samples from the model itself."""
+        self._engine_call("wake_up")
+        sync = getattr(getattr(self.agent, "backend", None), "sync_weights", None)
+        if sync is not None:
+            sync(self.acc.unwrap_model(self.model))
 
     @contextlib.contextmanager
     def _timed(self, t: dict, name: str):

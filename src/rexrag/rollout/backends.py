@@ -1,0 +1,54 @@
+"""The registry of generation backends: the only list of choices for ``rollout.backend`` / ``--backend``.
+
+Every builder has one signature, ``build(model, tokenizer, cfg, *, device, seed, max_batch)``, and
+returns a ``GenerationBackend``. ``auto`` picks ``vllm`` when it is installed, else ``hf``.
+Registering a new builder here makes it selectable from the config and the CLI with no other edit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rexrag.registry import Registry
+
+BackendBuilder = Callable[..., object]
+BACKENDS: Registry[BackendBuilder] = Registry("generation backend")
+AUTO = "auto"
+
+
+def backend_choices() -> list[str]:
+    return [AUTO, *BACKENDS.names()]
+
+
+def resolve_backend_name(name: str) -> str:
+    """``auto`` -> ``vllm`` when importable, else ``hf``; other names are checked against the registry."""
+    from rexrag.errors import UserError
+    from rexrag.rollout.vllm_backend import install_hint, vllm_available
+
+    if name == AUTO:
+        return "vllm" if vllm_available() else "hf"
+    BACKENDS.get(name, hint=f" (or {AUTO!r})")
+    if name == "vllm" and not vllm_available():
+        raise UserError(install_hint())
+    return name
+
+
+def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | None = None, max_batch: int = 64):
+    """The backend ``name`` (after ``auto`` resolution) for ``model``; ``cfg`` is a ``RolloutConfig``."""
+    return BACKENDS.get(resolve_backend_name(name))(model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch)
+
+
+@BACKENDS.register("hf")
+def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
+    from rexrag.rollout.engine import HFBackend
+
+    return HFBackend(model, tokenizer, device=device, max_batch=max_batch, seed=seed)
+
+
+@BACKENDS.register("vllm")
+def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
+    from rexrag.rollout.vllm_backend import VLLMBackend
+
+    return VLLMBackend(model, tokenizer, max_model_len=cfg.max_total_tokens, device=device, dtype=cfg.engine_dtype,
+                       seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                       enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(max_batch, 256), sleep=cfg.vllm_sleep)

