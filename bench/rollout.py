@@ -1,15 +1,16 @@
-"""Benchmark: multi-turn search-agent rollouts on SmolLM2-135M (CPU by default).
+"""Benchmark: multi-turn search-agent rollouts on SmolLM2-135M, HF backend vs vLLM backend (CPU by default).
 
-Measures sampled tokens/s of ``SearchAgent`` over ``HFBackend`` (batched, KV cache, finished rows
-pruned) at several batch sizes, against a naive reference in the same process: the same agent
-loop over a backend that calls ``model.generate`` one sequence at a time with the same sampling
-settings and stop strings (transformers' ``stop_strings``), log-probs from ``output_scores``.
-Also reports the time split (generation / retrieval / bookkeeping), peak resident memory
-(``ru_maxrss``), and a greedy batch run three ways (same tokens): finished rows pruned (default),
-kept masked in the batch (``prune=False``), and without cross-turn KV reuse (``reuse_cache=False``).
+The same workload (``SearchAgent`` over BM25 on the shared 23,630-passage corpus, HotpotQA questions,
+temperature 1) runs through each backend at several batch sizes: sampled tokens/s, wall split
+(generation / retrieval / bookkeeping), prefix-cache hit rate, engine start-up (reported per backend
+and to be added to any end-to-end figure), peak RSS (``ru_maxrss``, cumulative over the process), and
+tokens/s against a decode roofline from this machine's *measured* matmul rate and 32 GB/s memory
+bandwidth. A warmed-up checkpoint (``--model runs/demo/warmup``) makes the agent really search;
+``--ignore-eos`` forces full-length turns (multi-turn through notices) with the untrained model.
+Optionally a naive reference: ``model.generate`` one sequence at a time (``--naive-rows``).
 
-    python bench/rollout.py                      # batches 1,8,32; ~5-10 min on 2 CPU cores
-    python bench/rollout.py --batches 1,8 --max-new 16 --naive-rows 4   # quicker
+    python bench/rollout.py --model runs/demo/warmup              # hf vs vllm at batches 8, 32, 128
+    python bench/rollout.py --batches 8 --max-new 16 --backends vllm  # quick
 """
 
 from __future__ import annotations
@@ -76,20 +77,54 @@ def run_agent(backend, tok, retriever, cfg, examples) -> dict:
         "gen_share": m["rollout/time_gen_s"] / wall, "retrieval_share": m["rollout/time_retrieval_s"] / wall,
         "bookkeeping_share": m["rollout/time_bookkeeping_s"] / wall, "searches": int(m["rollout/searches"]),
         "turns": int(m["rollout/turns"]), "peak_rss_mb": peak_rss_mb(),
+        "prefix_hit": m.get("rollout/prefix_cache_hit_rate", 0.0),
         "backend": dict(getattr(backend, "stats", {})),
     }
 
 
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
+    """Measured dense matmul rate of this machine in ``dtype`` (the compute roof for decoding)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def roofline_tok_s(n_params: int, batch: int, bytes_per_param: int, gflops: float, mem_gbs: float = 32.0) -> float:
+    """Decode tokens/s if each step were bound only by reading the weights or by the matmul rate."""
+    step_s = max(n_params * bytes_per_param / (mem_gbs * 1e9), 2 * n_params * batch / (gflops * 1e9))
+    return batch / step_s
+
+
+def make_backend(name: str, model, tok, cfg, eager: bool, dtype: str):
+    """-> (backend, start-up seconds)."""
+    t0 = time.perf_counter()
+    if name == "hf":
+        backend = HFBackend(model, tok, seed=0, max_batch=256)
+    else:
+        from rexrag.rollout.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend(model, tok, max_model_len=cfg.max_total_tokens, seed=0, dtype=dtype, enforce_eager=eager,
+                              kv_cache_gb=2.0)
+    return backend, time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--max-new", type=int, default=24, help="max_new_tokens_per_turn")
+    ap.add_argument("--backends", default="hf,vllm", help="generation backends to compare (same workload)")
+    ap.add_argument("--batches", default="8,32,128")
+    ap.add_argument("--model", default="smollm2-135m", help="a warmed-up checkpoint makes the agent search for real")
+    ap.add_argument("--max-new", type=int, default=48, help="max_new_tokens_per_turn")
     ap.add_argument("--turns", type=int, default=2, help="max_turns (searches)")
-    ap.add_argument("--naive-rows", type=int, default=4, help="rows the one-at-a-time reference runs")
+    ap.add_argument("--ignore-eos", action="store_true", help="force full-length turns (multi-turn via notices)")
+    ap.add_argument("--naive-rows", type=int, default=0, help="rows the one-at-a-time model.generate reference runs (0 = skip)")
     ap.add_argument("--obs", type=int, default=150, help="max_obs_tokens")
-    ap.add_argument("--compare-batch", type=int, default=8,
-                    help="greedy batch run pruned / masked (prune=False) / without KV reuse (0 = skip)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; 1 avoids OpenMP stalls on a shared machine)")
+    ap.add_argument("--dtype", default="auto", help="vLLM engine dtype (auto: bf16 only with bf16 matrix units)")
+    ap.add_argument("--compiled", action="store_true", help="vLLM with torch.compile (slower start-up)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the HF backend (0 = torch default)")
     ap.add_argument("--json", default="", help="also write results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -97,41 +132,52 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
 
     t0 = time.perf_counter()
-    tok = load_tokenizer("smollm2-135m")
-    model = load_model(ModelConfig())
+    tok = load_tokenizer(args.model)
+    model = load_model(ModelConfig(name_or_path=args.model))
     corpus = load_corpus(DATA / "multihop_dev_corpus.flashrag.jsonl")
     retriever = BM25Retriever.from_passages(corpus)
-    qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows, args.compare_batch])))
+    qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows])))
     print(f"setup {time.perf_counter() - t0:.1f}s: model + BM25 over {len(corpus)} passages; rss {peak_rss_mb():.0f} MB", flush=True)
     cfg = RolloutConfig(max_turns=args.turns, max_new_tokens_per_turn=args.max_new, max_total_tokens=2048,
                         max_obs_tokens=args.obs, temperature=1.0)
-    HFBackend(model, tok, seed=0).generate([tok.encode("warm up")], [[]], SamplingParams(max_new_tokens=4))
+    from rexrag.rollout.vllm_backend import default_engine_dtype
 
-    results = {"config": {"max_new_tokens_per_turn": args.max_new, "max_turns": args.turns, "max_obs_tokens": args.obs, "threads": torch.get_num_threads()}}
-    torch.manual_seed(0)
-    results["naive"] = run_agent(NaiveGenerateBackend(model, tok), tok, retriever, cfg, qa[: args.naive_rows])
-    print("naive generate, one row at a time:", json.dumps(results["naive"]), flush=True)
-    for b in batches:
-        r = run_agent(HFBackend(model, tok, seed=0), tok, retriever, cfg, qa[:b])
-        r["speedup_vs_naive"] = r["tok_per_s"] / results["naive"]["tok_per_s"]
-        results[f"batch{b}"] = r
-        print(f"batch {b}:", json.dumps(r), flush=True)
-    if args.compare_batch:  # greedy, so all three variants sample the very same tokens
-        greedy = dataclasses.replace(cfg, temperature=0.0)
-        rows = qa[: args.compare_batch]
-        for name, kw in (("pruned", {}), ("masked", {"prune": False}), ("no_reuse", {"reuse_cache": False})):
-            r = run_agent(HFBackend(model, tok, seed=0, **kw), tok, retriever, greedy, rows)
-            results[f"greedy{args.compare_batch}_{name}"] = r
-            print(f"greedy batch {args.compare_batch} {name}:", json.dumps(r), flush=True)
+    dtype = default_engine_dtype(torch.device("cpu")) if args.dtype == "auto" else args.dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    peaks = {d: matmul_peak_gflops(getattr(torch, d)) for d in ("float32", "bfloat16")}
+    results = {"config": {"max_new_tokens_per_turn": args.max_new, "max_turns": args.turns, "max_obs_tokens": args.obs,
+                          "threads": torch.get_num_threads(), "model": args.model, "ignore_eos": args.ignore_eos,
+                          "vllm_dtype": dtype, "vllm_eager": not args.compiled, "matmul_gflops": peaks}}
+    print("measured matmul GFLOP/s:", json.dumps(peaks), flush=True)
+    if args.naive_rows:
+        torch.manual_seed(0)
+        results["naive"] = run_agent(NaiveGenerateBackend(model, tok), tok, retriever, cfg, qa[: args.naive_rows])
+    for name in args.backends.split(","):
+        backend, startup = make_backend(name, model, tok, cfg, eager=not args.compiled, dtype=dtype)
+        if args.ignore_eos:
+            backend.eos_ids = set() if name == "hf" else []
+        run_dtype = "float32" if name == "hf" else dtype
+        for b in batches:
+            r = run_agent(backend, tok, retriever, cfg, qa[:b])
+            r.update(backend=name, startup_s=startup, dtype=run_dtype,
+                     roofline_tok_s=roofline_tok_s(n_params, b, 4 if run_dtype == "float32" else 2, peaks[run_dtype]))
+            r["roofline_frac"] = r["tok_per_s"] / r["roofline_tok_s"]
+            results[f"{name}_batch{b}"] = r
+            print(f"{name} batch {b}:", json.dumps(r), flush=True)
+        if hasattr(backend, "close"):
+            backend.close()
+        del backend
 
-    print("\n| run | rows | sampled tokens | wall s | tok/s | x naive | gen % | retrieval % | bookkeeping % | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    naive = results["naive"]["tok_per_s"]
-    for name, r in results.items():
-        if name == "config":
+    print("\n| run | rows | sampled tokens | turns | searches | wall s | tok/s | x hf | % roofline | gen % | retrieval % | bookkeeping % | prefix hit | start-up s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        if key == "config":
             continue
-        print(f"| {name} | {r['rows']} | {r['gen_tokens']} | {r['wall_s']:.1f} | {r['tok_per_s']:.1f} | {r['tok_per_s'] / naive:.2f} | "
-              f"{100 * r['gen_share']:.1f} | {100 * r['retrieval_share']:.2f} | {100 * r['bookkeeping_share']:.2f} | {r['peak_rss_mb']:.0f} |")
+        hf = results.get(f"hf_batch{r['rows']}", r)
+        print(f"| {key} | {r['rows']} | {r['gen_tokens']} | {r['turns']} | {r['searches']} | {r['wall_s']:.1f} | {r['tok_per_s']:.1f} | "
+              f"{r['tok_per_s'] / hf['tok_per_s']:.2f} | {100 * r.get('roofline_frac', 0):.0f} | {100 * r['gen_share']:.1f} | "
+              f"{100 * r['retrieval_share']:.2f} | {100 * r['bookkeeping_share']:.2f} | {r.get('prefix_hit', 0):.2f} | "
+              f"{r.get('startup_s', 0):.1f} | {r['peak_rss_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

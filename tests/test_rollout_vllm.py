@@ -8,6 +8,8 @@ tolerance that a wrong distribution (wrong temperature, missing top-k/top-p mask
 
 from __future__ import annotations
 
+import os
+
 import numba  # noqa: F401  (loaded by bm25s in real runs; engine start-up must survive its objects)
 import pytest
 import torch
@@ -209,3 +211,70 @@ def test_engine_that_cannot_load_the_model_is_a_user_error(smol_tokenizer):
     small_heads = tiny_llama(len(smol_tokenizer), hidden=64, heads=4)  # head_dim 16: no CPU attention kernel
     with pytest.raises(UserError, match="could not load this model.*head_dim=16"):
         build_backend("vllm", small_heads, smol_tokenizer, CFG)
+
+
+def test_trainer_pushes_updated_weights_into_the_engine(smol_tokenizer, tmp_path):
+    from rexrag.config import Config, DataConfig, TrainerConfig
+    from rexrag.train.trainer import Trainer
+
+    tok = smol_tokenizer
+    policy = _tiny(tok, seed=2)
+    cfg = Config(rollout=RolloutConfig(n=2, max_turns=1, max_new_tokens_per_turn=8, max_total_tokens=384,
+                                       engine_dtype="float32", vllm_kv_cache_gb=0.25, backend="vllm"),
+                 data=DataConfig(batch_size=2),
+                 trainer=TrainerConfig(steps=2, lr=3e-2, mini_batch_size=4, micro_batch_size=2, out_dir=str(tmp_path),
+                                       log_tensorboard=False))
+    cfg.algo.kl_coef = 0.0
+    backend = build_backend("vllm", policy, tok, cfg.rollout, seed=0)
+    agent = SearchAgent(backend, tok, FakeRetriever(), cfg.rollout)
+    examples = [QAExample(id=str(i), question=q, golden_answers=["x"], group_id=i)
+                for i, q in enumerate(["Who wrote Hamlet?", "Capital of Peru?"])]
+    probe, params = _prompts(tok)[:1], SamplingParams(temperature=0, max_new_tokens=8)
+    (before,) = backend.generate(probe, [[]], params)
+    trainer = Trainer(cfg, policy, tok, examples, agent=agent, progress=False,
+                      reward_fn=lambda c, a, **k: [len(set(x)) / max(len(x), 1) for x in c])
+    history = trainer.train()
+    assert backend.stats["weight_syncs"] == 2  # at start-up, then before step 2's rollout (after step 1's update)
+    assert "timing/weight_sync_s" in history[-1] and history[-1]["rollout/prefix_cache_hit_rate"] >= 0
+    trainer._sync_rollout_weights()  # what step 3 would do first
+    (after,) = backend.generate(probe, [[]], params)
+    trained = trainer.acc.unwrap_model(trainer.model)
+    rescored = _rescore(trained, probe[0], after, params)
+    assert torch.allclose(rescored, torch.tensor(after.logprobs), atol=1e-4)
+    assert after.token_ids != before.token_ids or max(abs(a - b) for a, b in zip(after.logprobs, before.logprobs)) > 1e-3
+    backend.close()
+    assert backend.llm is None and not os.path.exists(backend._tmp.name)  # engine and its config dir are gone
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_agent_vllm_equals_hf_against_bm25(shared_data, smol_tokenizer):
+    """The real default model, greedy, fp32 engine: the same trajectories token for token, real
+    BM25 retrieval over a slice of the shared corpus, and POLICY log-probs equal to re-scoring."""
+    from rexrag.config import ModelConfig
+    from rexrag.data import load_corpus, load_qa
+    from rexrag.models import load_model, sequence_logprobs
+    from rexrag.retrieval import BM25Retriever
+
+    qa = list(load_qa(shared_data / "derived" / "hotpotqa_dev_ctx.flashrag.jsonl", limit=6))
+    corpus = load_corpus(shared_data / "derived" / "multihop_dev_corpus.flashrag.jsonl")
+    wanted = {pid for ex in qa for pid in ex.metadata.get("supporting_doc_ids", [])}
+    retriever = BM25Retriever.from_passages([p for p in corpus if p.id in wanted] + list(corpus[:2000]))
+    model, tok = load_model(ModelConfig()), smol_tokenizer
+    cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=40, max_obs_tokens=120, max_total_tokens=1024, temperature=0.0,
+                        engine_dtype="float32", vllm_kv_cache_gb=0.5)
+    vllm_backend = build_backend("vllm", model, tok, cfg, seed=0)
+    runs = []
+    for backend in (vllm_backend, HFBackend(model, tok, seed=0)):
+        agent = SearchAgent(backend, tok, retriever, cfg)
+        trajs = agent.rollout(qa)
+        runs.append((trajs, agent.last_metrics))
+    (ours, m), (ref, _) = runs
+    for a, b in zip(ours, ref):
+        assert a.token_ids == b.token_ids and a.segments == b.segments and a.stop_reason == b.stop_reason
+    assert sum(t.count(Seg.INFO) + t.count(Seg.NOTICE) for t in ours) > 0 and m["rollout/turns"] > len(qa)
+    batch = to_batch(ours, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    policy = batch["segments"] == Seg.POLICY
+    assert (lp - batch["rollout_logprobs"]).abs()[policy].max().item() < 1e-3
+    vllm_backend.close()

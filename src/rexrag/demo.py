@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from rexrag.errors import UserError
+from rexrag.hardware import has_fast_bf16
 
 DEMO_FILES = ("corpus.jsonl", "train.jsonl", "eval.jsonl", "NOTICE", "manifest.json")
 
@@ -171,13 +172,14 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 # --------------------------------------------------------------------------- the run
 
 
-def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto"):
+def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto",
+               device: str = "cpu"):
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
                                RolloutConfig, TrainerConfig)
 
     n = p.rl_prompts * p.rl_rollouts
     return Config(
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=True),
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device)),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
                               max_obs_tokens=p.max_obs_tokens, max_total_tokens=1024, temperature=1.0,
@@ -239,19 +241,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
     _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
     wcfg = WarmupConfig(n_examples=p.warmup_examples, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
-                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=True, seed=seed)
+                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed)
     warm = run_warmup(model, tokenizer, retriever, list(load_qa(demo_file("train.jsonl"))), wcfg, out / "warmup",
                       device=device)
     clock.lap("warmup")
     del model
 
     _say(f"5/6 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend)
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device)
     trainer = build_trainer(cfg, progress=True)
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()
     probes = trainer.explorer.probes
     clock.lap("train")
+    getattr(trainer.agent.backend, "close", lambda: None)()  # free a vLLM engine before the next one starts
     del trainer
 
     ckpt = latest_checkpoint(out / "train")

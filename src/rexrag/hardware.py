@@ -1,0 +1,33 @@
+"""What the hardware is fast at: the one place that decides whether bf16 pays off.
+
+bf16 only speeds things up where matrix units compute in it: CUDA GPUs with bf16 support, and CPUs
+with AMX or AVX512-BF16. Elsewhere (e.g. an AVX-512 CPU without the BF16 extension) PyTorch emulates
+bf16 matmuls and they run several times *slower* than fp32 (measured on such a 2-core machine:
+30 GFLOP/s bf16 against 151 fp32), so bf16 must not be a blind default.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """True where bf16 matmuls run on matrix units (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
