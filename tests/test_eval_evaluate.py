@@ -134,6 +134,51 @@ def test_shared_data_benchmarks_load(shared_data):
     assert data["hotpotqa"][0].name.endswith(".flashrag.jsonl")
 
 
+def _write_searchr1_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = [{"data_source": src, "prompt": [{"role": "user", "content": f"Question: {q}"}],
+              "reward_model": {"ground_truth": {"target": golds}, "style": "rule"},
+              "extra_info": {"index": i, "split": "test"}} for i, (src, q, golds) in enumerate(rows)]
+    pq.write_table(pa.Table.from_pylist(table), path)
+    return path
+
+
+MERGED = [  # a merged Search-R1 test file: sources interleaved, extra_info.index shared
+    ("nq", "What is the capital of France?", ["Paris"]),
+    ("hotpotqa", "Who wrote Hamlet?", ["William Shakespeare"]),
+    ("nq", "Which ocean is largest?", ["Pacific Ocean"]),
+    ("hotpotqa", "Is France's capital Paris?", ["Paris"]),
+    ("nq", "Which ocean is the largest one?", ["Pacific Ocean"]),
+]
+
+
+def test_merged_searchr1_parquet_is_scored_per_data_source(smol_tokenizer, tmp_path):
+    path = _write_searchr1_parquet(tmp_path / "test.parquet", MERGED)
+    data = E.load_datasets([f"test={path}"], [], None)
+    assert list(data) == ["nq", "hotpotqa"]
+    assert [e.question for e in data["hotpotqa"][1]] == ["Who wrote Hamlet?", "Is France's capital Paris?"]
+    assert sorted(e.group_id for _, ex in data.values() for e in ex) == list(range(5))
+    assert {n: len(ex) for n, (_, ex) in E.load_datasets([f"test={path}"], [], None, limit=1).items()} == {"nq": 1, "hotpotqa": 1}
+    # a file with one data_source keeps the name it was given
+    single = _write_searchr1_parquet(tmp_path / "one.parquet", MERGED[:1])
+    assert list(E.load_datasets([f"mine={single}"], [], None)) == ["mine"]
+    with pytest.raises(UserError, match="'nq' comes from both"):
+        E.load_datasets([f"test={path}", f"nq={single}"], [], None)
+
+    backend = ScriptedBackend(smol_tokenizer, ANSWERS, search_first=False)
+    res = E.run_eval(data, None, smol_tokenizer, None, E.EvalOptions(method="direct", batch_size=4), tmp_path / "out",
+                     "scripted", quiet=True, backend=backend)
+    assert [r["dataset"] for r in res["rows"]] == ["nq"] * 3 + ["hotpotqa"] * 2
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())["datasets"]
+    assert (m["nq"]["n"], m["nq"]["em"]) == (3, 1.0)
+    assert (m["hotpotqa"]["n"], m["hotpotqa"]["em"]) == (2, 0.5)  # "Marlowe" is wrong
+    assert m["average"]["em"] == pytest.approx(0.75)  # mean over sources, not over the 5 questions (0.8)
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| NQ | HotpotQA | Avg |" in md and "| scripted | 100.0 | 50.0 | 75.0 |" in md
+
+
 def test_dataset_spec_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         E.parse_dataset_spec(f"x={tmp_path / 'nope.jsonl'}")

@@ -65,6 +65,17 @@ def test_normalize_answer(raw, expected):
         ("Paris", [], 0.0, 0.0, 0.0),
         ("Paris", "Paris", 1.0, 1.0, 1.0),  # a single gold string is accepted
         ("paris paris", ["paris"], 0.0, 2 / 3, 1.0),
+        # official HotpotQA rule: yes / no / noanswer on either side score F1 0 unless equal
+        ("yes it is", ["yes"], 0.0, 0.0, 1.0),  # 0.5 without the rule
+        ("Yes.", ["yes"], 1.0, 1.0, 1.0),
+        ("yes", ["yes it is"], 0.0, 0.0, 0.0),  # prediction side; 0.5 without the rule
+        ("no", ["No man's land"], 0.0, 0.0, 0.0),  # 0.5 without the rule
+        ("no", ["yes"], 0.0, 0.0, 0.0),
+        ("no answer", ["noanswer"], 0.0, 0.0, 0.0),
+        ("noanswer", ["noanswer"], 1.0, 1.0, 1.0),
+        ("yes it is", ["yes", "yes it is"], 1.0, 1.0, 1.0),  # max over golds still applies
+        ("the yes men", ["yes men"], 1.0, 1.0, 1.0),  # only the whole normalised string counts
+        ("yes men", ["yes"], 0.0, 0.0, 1.0),
     ],
 )
 def test_metrics_table(pred, golds, em, f1, cov):
@@ -84,7 +95,9 @@ def test_metrics_table(pred, golds, em, f1, cov):
         ("no tags at all", None),
         ("", None),
         (None, None),
-        ("<answer></answer>", ""),  # empty but complete
+        ("<answer></answer>", None),  # empty: no answer
+        ("<answer> \n </answer>", None),
+        ("<answer>Paris</answer><answer></answer>", None),  # the last complete answer is empty
         ("<answer>a <answer>b</answer>", "b"),  # nested opening: innermost
         ("<think>maybe <answer>Rome</answer></think>", "Rome"),  # answer in think still extracted
         ("<answer>\n  New\n York  </answer>\n", "New\n York"),
@@ -152,6 +165,21 @@ def test_builtin_rewards():
     assert answer_metrics(completions[4], ["New York"]) == {
         "em": 0.0, "f1": pytest.approx(0.8), "cover_em": 1.0, "format": 0.0, "has_answer": 1.0,
     }
+
+
+def test_builtin_rewards_use_token_level_predictions_and_format_when_given():
+    # the text would give "Fake" (a passage quoting tags); the token-level answer says otherwise
+    completions = ["<search>q</search><information>x</information><answer>Fake</answer></information>"] * 3
+    answers = [["Fake"], ["Real"], ["Real"]]
+    preds, formatted = [None, "Real", "real."], [False, True, True]
+    assert get_reward("em")(completions, answers) == [1.0, 0.0, 0.0]  # fooled without predictions
+    assert get_reward("em")(completions, answers, predictions=preds) == [0.0, 1.0, 1.0]
+    assert get_reward("f1")(completions, answers, predictions=preds) == [0.0, 1.0, 1.0]
+    assert get_reward("cover_em")(completions, answers, predictions=preds) == [0.0, 1.0, 1.0]
+    assert get_reward("format")(completions, answers, formatted=formatted) == [0.0, 1.0, 1.0]
+    assert get_reward("em_format")(completions, [["x"]] * 3, predictions=preds, formatted=formatted) == [0.0, 0.1, 0.1]
+    with pytest.raises(ValueError, match="3 completions but 2 predictions"):
+        get_reward("em")(completions, answers, predictions=preds[:2])
 
 
 def test_registry_duplicates_misses_and_dotted_paths(tmp_path, monkeypatch):

@@ -4,16 +4,28 @@ Metrics follow the SQuAD evaluation script (lowercase, strip punctuation, drop a
 whitespace) with two deliberate differences for non-ASCII text: the string is NFKC-normalised and
 case-folded first (so "Röntgen" written with a combining diaeresis equals "röntgen"), and every
 Unicode punctuation character (category P*, e.g. curly quotes, en dashes) is removed, not only
-ASCII ``string.punctuation``. Accents are kept ("Röntgen" != "Rontgen"), as in SQuAD.
+ASCII ``string.punctuation``. Accents are kept ("Röntgen" != "Rontgen"), as in SQuAD. F1 follows the
+official HotpotQA script (and FlashRAG) for yes / no / noanswer: when either normalised side is one
+of them and they differ, F1 is 0 ("yes it is" against "yes" scores 0, not 0.5).
 
 Answer extraction differs from Search-R1: the caller passes only the model's response (everything
 after the prompt), so the last complete ``<answer>...</answer>`` is the model's own answer and no
 "at least two matches" rule is needed (Search-R1 needs one because its prompt contains an example
-answer). Text inside inserted ``<information>`` blocks is never taken as an answer.
+answer). An empty ``<answer></answer>`` is no answer.
+
+Where the response holds retrieved passages, the answer must come from the model's tokens, not from
+text: the trainer and ``rexrag eval`` read it by segment kind (``rexrag.rollout.agent.policy_answer``)
+and pass it to rewards as ``predictions``; ``extract_answer`` on text only drops whole
+``<information>...</information>`` blocks by pattern, which a passage quoting
+``</information><answer>X</answer>`` defeats. Use it for text with no inserted blocks.
 
 A reward function has one signature, ``fn(completions, answers, **kw) -> list[float]``, where
 ``completions[i]`` is a response text and ``answers[i]`` its list of gold answers; rewards are found by
-registered name or by dotted path ``"pkg.module:fn"`` / ``"pkg.module.fn"``.
+registered name or by dotted path ``"pkg.module:fn"`` / ``"pkg.module.fn"``. The trainer also passes
+``predictions`` (``predictions[i]``: the model's answer read from its own tokens, None when there is
+none) and ``formatted`` (``formatted[i]``: ``format_ok`` of the response with every retrieved block
+emptied, ``rexrag.rollout.agent.format_view``); the built-in rewards use them when given and fall
+back to reading ``completions`` otherwise. Custom rewards should do the same.
 """
 
 from __future__ import annotations
@@ -70,14 +82,30 @@ def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# The official HotpotQA rule (hotpot_evaluate_v1.py, also FlashRAG's F1): when the normalised
+# prediction or gold is one of these and the two differ, F1 is 0 -- no partial credit for
+# "yes it is" against "yes", or for "no" against "no man's land".
+YES_NO_NOANSWER = frozenset({"yes", "no", "noanswer"})
+
+
+def _f1_one(pred_norm: str, gold_norm: str) -> float:
+    if (pred_norm in YES_NO_NOANSWER or gold_norm in YES_NO_NOANSWER) and pred_norm != gold_norm:
+        return 0.0
+    return _token_f1(pred_norm.split(), gold_norm.split())
+
+
 def f1_score(pred: str | None, golds: str | Iterable[str] | None) -> float:
-    """Token-level F1 of the normalised prediction, max over golds (0.0 for no prediction)."""
+    """Token-level F1 of the normalised prediction, max over golds (0.0 for no prediction).
+
+    Follows the official HotpotQA rule for yes / no / noanswer: a prediction or gold that normalises
+    to one of them scores 0 against anything but itself.
+    """
     if pred is None:
         return 0.0
-    p = normalize_answer(pred).split()
+    p = normalize_answer(pred)
     if not p:
         return 0.0
-    return max((_token_f1(p, g.split()) for g in _golds(golds)), default=0.0)
+    return max((_f1_one(p, g) for g in _golds(golds)), default=0.0)
 
 
 def cover_em(pred: str | None, golds: str | Iterable[str] | None) -> float:
@@ -97,9 +125,11 @@ _TAG = re.compile(r"<(/?)(think|search|answer|information)>")
 def extract_answer(response: str | None) -> str | None:
     """The stripped text of the last complete ``<answer>...</answer>`` in ``response``, else None.
 
-    ``response`` is the model's own response (never the prompt). Inserted ``<information>`` blocks
-    are ignored. With nested openings (``<answer>a <answer>b</answer>``) the innermost wins ("b").
-    An answer written inside ``<think>`` still counts here; ``format_ok`` rejects it.
+    ``response`` is the model's own response (never the prompt). Well-formed ``<information>``
+    blocks are skipped by pattern -- a best effort only: for responses with retrieved text use
+    ``rexrag.rollout.agent.policy_answer``, which reads the model's tokens. With nested openings
+    (``<answer>a <answer>b</answer>``) the innermost wins ("b"). An empty answer is None. An answer
+    written inside ``<think>`` still counts here; ``format_ok`` rejects it.
     """
     if not response:
         return None
@@ -110,7 +140,7 @@ def extract_answer(response: str | None) -> str | None:
     start = text.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    return text[start + len("<answer>") : end].strip()
+    return text[start + len("<answer>") : end].strip() or None
 
 
 def format_ok(response: str | None) -> bool:
@@ -192,12 +222,29 @@ def _check(completions: list[str], answers: list) -> None:
         raise ValueError(f"{len(completions)} completions but {len(answers)} answer lists")
 
 
-def _answer_reward(metric: Callable[[str | None, list[str]], float], doc: str) -> RewardFn:
-    """A reward that scores the extracted answer of each completion with ``metric``."""
+def _predictions(completions: list[str], predictions: list[str | None] | None) -> list[str | None]:
+    """The given token-level answers, or answers extracted from the texts."""
+    if predictions is None:
+        return [extract_answer(c) for c in completions]
+    if len(predictions) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(predictions)} predictions")
+    return list(predictions)
 
-    def reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
+
+def _formatted(completions: list[str], formatted: list[bool] | None) -> list[bool]:
+    if formatted is None:
+        return [format_ok(c) for c in completions]
+    if len(formatted) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(formatted)} format flags")
+    return [bool(f) for f in formatted]
+
+
+def _answer_reward(metric: Callable[[str | None, list[str]], float], doc: str) -> RewardFn:
+    """A reward that scores each completion's answer (``predictions`` when given) with ``metric``."""
+
+    def reward(completions: list[str], answers: list[list[str]], predictions: list[str | None] | None = None, **kw) -> list[float]:
         _check(completions, answers)
-        return [metric(extract_answer(c), g) for c, g in zip(completions, answers)]
+        return [metric(p, g) for p, g in zip(_predictions(completions, predictions), answers)]
 
     reward.__doc__ = doc
     return reward
@@ -209,14 +256,15 @@ cover_em_reward = register_reward("cover_em")(_answer_reward(cover_em, "Cover-EM
 
 
 @register_reward("format")
-def format_reward(completions: list[str], answers: list[list[str]], **kw) -> list[float]:
-    """1.0 when ``format_ok``, else 0.0 (answers unused)."""
+def format_reward(completions: list[str], answers: list[list[str]], formatted: list[bool] | None = None, **kw) -> list[float]:
+    """1.0 when ``format_ok`` (``formatted`` when given), else 0.0 (answers unused)."""
     _check(completions, answers)
-    return [float(format_ok(c)) for c in completions]
+    return [float(f) for f in _formatted(completions, formatted)]
 
 
 @register_reward("em_format")
-def em_format_reward(completions: list[str], answers: list[list[str]], format_bonus: float = 0.1, **kw) -> list[float]:
+def em_format_reward(completions: list[str], answers: list[list[str]], format_bonus: float = 0.1,
+                     predictions: list[str | None] | None = None, formatted: list[bool] | None = None, **kw) -> list[float]:
     """EM plus a format term for small models that rarely emit the tags.
 
     reward = 1.0 if EM else (format_bonus if format_ok else 0.0), with ``format_bonus`` = 0.1 by
@@ -224,9 +272,8 @@ def em_format_reward(completions: list[str], answers: list[list[str]], format_bo
     """
     _check(completions, answers)
     out = []
-    for c, g in zip(completions, answers):
-        em = exact_match(extract_answer(c), g)
-        out.append(1.0 if em else (format_bonus if format_ok(c) else 0.0))
+    for p, f, g in zip(_predictions(completions, predictions), _formatted(completions, formatted), answers):
+        out.append(1.0 if exact_match(p, g) else (format_bonus if f else 0.0))
     return out
 
 

@@ -11,6 +11,11 @@ Benchmark files: ``--benchmarks nq,hotpotqa --data-dir DIR`` looks for FlashRAG-
 ``DIR/<name>/`` (see ``resolve_benchmark``): ``test.jsonl`` / ``dev.jsonl`` / ``val.jsonl`` as
 FlashRAG ships them, else ``*test*`` then ``*dev*`` then ``*val*`` files (``.jsonl`` or Search-R1
 ``.parquet``), preferring names containing ``flashrag`` and then the largest file.
+
+A Search-R1 parquet whose rows carry several ``data_source`` values (Search-R1's merged
+``test.parquet``) is scored per source, as Search-R1 and verl report validation scores: each source
+becomes its own dataset (named by ``data_source``), and the report's average is the unweighted mean
+over them. Any other file is one dataset under the name it was given.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def resolve_benchmark(name: str, data_dir: str | Path) -> Path:
 def load_datasets(specs: list[str], benchmarks: list[str], data_dir: str | Path | None, limit: int = 0
                   ) -> dict[str, tuple[Path, list[QAExample]]]:
     """{dataset name: (file, examples)} with globally unique group ids; ``limit`` per dataset."""
-    from rexrag.data import assign_group_ids, load_qa
+    from rexrag.data import assign_group_ids
 
     files: dict[str, Path] = {}
     for spec in specs:
@@ -121,11 +126,32 @@ def load_datasets(specs: list[str], benchmarks: list[str], data_dir: str | Path 
         raise UserError("nothing to evaluate: give --dataset NAME=FILE or --benchmarks NAMES --data-dir DIR")
     out, start = {}, 0
     for name, path in files.items():
-        examples = list(load_qa(path, source=name, limit=limit))
-        assign_group_ids(examples, start=start)
-        start += len(examples)
-        out[name] = (path, examples)
+        for ds, examples in _split_by_source(name, path, limit).items():
+            if ds in out:
+                raise UserError(f"dataset {ds!r} comes from both {out[ds][0]} and {path}; give the files other names "
+                                "(a parquet with several data_source values is split into one dataset per source)")
+            assign_group_ids(examples, start=start)
+            start += len(examples)
+            out[ds] = (path, examples)
     return out
+
+
+def _split_by_source(name: str, path: Path, limit: int = 0) -> dict[str, list[QAExample]]:
+    """{dataset: examples} of one file: a parquet with several ``data_source`` values gives one
+    dataset per source (first-seen order, ``limit`` per source); any other file is ``name``."""
+    from rexrag.data import load_qa
+
+    if path.suffix != ".parquet":
+        return {name: list(load_qa(path, source=name, limit=limit))}
+    by_source: dict[str, list[QAExample]] = {}
+    for ex in load_qa(path):
+        by_source.setdefault(ex.data_source, []).append(ex)
+    if len(by_source) == 1:
+        (examples,) = by_source.values()
+        for ex in examples:
+            ex.data_source = name
+        by_source = {name: examples}
+    return {ds: exs[:limit] if limit > 0 else exs for ds, exs in by_source.items()}
 
 
 # --------------------------------------------------------------------------- methods
@@ -186,15 +212,18 @@ def make_agent(backend, tokenizer, retriever, opts: EvalOptions):
 
 
 def _run_agent(examples, agent, tokenizer) -> list[dict]:
+    """The prediction is read from the model's own tokens (``policy_answer``), and the format check
+    sees retrieved blocks emptied (``format_view``): retrieved text can neither answer nor break it."""
     from rexrag.rewards import format_ok
-    from rexrag.rollout.agent import response_text
+    from rexrag.rollout.agent import format_view, policy_answer, response_text
 
     trajs = agent.rollout(list(examples), n=1)
     rows = []
     for t in trajs:
         text = response_text(tokenizer, t)
-        rows.append({"prediction": t.answer, "response": text, "n_searches": int(t.n_searches),
-                     "format_ok": bool(format_ok(text)), "stop_reason": t.stop_reason, "trajectory": t})
+        rows.append({"prediction": policy_answer(tokenizer, t), "response": text, "n_searches": int(t.n_searches),
+                     "format_ok": bool(format_ok(format_view(tokenizer, t))), "stop_reason": t.stop_reason,
+                     "trajectory": t})
     return rows
 
 

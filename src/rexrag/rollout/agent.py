@@ -30,6 +30,11 @@ Choices where the public code is silent or different:
 * A retriever error is retried ``retries`` times (whole batch); if it still fails, every searching
   row of that turn gets a NOTICE, the failure is counted, and the rollout goes on.
 * EOS ends a row (no NOTICE): the model declared it is done.
+* An empty ``<answer></answer>`` ends the row (stop reason ``answer``) but is no answer:
+  ``traj.answer`` stays None.
+* Rewards and evaluation read the answer from the model's own tokens by segment kind
+  (``policy_answer``), never from decoded text with the retrieved blocks stripped by a pattern, so a
+  passage that quotes ``</information><answer>X</answer>`` cannot answer for the model.
 
 Stop reasons: ``answer``, ``eos``, ``length`` (``max_total_tokens``), ``turns`` (turn budget spent
 without an answer).
@@ -88,6 +93,59 @@ def response_text(tokenizer, traj: Trajectory, include_notices: bool = False) ->
     drop = {Seg.PROMPT} if include_notices else {Seg.PROMPT, Seg.NOTICE}
     ids = [t for t, s in zip(traj.token_ids, traj.segments) if s not in drop]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _runs(traj: Trajectory) -> list[tuple[int, list[int]]]:
+    """Consecutive runs of one segment kind after the prompt: ``[(seg, ids), ...]``."""
+    runs: list[tuple[int, list[int]]] = []
+    for tid, seg in zip(traj.token_ids[traj.prompt_len :], traj.segments[traj.prompt_len :]):
+        if runs and runs[-1][0] == seg:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((seg, [tid]))
+    return runs
+
+
+def policy_answer(tokenizer, traj: Trajectory) -> str | None:
+    """The model's answer, read from its own tokens: the stripped text of the last complete
+    ``<answer>...</answer>`` inside one run of POLICY tokens, else None.
+
+    Runs are decoded one by one, so retrieved passages (INFO), our notices (NOTICE) and probe prompts
+    (PROBE) can neither supply an answer nor join two pieces of model text into one: a passage that
+    quotes ``</information><answer>X</answer>`` is never the answer. An empty or whitespace-only
+    ``<answer></answer>`` is no answer (None). This is what rewards and evaluation score; it agrees
+    with ``traj.answer`` as the agent sets it (from the answering turn's ids).
+    """
+    for seg, ids in reversed(_runs(traj)):
+        if seg != Seg.POLICY:
+            continue
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        end = text.rfind(ANSWER_CLOSE)
+        start = text.rfind(ANSWER_OPEN, 0, end) if end >= 0 else -1
+        if start >= 0:
+            answer = text[start + len(ANSWER_OPEN) : end].strip()
+            return answer or None
+    return None
+
+
+def format_view(tokenizer, traj: Trajectory) -> str:
+    """The response as the format check (``rexrag.rewards.format_ok``) should read it.
+
+    The model's and the probe's tokens are decoded as they are, notices are left out (as in
+    ``response_text``), and every run of retrieved tokens becomes an empty
+    ``<information></information>`` block: the check never looks inside a retrieved block, so a
+    passage that quotes tags can neither break nor fake the response's format.
+    """
+    parts, pending = [], []
+    for seg, ids in _runs(traj):
+        if seg == Seg.INFO:
+            parts.append(tokenizer.decode(pending, skip_special_tokens=True))
+            parts.append(INFO_OPEN + INFO_CLOSE)
+            pending = []
+        elif seg != Seg.NOTICE:
+            pending += ids
+    parts.append(tokenizer.decode(pending, skip_special_tokens=True))
+    return "".join(parts)
 
 
 def char_to_token(tokenizer, ids: list[int], char_pos: int) -> int:
@@ -265,7 +323,7 @@ class SearchAgent:
         close_end = span[1] + len(ANSWER_CLOSE)
         first = char_to_token(self.tokenizer, ids, open_char)
         last = char_to_token(self.tokenizer, ids, close_end - 1)
-        r.traj.answer = text[span[0] : span[1]].strip()
+        r.traj.answer = text[span[0] : span[1]].strip() or None  # an empty <answer></answer> is no answer
         r.traj.answer_span = (start + first, start + last + 1)
 
     # ------------------------------------------------------------------ retrieval

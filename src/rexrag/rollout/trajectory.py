@@ -28,7 +28,7 @@ class Seg(IntEnum):
     PROBE = 4  # REX-RAG exploratory prompt, inserted by the system
 
 
-# answer: ended with </answer>; eos: the model emitted EOS without an answer; length: hit
+# answer: ended with </answer> (``answer`` is None when that span is empty); eos: the model emitted EOS without an answer; length: hit
 # rollout.max_total_tokens; turns: the turn budget ran out without an answer; running: not finished.
 STOP_REASONS = ("answer", "eos", "length", "turns", "running")
 
@@ -50,7 +50,7 @@ class Trajectory:
     n_searches: int = 0
     stop_reason: str = "running"
     answer_span: tuple[int, int] | None = None  # token range [start, end) of the final <answer>...</answer>
-    answer: str | None = None  # extracted answer text (None when no valid answer)
+    answer: str | None = None  # the model's answer text (None when no answer or an empty one)
     is_probe: bool = False
     source_index: int = -1  # for probes: index of the source trajectory in the batch
     probe_start: int = -1  # for probes: token index of the first PROBE token

@@ -38,7 +38,7 @@ from rexrag.algos.losses import entropy_from_logits, entropy_loss, kl_loss, kl_p
 from rexrag.config import Config, config_to_dict
 from rexrag.errors import UserError
 from rexrag.rewards import format_ok
-from rexrag.rollout.agent import response_text
+from rexrag.rollout.agent import format_view, policy_answer, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import MetricsLogger, memory_metrics
@@ -157,7 +157,8 @@ class Trainer:
             defaults to ``agent.rollout``.
         agent: the ``SearchAgent`` (needed by the explorer to continue probes).
         explorer: REX-RAG hook object (explore / correct / end_step), or None.
-        reward_fn: callable ``fn(completions, answers) -> list[float]``; default
+        reward_fn: callable ``fn(completions, answers, **kw) -> list[float]`` (``kw`` holds
+            ``predictions`` and ``formatted``, see ``compute_rewards``); default
             ``rexrag.rewards.get_reward(cfg.trainer.reward)``.
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         reference: frozen reference model; default ``rexrag.models.make_reference`` (None with LoRA:
@@ -304,12 +305,24 @@ class Trainer:
         """Decoded response used by reward functions (the model's and the retriever's text, no notices)."""
         return response_text(self.tokenizer, traj)
 
+    def format_ok(self, traj: Trajectory) -> bool:
+        """``format_ok`` of the response with every retrieved block emptied (``format_view``)."""
+        return format_ok(format_view(self.tokenizer, traj))
+
     def compute_rewards(self, trajs: list[Trajectory]) -> list[float]:
-        """Reward of each trajectory (also stored in ``traj.meta['reward']``)."""
+        """Reward of each trajectory (also stored in ``traj.meta['reward']``).
+
+        The reward function gets the response texts, the gold answers and, as keywords,
+        ``predictions`` (the model's answer read from its own tokens, ``policy_answer``) and
+        ``formatted`` (``self.format_ok``), so a retrieved passage cannot answer for the model.
+        """
         if not trajs:
             return []
         answers = [list(getattr(tr.example, "golden_answers", []) or []) for tr in trajs]
-        out = [float(r) for r in self.reward_fn([self.completion_text(tr) for tr in trajs], answers)]
+        out = [float(r) for r in self.reward_fn(
+            [self.completion_text(tr) for tr in trajs], answers,
+            predictions=[policy_answer(self.tokenizer, tr) for tr in trajs],
+            formatted=[self.format_ok(tr) for tr in trajs])]
         if len(out) != len(trajs):
             raise UserError(f"reward function returned {len(out)} rewards for {len(trajs)} completions")
         for tr, r in zip(trajs, out):
@@ -471,12 +484,12 @@ class Trainer:
             "rollout/response_length_mean": float(resp.mean()), "rollout/response_length_max": float(resp.max()),
             "rollout/policy_tokens_mean": float(policy_tok.mean()),
             "rollout/searches_mean": float(sum(tr.n_searches for tr in originals) / len(originals)),
-            "rollout/answered_rate": float(sum(tr.answer is not None for tr in originals) / len(originals)),
+            "rollout/answered_rate": float(sum(policy_answer(self.tokenizer, tr) is not None for tr in originals) / len(originals)),
             "rollout/trajectories": float(batch["input_ids"].shape[0]),
             "actor/entropy_mc": float(-masked_mean(batch["old_logp"], (batch["segments"] == Seg.POLICY).float())),
             "actor/adv_mean": float(masked_mean(batch["advantages"], batch["loss_mask"])),
         }
-        out["rollout/valid_format_rate"] = float(sum(format_ok(self.completion_text(tr)) for tr in originals) / len(originals))
+        out["rollout/valid_format_rate"] = float(sum(self.format_ok(tr) for tr in originals) / len(originals))
         out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in agent_metrics.items()
                     if isinstance(v, (int, float))})
         return out
