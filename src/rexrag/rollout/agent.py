@@ -119,7 +119,7 @@ def policy_answer(tokenizer, traj: Trajectory) -> str | None:
     for seg, ids in reversed(_runs(traj)):
         if seg != Seg.POLICY:
             continue
-        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = tokenizer.decode(ids, skip_special_tokens=True)  # as response_text decodes
         end = text.rfind(ANSWER_CLOSE)
         start = text.rfind(ANSWER_OPEN, 0, end) if end >= 0 else -1
         if start >= 0:
