@@ -31,7 +31,10 @@ def test_paper_values(name):
     assert (cfg.data.batch_size, cfg.trainer.steps, cfg.trainer.lr) == (512, 1005, 1e-6)
     assert cfg.trainer.warmup_steps > 0 and cfg.trainer.ppo_epochs == 1
     assert (cfg.algo.kl_coef, cfg.algo.kl_type, cfg.rollout.temperature, cfg.retrieval.topk) == (0.001, "k3", 1.0, 3)
-    assert cfg.trainer.mini_batch_size == 256 * cfg.rollout.n
+    # 256 trajectories per optimizer step (verl ppo_mini_batch_size=256 with rollout.n=1, n_agent=5)
+    assert cfg.trainer.mini_batch_size == 256
+    assert cfg.rollout.max_turns == 5 and cfg.model.name_or_path in ("Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-7B")
+    assert cfg.rollout.template == "search-r1"  # REX-RAG and its GRPO baseline share one template
     if name.startswith("rexrag"):
         assert cfg.rex.enabled and (cfg.rex.probe_prob, cfg.rex.keep_ratio) == (0.2, 0.08)
         assert cfg.algo.adv_estimator == "grpo" and cfg.rollout.n == 5

@@ -299,3 +299,31 @@ def test_rexrag_train_cli_end_to_end_smollm2(tmp_path):
     assert rec["step"] == 1 and rec["rollout/trajectories"] >= 4 and "rex/rho" in rec
     assert (out / "checkpoints" / "step_000001" / "model" / "config.json").is_file()
     assert (out / "index").is_dir()
+
+
+def test_probe_filter_scores_in_eval_mode(tmp_path):
+    """``score_fn`` (the REX-RAG probe filter's scorer) sees no dropout and restores the model's mode."""
+    from rexrag.models import tiny_llama
+    from rexrag.rollout.trajectory import Seg, Trajectory
+    from toy_rl import VOCAB
+
+    model = tiny_llama(VOCAB, hidden=32, layers=2, heads=2, seed=0, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                       attention_dropout=0.5)
+    tr = make_trainer(tmp_path, model=model)
+    trajs = []
+    for k in range(3):
+        t = Trajectory(group_id=k)
+        t.extend([1 + k, 2, 3, 4], Seg.PROMPT, 0)
+        t.extend([5, 6 + k, 7, 8, 9, 10, 11, 12], Seg.POLICY, 0, [0.0] * 8)
+        trajs.append(t)
+    assert tr.model.training  # the trainer keeps the policy in train mode between its passes
+    torch.manual_seed(0)
+    first = tr.score_fn(trajs)
+    assert tr.model.training  # restored
+    second = tr.score_fn(trajs)
+    tr.model.eval()
+    reference = tr.score_fn(trajs)
+    assert not tr.model.training  # eval mode stays eval
+    tr.model.train()
+    for a, b, c in zip(first, second, reference):
+        assert torch.equal(a, b) and torch.equal(a, c)  # with dropout active these would differ

@@ -13,12 +13,19 @@ Segments of a probe y (``probe_start`` = index of its first PROBE token):
                  (PROMPT, INFO and NOTICE tokens are not actions and are never counted)
     PROBE        the inserted pool prompt
     continuation every token after the PROBE run (POLICY ones are actions)
-Probe policy per action token, as in the public code:
+Probe policy per action token, as in the public code except for s (below):
     originals: mu_t = 0
     prefix:    mu_t = pi_old(y_t) / e^(1/s), e = failure rate of the originals
                (the prefix was drawn from pi *given failure*, pi(prefix)/e, spread over s tokens)
     PROBE:     mu_t = pool trie conditional probability (``rexrag.rex.pool``; product = 1/|pool|)
     continuation: mu_t = pi_old(y_t)
+
+The spreading exponent differs from the public code: there s counts every response token before
+the probe prompt (retrieved passages and notices too), here only the POLICY tokens, which are the
+only prefix tokens that get the factor. Then the prefix's factors multiply to exactly 1/e, so
+mu(prefix) = pi(prefix)/e as the derivation needs; with the public count they give
+e^(-s_policy/s_all), which a probe with retrieved text in its prefix (almost every one) pays as a
+bias. ``tests/test_rex_correction.py`` shows a wrong exponent biases ``rex_sequence``.
 
 ``rex_token`` (default, the public code's rule): per action token
     log q_t = logaddexp(log(1-alpha) + log pi_old(y_t), log alpha + log mu_t)
@@ -46,6 +53,27 @@ prefix (mu of an original is taken as 0, as in the public code); the Monte-Carlo
 where mu is evaluated on every sequence. (2) When pi is unlikely to write the pool prompt itself,
 D is large and w of a probe is tiny: the unbiased estimator lets probes teach little. ``rex_token``
 trades that bias away for signal; the ablation is the point of offering both.
+
+``rex_token`` is a biased estimator, even under the idealised sampling below: a per-token ratio
+pi/q_t is not the sequence ratio pi(y)/q(y), so the expected surrogate gradient is not the policy
+gradient. On the enumerable toy of ``tests/test_rex_correction.py`` (exact expectations, no
+sampling noise) it misses the true gradient by about 30 % in relative norm, while ``rex_sequence``
+matches it to rounding error.
+
+``rex_sequence`` is unbiased only under the idealised sampling stated above: N_o originals from pi
+and N_p probes from mu, with alpha and e fixed numbers and each trajectory's own reward as the
+signal. Production sampling adds, and none of this is corrected:
+  * the top-K filter: the kept probes are the K best-scoring of the candidates, not draws from mu;
+    their law depends on the scores and on the other candidates;
+  * failure that depends on the cut answer: a source is chosen because its answer (the part the cut
+    removes) was wrong, so its prefix follows pi(prefix) P(fail | prefix) / e, not pi(prefix) / e
+    (equal only if failure were decided by the prefix); the probe also needs an ``<answer>`` tag to
+    cut before, and is chosen with probability p (or by the dead-end rule);
+  * random alpha and e: both are measured on the same batch (kept / batch size, failed / originals)
+    and vary from step to step;
+  * group normalisation: GRPO advantages are normalised within groups that hold probes and
+    originals, so a trajectory's signal depends on the others' rewards (plus PPO clipping and the
+    loss aggregation).
 
 ``none``: probes are treated as on-policy (behaviour = old log-probs, no weights).
 

@@ -83,6 +83,9 @@ class RexExplorer:
         return [candidates[i] for i in P.top_k(scores, k)]
 
     def _continue(self, kept: list[Trajectory], agent) -> list[Trajectory]:
+        # Search budget: max_turns minus the retrievals in the kept prefix (the agent adds the
+        # answer-only turn). The cut turn and the source's notice turns are refunded; the public code
+        # gives a clone max_turns - k turns, k = its answering turn (see rexrag.rex.probe).
         budgets = [max(0, self.rollout_cfg.max_turns - t.n_searches) for t in kept]
         # the agent extends in place; remember what each probe was so its record can be checked
         before = [(list(t.token_ids), list(t.segments), t.source_index, t.probe_start, t.group_id, t.meta["pool_index"]) for t in kept]

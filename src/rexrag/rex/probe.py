@@ -8,9 +8,26 @@ is the agent's job (``rexrag.rex.explorer``).
 Differences from the public code, on purpose:
 - Trigger ``dead_end_group`` (the paper's framing: every original of the question failed) is offered
   beside the public code's ``per_trajectory`` coin flip with probability ``p``.
-- "Wrong" means ``reward < success_reward`` (public code: score < 1), and only originals that
-  committed to an answer can be probed (there is no ``<answer>`` tag to cut before otherwise; the
-  public code also probes only on an answer action).
+- "Wrong" means ``reward < success_reward`` (public code: score < 1).
+- Which originals can be probed (``answer_cut``): every wrong original whose last run of POLICY
+  tokens contains an ``<answer>`` tag -- a complete answer, an empty one, or an ``<answer>`` left
+  unclosed (cut by ``max_new_tokens_per_turn`` / ``max_total_tokens``, or followed by EOS) -- in
+  any turn, the final answer-only turn included. The public code clones a rollout only when it
+  gives a complete answer in a search-enabled turn (its final turn, without search, makes no
+  probes). We probe more sources; a probe of a final-turn answer continues with the search budget
+  below.
+- Search budget of a probe (``rexrag.rex.explorer``): ``max_turns - n_searches``, where
+  ``n_searches`` counts the retrievals in the kept prefix; the agent then allows that many searches
+  and one more turn (the answer-only turn). So the turn the probe is cut from is refunded (the probe
+  re-does it), and so are the source's turns that ended in a notice (invalid action, empty query,
+  failed retrieval). The public code makes the clone inside its rollout loop at the answering turn
+  k and lets it go on in that loop: ``max_turns - k`` turns, whatever the earlier turns did.
+- rho when no probe is kept (``AdaptiveRatio``): held. The public code updates rho from the kept
+  probes' accuracy every step and pushes it toward 0 when none is kept; since K = floor(N * rho),
+  once rho is small enough that K = 0 no probe is ever kept again and rho collapses for good. Ours
+  cannot be dragged down by steps without probes (e.g. no wrong, cuttable original), but a long run
+  of steps whose kept probes all fail can still bring it below 1/N, and then it stays there;
+  ``rex.keep_min`` > 0 rules that out.
 - The cut is made on token boundaries: the probe keeps the source's exact ids up to the token that
   contains the ``<`` of the final ``<answer>``. When a BPE token merges preceding text with the tag
   (e.g. ``".<"`` in SmolLM2), that preceding text is dropped with it -- we never re-tokenise.
@@ -71,6 +88,10 @@ def _last_policy_run(segments: list[int]) -> tuple[int, int] | None:
 
 def answer_cut(traj: Trajectory, tokenizer, tag: str = ANSWER_TAG) -> int | None:
     """Index of the token holding the start of the final ``<answer>`` tag (the probe's cut), or None.
+
+    Any ``<answer>`` in the last POLICY run counts: closed or not, empty or not, in the final
+    answer-only turn too (the public code probes complete answers of search-enabled turns only; see
+    the module docstring).
 
     Uses ``traj.answer_span[0]`` when the token there holds the tag's ``<``; otherwise scans the
     answering turn (the last run of POLICY tokens) token by token for the last tag. Per-token decoding
@@ -194,7 +215,13 @@ def top_k(scores: list[float], k: int) -> list[int]:
 
 
 class AdaptiveRatio:
-    """rho <- m * rho + (1 - m) * accuracy of the kept probes; steps without kept probes leave rho."""
+    """rho <- m * rho + (1 - m) * accuracy of the kept probes; steps without kept probes leave rho.
+
+    Holding rho on such steps differs from the public code, which moves it toward 0 then and can
+    collapse it permanently (K = floor(N * rho) = 0 keeps no probe, so rho never recovers). Here a
+    rho brought below 1/N by failing probes stays there for the same reason (``keep_min`` > 0
+    prevents it).
+    """
 
     def __init__(self, rho0: float, momentum: float = 0.9):
         self.rho = float(rho0)

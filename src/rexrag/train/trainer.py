@@ -331,11 +331,20 @@ class Trainer:
 
     @torch.no_grad()
     def score_fn(self, trajs: list[Trajectory]) -> list[Tensor]:
-        """Old-policy per-token log-probs of each trajectory ([len(traj)] each; position 0 = 0)."""
+        """Old-policy per-token log-probs of each trajectory ([len(traj)] each; position 0 = 0).
+
+        Scored in eval mode (no dropout), like the old log-probs of the update (``_score``), so the
+        probe filter ranks by the policy itself; the model's previous mode is restored.
+        """
         if not trajs:
             return []
         b = to_batch(trajs, self.pad_id)
-        lp = self._micro_logprobs(self.model, b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            lp = self._micro_logprobs(self.model, b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device))
+        finally:
+            self.model.train(was_training)
         return [lp[i, : len(tr)].cpu() for i, tr in enumerate(trajs)]
 
     def _autocast(self):
