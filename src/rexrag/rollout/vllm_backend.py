@@ -225,14 +225,14 @@ class VLLMBackend:
     # ------------------------------------------------------------------ weights
     def sync_weights(self, model, force: bool = False) -> bool:
         """Copy ``model``'s current weights into the engine in place; False when nothing changed."""
-        version = weights_version(model)
+        version = (id(model), weights_version(model))  # another model object (e.g. a reloaded checkpoint) always syncs
         if not force and version == self._synced_version:
             return False
         with torch.no_grad(), _merged(model):
             weights = [(n, t.to(getattr(torch, self.dtype))) for n, t in _hf_named_weights(model)]
             self._rpc("reload_weights", weights_iterator=iter(weights))
         self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
-        self._synced_version = weights_version(model)
+        self._synced_version = (id(model), weights_version(model))
         self.stats["weight_syncs"] += 1
         return True
 
