@@ -7,7 +7,8 @@ The trainer calls, once per step (see /API.md "Trainer <-> REX-RAG hook"):
     metrics = explorer.end_step()                                                # after the update
 
 The batch holds the originals first, then the kept probes. ``explore`` stores the step's alpha
-(kept / (originals + kept)) and failure rate e, so ``correct`` gives the same answer whether it is
+(kept / (originals + kept)) and failure rate e (batch-wide under several processes, see
+``rexrag.rex.comm``: K, the probe ranking, alpha, e and the accuracy that drives rho), so ``correct`` gives the same answer whether it is
 called on the whole batch or on a mini-batch slice. Differences from the public code are listed in
 ``rexrag.rex.probe`` and ``rexrag.rex.correction``.
 """
@@ -39,6 +40,7 @@ class RexExplorer:
         pool: Pool | str | None = None,
         seed: int = 0,
         clip_range: tuple[float, float] = (0.2, 0.2),
+        comm=None,
     ):
         self.cfg = cfg
         self.rollout_cfg = rollout_cfg
@@ -47,6 +49,7 @@ class RexExplorer:
         self.rng = random.Random(seed)
         self.ratio = P.AdaptiveRatio(cfg.keep_ratio, cfg.rho_momentum)
         self.clip_range = clip_range
+        self.comm = comm  # None: chosen at the first explore() (rexrag.rex.comm.default_comm)
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -73,14 +76,18 @@ class RexExplorer:
             out.append(P.make_probe(originals[i], i, cuts[i], self.pool.token_ids[k], k))
         return out
 
-    def _filter(self, candidates: list[Trajectory], n_originals: int, score_fn: Callable) -> list[Trajectory]:
-        k = P.keep_count(n_originals, self.ratio.rho, len(candidates), self.cfg.keep_cap, self.cfg.keep_min)
+    def _filter(self, candidates: list[Trajectory], n_originals: int, n_candidates: int, score_fn: Callable) -> list[Trajectory]:
+        """The local candidates among the batch-wide top-K (K from all processes' originals)."""
+        k = P.keep_count(n_originals, self.ratio.rho, n_candidates, self.cfg.keep_cap, self.cfg.keep_min)
         if k == 0:
             return []
-        if k >= len(candidates):
+        if k >= n_candidates:
             return candidates  # nothing to rank away; skip the scoring forward pass
-        scores = P.probe_scores(candidates, score_fn(candidates))
-        return [candidates[i] for i in P.top_k(scores, k)]
+        local = P.probe_scores(candidates, score_fn(candidates)) if candidates else []
+        parts = self.comm.gather(local)  # every process's scores, in rank order (ties: lower rank first)
+        offset = sum(len(p) for p in parts[: self.comm.rank])
+        kept = P.top_k([s for part in parts for s in part], k)
+        return [candidates[i - offset] for i in kept if offset <= i < offset + len(candidates)]
 
     def _continue(self, kept: list[Trajectory], agent) -> list[Trajectory]:
         # Search budget: max_turns minus the retrievals in the kept prefix (the agent adds the
@@ -112,25 +119,31 @@ class RexExplorer:
         if len(rewards) != len(originals):
             raise ValueError(f"{len(rewards)} rewards for {len(originals)} originals")
         self._reset_step()
+        if self.comm is None:
+            from rexrag.rex.comm import default_comm
+
+            self.comm = default_comm()
         failed = P.failed_mask(rewards, self.cfg.success_reward)
         group_ids = [t.group_id for t in originals]
         candidates = self._candidates(originals, failed)
-        kept = self._filter(candidates, len(originals), score_fn)
+        n_orig, n_failed, n_cand = self.comm.sum([len(originals), sum(failed), len(candidates)])
+        kept = self._filter(candidates, int(n_orig), int(n_cand), score_fn)
         probes = self._continue(kept, agent) if kept else []
         probe_rewards = [float(r) for r in reward_fn(probes)] if probes else []
         for t, r in zip(probes, probe_rewards, strict=True):
             t.meta["reward"] = r
         correct = [r >= self.cfg.success_reward for r in probe_rewards]
-        self._accuracy = sum(correct) / len(correct) if correct else None
-        self.failure_rate = sum(failed) / len(failed) if failed else 0.0
-        self.alpha = len(probes) / (len(originals) + len(probes)) if probes else 0.0
+        n_kept, n_correct = self.comm.sum([len(probes), sum(correct)])  # batch-wide, as one controller sees it
+        self._accuracy = n_correct / n_kept if n_kept else None
+        self.failure_rate = n_failed / n_orig if n_orig else 0.0
+        self.alpha = n_kept / (n_orig + n_kept) if n_kept else 0.0
         dead = set(P.dead_end_groups(group_ids, failed))
         rescued = {t.group_id for t, c in zip(probes, correct) if c and t.group_id in dead}
         self._step_metrics = {
             "rex/dead_end_frac": P.dead_end_fraction(group_ids, failed),
             "rex/failure_rate": self.failure_rate,
-            "rex/probes_made": float(len(candidates)),
-            "rex/probes_kept": float(len(probes)),
+            "rex/probes_made": n_cand,
+            "rex/probes_kept": n_kept,
             "rex/probe_acc": self._accuracy if self._accuracy is not None else float("nan"),
             "rex/dead_groups_rescued": float(len(rescued)),
             "rex/alpha": self.alpha,

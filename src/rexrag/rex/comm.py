@@ -1,0 +1,52 @@
+"""How REX-RAG's batch-level quantities become global under several processes.
+
+The official code runs one controller over the whole batch, so the failure rate e, the number of
+kept probes K (from all originals and all candidates), the probe ranking, alpha and the adaptive
+ratio's accuracy are batch-wide. With data parallelism each process holds only its own groups;
+these two reductions make every process compute exactly what one process would over the union.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LocalComm:
+    """One process: the batch is local, reductions are identities."""
+
+    rank = 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        return [list(values)]
+
+
+class DistComm:
+    """``torch.distributed`` (the process group accelerate started): sums and gathers in rank order."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        out: list = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(out, list(values))
+        return out
+
+
+def default_comm():
+    """DistComm when a multi-process group is running, else LocalComm."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistComm()
+    return LocalComm()
