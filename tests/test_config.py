@@ -192,3 +192,24 @@ def test_describe_documents_every_field():
     assert len(keys) == len(set(keys)) == n_fields
     assert all(doc for _, _, doc in rows)
     assert ("trainer.lr", 1e-6) in [(k, d) for k, d, _ in rows]
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000/retrieve", "ftp://host/retrieve", "http://", "http://h:port/x"])
+def test_malformed_retriever_url_is_a_config_error_naming_the_key(url):
+    from rexrag.config import RetrievalConfig
+
+    with pytest.raises(ConfigError, match=r"retrieval\.url=.*http://127\.0\.0\.1:8000/retrieve"):
+        RetrievalConfig(url=url)
+    assert RetrievalConfig(url="http://127.0.0.1:8000/retrieve").url  # a good one passes
+
+
+def test_eval_cli_rejects_a_malformed_url_before_loading_a_model(tmp_path, capsys):
+    from rexrag.cli import main
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"id": "1", "question": "q?", "golden_answers": ["a"]}\n')
+    rc = main(["eval", "--backend", "hf", "--model", str(tmp_path / "no-such-model"), "--dataset", f"d={qa}",
+               "--method", "rag", "--retriever-url", "localhost:8000", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "retrieval.url='localhost:8000'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

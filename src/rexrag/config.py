@@ -68,6 +68,21 @@ class RetrievalConfig:
     def __post_init__(self):
         if self.topk < 1:
             raise ConfigError("retrieval.topk must be >= 1")
+        if self.url:
+            _check_url("retrieval.url", self.url)
+
+
+def _check_url(key: str, url: str) -> None:
+    """A retriever URL must name its scheme and host: 'localhost:8000' parses as scheme 'localhost'."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises on a non-numeric port
+    except ValueError as exc:
+        raise ConfigError(f"{key}={url!r} is not a valid URL ({exc}); write e.g. http://127.0.0.1:8000/retrieve") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}={url!r} is not an http(s) URL with a host; write e.g. http://127.0.0.1:8000/retrieve")
 
 
 @dataclass
