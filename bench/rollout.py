@@ -30,7 +30,8 @@ from rexrag.data import load_corpus, load_qa
 from rexrag.models import load_model, load_tokenizer
 from rexrag.retrieval import BM25Retriever
 from rexrag.rollout.agent import SearchAgent
-from rexrag.rollout.engine import GenOutput, HFBackend, SamplingParams
+from rexrag.rollout.backends import build_backend
+from rexrag.rollout.engine import GenOutput, SamplingParams
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "derived"
 
@@ -99,16 +100,10 @@ def roofline_tok_s(n_params: int, batch: int, bytes_per_param: int, gflops: floa
     return batch / step_s
 
 
-def make_backend(name: str, model, tok, cfg, eager: bool, dtype: str):
-    """-> (backend, start-up seconds)."""
+def make_backend(name: str, model, tok, cfg):
+    """-> (backend from the registry, start-up seconds)."""
     t0 = time.perf_counter()
-    if name == "hf":
-        backend = HFBackend(model, tok, seed=0, max_batch=256)
-    else:
-        from rexrag.rollout.vllm_backend import VLLMBackend
-
-        backend = VLLMBackend(model, tok, max_model_len=cfg.max_total_tokens, seed=0, dtype=dtype, enforce_eager=eager,
-                              kv_cache_gb=2.0)
+    backend = build_backend(name, model, tok, cfg, seed=0, max_batch=256)
     return backend, time.perf_counter() - t0
 
 
@@ -117,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="hf,vllm", help="generation backends to compare (same workload)")
     ap.add_argument("--batches", default="8,32,128")
     ap.add_argument("--model", default="smollm2-135m", help="a warmed-up checkpoint makes the agent search for real")
+    ap.add_argument("--data-dir", default=str(DATA), help="folder with the development corpus and HotpotQA questions")
     ap.add_argument("--max-new", type=int, default=48, help="max_new_tokens_per_turn")
     ap.add_argument("--turns", type=int, default=2, help="max_turns (searches)")
     ap.add_argument("--ignore-eos", action="store_true", help="force full-length turns (multi-turn via notices)")
@@ -127,6 +123,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the HF backend (0 = torch default)")
     ap.add_argument("--json", default="", help="also write results here")
     args = ap.parse_args(argv)
+    data = Path(args.data_dir)
+    if not (data / "multihop_dev_corpus.flashrag.jsonl").is_file():
+        ap.error(f"--data-dir {data}: no multihop_dev_corpus.flashrag.jsonl there (the development data set: "
+                 "23,630 Wikipedia passages and HotpotQA dev questions)")
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -134,9 +134,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model)
     model = load_model(ModelConfig(name_or_path=args.model))
-    corpus = load_corpus(DATA / "multihop_dev_corpus.flashrag.jsonl")
+    corpus = load_corpus(data / "multihop_dev_corpus.flashrag.jsonl")
     retriever = BM25Retriever.from_passages(corpus)
-    qa = list(load_qa(DATA / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows])))
+    qa = list(load_qa(data / "hotpotqa_dev_ctx.flashrag.jsonl", limit=max(batches + [args.naive_rows])))
     print(f"setup {time.perf_counter() - t0:.1f}s: model + BM25 over {len(corpus)} passages; rss {peak_rss_mb():.0f} MB", flush=True)
     cfg = RolloutConfig(max_turns=args.turns, max_new_tokens_per_turn=args.max_new, max_total_tokens=2048,
                         max_obs_tokens=args.obs, temperature=1.0)
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         results["naive"] = run_agent(NaiveGenerateBackend(model, tok), tok, retriever, cfg, qa[: args.naive_rows])
     for name in args.backends.split(","):
-        backend, startup = make_backend(name, model, tok, cfg, eager=not args.compiled, dtype=dtype)
+        engine_cfg = dataclasses.replace(cfg, engine_dtype=dtype, vllm_enforce_eager=not args.compiled, vllm_kv_cache_gb=2.0)
+        backend, startup = make_backend(name, model, tok, engine_cfg)
         if args.ignore_eos:
             backend.eos_ids = set() if name == "hf" else []
         run_dtype = "float32" if name == "hf" else dtype

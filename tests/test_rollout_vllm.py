@@ -168,7 +168,7 @@ def test_multi_turn_agent_equals_hf_and_reuses_prefix(engine, model, smol_tokeni
     examples = [QAExample(id=str(i), question=q, golden_answers=["x"], group_id=i)
                 for i, q in enumerate(["Who wrote Hamlet?", "Which river flows through Vienna?"])]
     engine.sync_weights(model, force=True)
-    ours = SearchAgent(engine, tok, FakeRetriever(), cfg).rollout(examples)
+    SearchAgent(engine, tok, FakeRetriever(), cfg).rollout(examples)  # a first run fills the prefix cache
     agent = SearchAgent(engine, tok, FakeRetriever(), cfg)
     ours = agent.rollout(examples)
     ref = SearchAgent(HFBackend(model, tok), tok, FakeRetriever(), cfg).rollout(examples)

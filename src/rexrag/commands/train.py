@@ -80,7 +80,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
-    from rexrag.rollout.backends import build_backend
+    from rexrag.rollout.backends import build_backend, resolve_backend_name
     from rexrag.train.trainer import Trainer, seed_everything
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -89,6 +89,8 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
             cfg.retrieval.index = _demo_retriever_index(cfg.trainer.out_dir)
         acc.wait_for_everyone()
         cfg.retrieval.index = str(Path(cfg.trainer.out_dir) / "index")
+    # an unknown or not-installed backend fails here, before any model loads
+    backend_name = None if backend is not None else resolve_backend_name(_backend_name(cfg.rollout.backend, acc.num_processes))
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device=acc.device)
@@ -96,8 +98,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
     retriever = load_retriever(cfg.retrieval)
     seed = cfg.trainer.seed + 7919 * acc.process_index
     if backend is None:
-        backend = build_backend(_backend_name(cfg.rollout.backend, acc.num_processes), model, tokenizer, cfg.rollout,
-                                device=acc.device, seed=seed)
+        backend = build_backend(backend_name, model, tokenizer, cfg.rollout, device=acc.device, seed=seed)
     elif hasattr(backend, "generator"):
         backend.generator.manual_seed(seed)
     agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries)

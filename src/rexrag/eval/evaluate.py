@@ -305,10 +305,13 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
     total = sum(len(ex) for _, ex in datasets.values())
     rows: list[dict] = []
     start = time.perf_counter()  # engine start-up counts in the evaluation's time
-    own_backend = backend is None
-    backend = backend or make_backend(model, tokenizer, opts)  # one engine for every dataset
-    with contextlib.closing(backend) if own_backend and hasattr(backend, "close") else contextlib.nullcontext(), Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=quiet, transient=False) as progress:
+    with contextlib.ExitStack() as stack:
+        if backend is None:  # one engine for every dataset, closed when done
+            backend = make_backend(model, tokenizer, opts)
+            if hasattr(backend, "close"):
+                stack.callback(backend.close)
+        progress = stack.enter_context(Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
+                                                MofNCompleteColumn(), TimeElapsedColumn(), disable=quiet, transient=False))
         task = progress.add_task(f"{label} ({opts.method})", total=total)
         for name, (_, examples) in datasets.items():
             progress.update(task, description=f"{label} ({opts.method}, {name})")
