@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     print(f"setup {time.perf_counter() - t0:.1f}s: model + BM25 over {len(corpus)} passages; rss {peak_rss_mb():.0f} MB", flush=True)
     cfg = RolloutConfig(max_turns=args.turns, max_new_tokens_per_turn=args.max_new, max_total_tokens=2048,
                         max_obs_tokens=args.obs, temperature=1.0)
-    from rexrag.rollout.vllm_backend import default_engine_dtype
+    from rexrag.hardware import default_compute_dtype
 
-    dtype = default_engine_dtype(torch.device("cpu")) if args.dtype == "auto" else args.dtype
+    dtype = default_compute_dtype(torch.device("cpu")) if args.dtype == "auto" else args.dtype
     n_params = sum(p.numel() for p in model.parameters())
     peaks = {d: matmul_peak_gflops(getattr(torch, d)) for d in ("float32", "bfloat16")}
     results = {"config": {"max_new_tokens_per_turn": args.max_new, "max_turns": args.turns, "max_obs_tokens": args.obs,

@@ -3,6 +3,7 @@ mismatch errors), load_retriever, format_information and the `rexrag index` comm
 
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 
@@ -253,3 +254,13 @@ def test_index_command(tmp_path, small_corpus, capsys):
     assert "50 passages" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passages"] == 50 and manifest["skipped_rows"] == 1
+
+
+def test_bm25s_import_keeps_jax_off_the_gpu(monkeypatch):
+    """bm25s imports JAX when installed; JAX would preallocate 75% of each GPU (seen: OOM on an H200)."""
+    from rexrag.retrieval.bm25 import _bm25s
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert _bm25s().__name__ == "bm25s"
+    assert os.environ["JAX_PLATFORMS"] == "cpu" and os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"

@@ -147,3 +147,23 @@ def test_smollm2_real_rollout_against_bm25(shared_data, smol_tokenizer):
         lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"])
     policy = batch["segments"] == Seg.POLICY
     assert (lp - batch["rollout_logprobs"]).abs()[policy].max().item() < 1e-3
+
+
+def test_compute_dtype_runs_fp32_weights_under_autocast(tiny_model, smol_tokenizer):
+    """rollout.engine_dtype=bfloat16 on fp32 weights: every forward runs under bf16 autocast (the
+    trainer's master weights stay fp32); float32 runs none under autocast."""
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout.backends import build_backend
+
+    seen: list[bool] = []
+    hook = tiny_model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        prompt = [smol_tokenizer.encode("Question: who?")]
+        for dtype, expected in (("bfloat16", True), ("float32", False)):
+            seen.clear()
+            backend = build_backend("hf", tiny_model, smol_tokenizer, RolloutConfig(engine_dtype=dtype), device="cpu", seed=0)
+            backend.generate(prompt, [[]], SamplingParams(max_new_tokens=3, temperature=1.0))
+            assert seen and all(s == expected for s in seen), (dtype, seen)
+        assert next(tiny_model.parameters()).dtype == torch.float32
+    finally:
+        hook.remove()

@@ -98,7 +98,7 @@ class RolloutConfig:
     template: str = doc("Instruction template: 'rexrag', 'search-r1', a file path, or a literal containing {question}.", "rexrag")
     max_query_chars: int = doc("A search query longer than this is cut before retrieval.", 512)
     backend: str = doc("Generation backend: auto (vllm when installed, else hf) | hf | vllm (rexrag.rollout.backends).", "auto")
-    engine_dtype: str = doc("vLLM engine dtype: auto (bfloat16 on GPUs and on CPUs with bf16 matrix units, else float32) | float32 | bfloat16 | float16.", "auto")
+    engine_dtype: str = doc("Rollout compute dtype: auto (bfloat16 on GPUs and on CPUs with bf16 matrix units, else float32) | float32 | bfloat16 | float16. vLLM runs its weights in it; the HF loop runs fp32 weights under autocast to it.", "auto")
     vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB.", 1.0)
     vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of GPU memory the engine may hold (it shares the GPU with training).", 0.4)
     vllm_enforce_eager: bool = doc("vLLM: no torch.compile / CUDA graphs (start-up in seconds; False decodes faster after a longer start-up).", True)

@@ -13,7 +13,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -31,3 +31,8 @@ def has_fast_bf16(device: str | torch.device = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def default_compute_dtype(device: str | torch.device) -> str:
+    """The rollout engines' ``auto`` dtype: bf16 where matmuls are fast in bf16, fp32 elsewhere."""
+    return "bfloat16" if has_fast_bf16(device) else "float32"

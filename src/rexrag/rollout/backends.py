@@ -7,7 +7,7 @@ Registering a new builder here makes it selectable from the config and the CLI w
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from rexrag.registry import Registry
 
@@ -40,9 +40,12 @@ def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | 
 
 @BACKENDS.register("hf")
 def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
+    from rexrag.hardware import default_compute_dtype
     from rexrag.rollout.engine import HFBackend
 
-    return HFBackend(model, tokenizer, device=device, max_batch=max_batch, seed=seed)
+    device = device if device is not None else next(model.parameters()).device
+    dtype = default_compute_dtype(device) if cfg.engine_dtype == "auto" else cfg.engine_dtype
+    return HFBackend(model, tokenizer, device=device, max_batch=max_batch, seed=seed, dtype=dtype)
 
 
 @BACKENDS.register("vllm")

@@ -200,6 +200,7 @@ class HFBackend:
         prune: bool = True,
         reuse_cache: bool = True,
         cache_mb: float = 1024.0,
+        dtype: str = "float32",
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -210,6 +211,8 @@ class HFBackend:
         self.prune = prune
         self.reuse_cache = reuse_cache
         self.cache_bytes = int(cache_mb * 2**20)
+        # fp32 weights run under bf16/fp16 autocast when asked (the trainer's master weights stay fp32)
+        self.compute_dtype = getattr(torch, dtype)
         self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
@@ -236,11 +239,13 @@ class HFBackend:
         outputs: list[GenOutput | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
+        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         try:
-            for start in range(0, len(order), self.max_batch):
-                chunk = order[start : start + self.max_batch]
-                for i, out in zip(chunk, self._generate_chunk([prompts[i] for i in chunk], [stops[i] for i in chunk], params)):
-                    outputs[i] = out
+            with autocast:
+                for start in range(0, len(order), self.max_batch):
+                    chunk = order[start : start + self.max_batch]
+                    for i, out in zip(chunk, self._generate_chunk([prompts[i] for i in chunk], [stops[i] for i in chunk], params)):
+                        outputs[i] = out
         finally:
             self.model.train(was_training)
             self._store, self._next_store = self._next_store, []

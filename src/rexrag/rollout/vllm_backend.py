@@ -42,7 +42,14 @@ import time
 import torch
 
 from rexrag.errors import UserError
-from rexrag.rollout.engine import GenOutput, SamplingParams, check_requests, eos_ids, weights_version
+from rexrag.hardware import default_compute_dtype
+from rexrag.rollout.engine import (
+    GenOutput,
+    SamplingParams,
+    check_requests,
+    eos_ids,
+    weights_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +126,13 @@ def _quiet_env() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 
-def default_engine_dtype(device: torch.device) -> str:
-    """bf16 where matmuls are fast in bf16 (CUDA, CPUs with AMX/AVX512-BF16), fp32 elsewhere."""
-    from rexrag.hardware import has_fast_bf16
-
-    return "bfloat16" if has_fast_bf16(device) else "float32"
-
-
 def _hf_named_weights(model):
     """(checkpoint name, tensor) pairs of ``model`` in Hugging Face names; LoRA must be merged first."""
     prefix = "base_model.model."
     for name, tensor in model.state_dict().items():
         if "lora_" in name:  # adapter factors: already merged into the base weights
             continue
-        name = name[len(prefix):] if name.startswith(prefix) else name
+        name = name.removeprefix(prefix)
         yield name.replace(".base_layer.", "."), tensor.detach()
 
 
@@ -167,7 +167,7 @@ class VLLMBackend:
         if not vllm_available():
             raise UserError(install_hint())
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.dtype = default_engine_dtype(self.device) if dtype == "auto" else dtype
+        self.dtype = default_compute_dtype(self.device) if dtype == "auto" else dtype
         self.tokenizer, self.max_model_len = tokenizer, int(max_model_len)
         self.eos_ids = sorted(eos_ids(model, tokenizer))
         self.generator = torch.Generator()
