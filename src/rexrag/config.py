@@ -19,11 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rexrag.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration key or value is wrong; the message names the key."""
+from rexrag.errors import ConfigError
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):

@@ -35,7 +35,7 @@ __all__ = [
 
 def load_retriever(cfg) -> Retriever:
     """``cfg.url`` set -> HTTPRetriever; else ``load_index(cfg.index)``."""
-    from rexrag.config import ConfigError
+    from rexrag.errors import ConfigError
 
     if cfg.url:
         return HTTPRetriever(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key)

@@ -46,12 +46,14 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from rexrag.config import RolloutConfig
 from rexrag.prompts import build_prompt_ids
 from rexrag.rollout.engine import FINISH_REASONS, GenerationBackend, GenOutput, SamplingParams
 from rexrag.rollout.trajectory import Seg, Trajectory
+
+if TYPE_CHECKING:  # annotation only: config validates rollout.backend against our registry, so it imports us
+    from rexrag.config import RolloutConfig
 
 log = logging.getLogger(__name__)
 
