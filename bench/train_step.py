@@ -54,8 +54,7 @@ def n_params(model) -> int:
 
 
 def load_questions(n: int) -> list[str]:
-    from rexrag.data import load_qa_files
-    from rexrag.demo import demo_file
+    from rexrag.data import demo_file, load_qa_files
 
     return [ex.question for ex in list(load_qa_files([demo_file("train.jsonl")]))[:n]]
 

@@ -3,9 +3,10 @@ passages we retrieve (which may quote them too)."""
 
 from rexrag.config import load_config
 from rexrag.data import QAExample
+from rexrag.protocol import INFO_CLOSE, INFO_OPEN, NOTICES
 from rexrag.retrieval.base import Passage
 from rexrag.rewards import extract_answer, format_ok, get_reward
-from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, NOTICES, SearchAgent, format_view, policy_answer, response_text
+from rexrag.rollout.agent import SearchAgent, format_view, policy_answer, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 from _rollout_fakes import EOS_TEXT, CharTokenizer, ScriptedBackend

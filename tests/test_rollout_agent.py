@@ -10,7 +10,8 @@ from rexrag.config import RolloutConfig
 from rexrag.data import QAExample
 from rexrag.prompts import build_prompt_ids
 from rexrag.retrieval import format_information
-from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, NOTICES, SearchAgent, response_text
+from rexrag.protocol import INFO_CLOSE, INFO_OPEN, NOTICES
+from rexrag.rollout.agent import SearchAgent, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, from_batch, to_batch
 
 TOK = CharTokenizer()

@@ -11,7 +11,8 @@ from rexrag.data import QAExample
 from rexrag.models import sequence_logprobs
 from rexrag.prompts import build_prompt_ids
 from rexrag.retrieval import format_information
-from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, SearchAgent
+from rexrag.protocol import INFO_CLOSE, INFO_OPEN
+from rexrag.rollout.agent import SearchAgent
 from rexrag.rollout.engine import HFBackend, SamplingParams
 from rexrag.rollout.trajectory import Seg, to_batch
 

@@ -279,7 +279,8 @@ def test_agent_copes_with_short_and_empty_rows(corpus):
     from _rollout_fakes import CharTokenizer, ScriptedBackend
     from rexrag.config import RolloutConfig
     from rexrag.data import QAExample
-    from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, SearchAgent
+    from rexrag.protocol import INFO_CLOSE, INFO_OPEN
+    from rexrag.rollout.agent import SearchAgent
     from rexrag.rollout.trajectory import Seg
 
     tok = CharTokenizer()

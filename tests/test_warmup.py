@@ -70,8 +70,8 @@ def test_trajectory_is_token_exact_with_masked_info(smol_tokenizer):
 
 
 def test_info_block_matches_the_agent_insertion(smol_tokenizer):
+    from rexrag.protocol import INFO_CLOSE, INFO_OPEN
     from rexrag.retrieval import format_information
-    from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN
 
     tok = smol_tokenizer
     p = [Passage("x", "T", "word " * 400), Passage("y", "U", "short")]

@@ -19,11 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from rexrag.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration key or value is wrong; the message names the key."""
+from rexrag.errors import ConfigError
+from rexrag.protocol import DEFAULT_TOPK, INFORMATION_OPEN
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -59,7 +56,7 @@ class ModelConfig:
 class RetrievalConfig:
     index: str = doc("Index directory built by `rexrag index` (used when url is empty).", "")
     url: str = doc("Search-R1-compatible /retrieve endpoint; overrides index when set.", "")
-    topk: int = doc("Passages returned per search.", 3)
+    topk: int = doc("Passages returned per search.", DEFAULT_TOPK)
     timeout_s: float = doc("HTTP timeout per request.", 30.0)
     retries: int = doc("Bounded retries for a failed retrieval call.", 2)
     api_key: str = doc("Optional API key sent as X-API-Key to a remote retriever.", "")
@@ -90,7 +87,7 @@ class RolloutConfig:
     n: int = doc("Rollouts per prompt (GRPO group size G).", 5)
     max_turns: int = doc("Search turns allowed before the final answer-only turn.", 4)
     max_new_tokens_per_turn: int = doc("Tokens the policy may generate in one turn.", 256)
-    max_obs_tokens: int = doc("Retrieved <information> text is truncated to this many tokens.", 500)
+    max_obs_tokens: int = doc(f"Retrieved {INFORMATION_OPEN} text is truncated to this many tokens.", 500)
     max_total_tokens: int = doc("Cap on prompt + response tokens of one trajectory.", 4096)
     temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
     top_p: float = doc("Nucleus sampling mass.", 1.0)

@@ -23,19 +23,23 @@ Corpora are jsonl with ``id`` and either ``contents`` ('"Title"\\ntext', FlashRA
 Bad input is never silently dropped: a malformed line, a missing field or a wrong type raises
 ``DataError`` naming file, line (or parquet row) and field. With ``skip_bad=True`` such rows are
 skipped, logged, and counted in the returned list's ``skipped`` attribute.
+
+``Passage`` (the corpus record every retriever returns) is defined here, beside its reader, and
+``demo_file`` locates the bundled demo corpus and questions; this module imports no other layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rexrag.errors import DataError
-from rexrag.retrieval.base import Passage, split_contents  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +276,50 @@ def load_qa_files(paths: Iterable[str | Path], skip_bad: bool = False, limit: in
 # --------------------------------------------------------------------------- corpora
 
 
+def split_contents(contents: str) -> tuple[str, str]:
+    """'"Title"\\ntext' -> (title, text) for our own use (prompts, warmup queries).
+
+    The first line is the title with ONE pair of surrounding quotes removed (so '"I Cannot Say
+    "Farewell""' keeps its inner quotes, which ``strip('"')`` would eat) and a CR of a CRLF line end
+    dropped; an unquoted first line is the title as it is; no newline -> no title. What is served
+    and shown to the model is ``Passage.contents``, never a rebuild from these two fields.
+    """
+    if "\n" not in contents:
+        return "", contents
+    first, rest = contents.split("\n", 1)
+    first = first.removesuffix("\r")
+    if len(first) >= 2 and first[0] == first[-1] == '"':
+        first = first[1:-1]
+    return first, rest
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage and its score. ``raw_contents`` is the corpus line's own ``contents`` string when the
+    corpus had one: Search-R1 clients parse ``contents`` themselves, so it must reach them unchanged."""
+
+    id: str
+    title: str
+    text: str
+    score: float = 0.0
+    raw_contents: str | None = None
+
+    @classmethod
+    def from_contents(cls, id: str, contents: str, score: float = 0.0) -> Passage:
+        title, text = split_contents(contents)
+        return cls(id, title, text, score, contents)
+
+    @property
+    def contents(self) -> str:
+        """The stored ``contents``; for title + text corpora the FlashRAG / Search-R1 form '"Title"\\ntext'."""
+        if self.raw_contents is not None:
+            return self.raw_contents
+        return f'"{self.title}"\n{self.text}'
+
+    def with_score(self, score: float) -> Passage:
+        return dataclasses.replace(self, score=float(score))
+
+
 def _parse_passage(path: Path):
     def parse(row: dict, where: str) -> Passage:
         pid = _get(row, "id", path, where, (str, int))
@@ -304,3 +352,15 @@ def load_corpus(path: str | Path, *, skip_bad: bool = False) -> Loaded:
     if not out:
         raise DataError(f"{path}: no passages loaded")
     return out
+
+
+# --------------------------------------------------------------------------- bundled demo data
+
+DEMO_FILES = ("corpus.jsonl", "train.jsonl", "eval.jsonl", "NOTICE", "manifest.json")
+
+
+def demo_file(name: str) -> Path:
+    """Path of a bundled demo data file (``resources/demo/<name>``)."""
+    if name not in DEMO_FILES:
+        raise ValueError(f"unknown demo file {name!r}; choose one of {list(DEMO_FILES)}")
+    return Path(str(resources.files("rexrag") / "resources" / "demo" / name))

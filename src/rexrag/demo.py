@@ -18,20 +18,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
+from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bundled data lives with the loaders)
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
-
-DEMO_FILES = ("corpus.jsonl", "train.jsonl", "eval.jsonl", "NOTICE", "manifest.json")
-
-
-def demo_file(name: str) -> Path:
-    """Path of a bundled demo data file (``resources/demo/<name>``)."""
-    if name not in DEMO_FILES:
-        raise ValueError(f"unknown demo file {name!r}; choose one of {list(DEMO_FILES)}")
-    return Path(str(resources.files("rexrag") / "resources" / "demo" / name))
 
 
 @dataclass
@@ -253,10 +244,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
 def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick) -> Path:
     """Evaluate the untrained model, warm up, train, evaluate the checkpoint, write the report."""
-    from rexrag.commands.train import build_trainer
     from rexrag.config import ModelConfig
     from rexrag.data import load_qa
     from rexrag.models import load_model
+    from rexrag.train.build import build_trainer
     from rexrag.train.checkpoint import latest_checkpoint
     from rexrag.warmup import WarmupConfig, run_warmup
 

@@ -26,12 +26,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rexrag.config import ModelConfig
 from rexrag.errors import UserError
+
+if TYPE_CHECKING:  # annotation only: config asks the backend registry, whose vLLM builder imports us
+    from rexrag.config import ModelConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 

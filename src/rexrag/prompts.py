@@ -1,7 +1,7 @@
 """Instruction templates and prompt token ids for the search agent.
 
 The tags are the ones Search-R1 and REX-RAG use (``<think>``, ``<search>``, ``<information>``,
-``<answer>``). ``"rexrag"`` is our own wording; ``"search-r1"`` reproduces the public Search-R1
+``<answer>``; written from ``rexrag.protocol``). ``"rexrag"`` is our own wording; ``"search-r1"`` reproduces the public Search-R1
 instruction word for word so that its released checkpoints can be evaluated under the prompt they
 were trained with. A template can also be a file path or a literal string containing ``{question}``.
 
@@ -15,26 +15,38 @@ from __future__ import annotations
 from pathlib import Path
 
 from rexrag.errors import UserError
+from rexrag.protocol import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    INFORMATION_CLOSE,
+    INFORMATION_OPEN,
+    SEARCH_CLOSE,
+    SEARCH_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+)
 
 PLACEHOLDER = "{question}"
 
 TEMPLATES: dict[str, str] = {
     "rexrag": (
         "You answer questions with the help of a search engine. Think step by step inside "
-        "<think> </think>. Whenever a fact is missing, write a search query as <search> query </search>; "
-        "the system then shows the best matching passages inside <information> </information>. "
+        f"{THINK_OPEN} {THINK_CLOSE}. Whenever a fact is missing, write a search query as "
+        f"{SEARCH_OPEN} query {SEARCH_CLOSE}; "
+        f"the system then shows the best matching passages inside {INFORMATION_OPEN} {INFORMATION_CLOSE}. "
         "Search again if the passages are not enough. When you know the answer, give only the short "
-        "answer inside <answer> </answer>, for example <answer> Paris </answer>.\n"
-        "Question: {question}\n"
+        f"answer inside {ANSWER_OPEN} {ANSWER_CLOSE}, for example {ANSWER_OPEN} Paris {ANSWER_CLOSE}.\n"
+        f"Question: {PLACEHOLDER}\n"
     ),
     # Search-R1 (Jin et al., 2025) instruction, verbatim, for evaluating its checkpoints.
     "search-r1": (
-        "Answer the given question. You must conduct reasoning inside <think> and </think> first every time "
-        "you get new information. After reasoning, if you find you lack some knowledge, you can call a search "
-        "engine by <search> query </search> and it will return the top searched results between <information> "
-        "and </information>. You can search as many times as your want. If you find no further external "
-        "knowledge needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
-        "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n"
+        f"Answer the given question. You must conduct reasoning inside {THINK_OPEN} and {THINK_CLOSE} first "
+        "every time you get new information. After reasoning, if you find you lack some knowledge, you can call "
+        f"a search engine by {SEARCH_OPEN} query {SEARCH_CLOSE} and it will return the top searched results "
+        f"between {INFORMATION_OPEN} and {INFORMATION_CLOSE}. You can search as many times as your want. If you "
+        "find no further external knowledge needed, you can directly provide the answer inside "
+        f"{ANSWER_OPEN} and {ANSWER_CLOSE}, without detailed illustrations. For example, "
+        f"{ANSWER_OPEN} Beijing {ANSWER_CLOSE}. Question: {PLACEHOLDER}\n"
     ),
 }
 

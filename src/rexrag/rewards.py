@@ -38,6 +38,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from rexrag.errors import UserError
+from rexrag.protocol import ANSWER, INFORMATION, INFORMATION_CLOSE, INFORMATION_OPEN, SEARCH, TAGS, last_answer_span
 from rexrag.registry import Registry
 
 RewardFn = Callable[..., list[float]]
@@ -118,8 +119,8 @@ def cover_em(pred: str | None, golds: str | Iterable[str] | None) -> float:
 
 # --------------------------------------------------------------------------- response parsing
 
-_INFO_BLOCK = re.compile(r"<information>.*?</information>", re.DOTALL)
-_TAG = re.compile(r"<(/?)(think|search|answer|information)>")
+_INFO_BLOCK = re.compile(f"{re.escape(INFORMATION_OPEN)}.*?{re.escape(INFORMATION_CLOSE)}", re.DOTALL)
+_TAG = re.compile(f"<(/?)({'|'.join(TAGS)})>")
 
 
 def extract_answer(response: str | None) -> str | None:
@@ -134,13 +135,10 @@ def extract_answer(response: str | None) -> str | None:
     if not response:
         return None
     text = _INFO_BLOCK.sub(" ", response)
-    end = text.rfind("</answer>")
-    if end < 0:
+    span = last_answer_span(text)
+    if span is None:
         return None
-    start = text.rfind("<answer>", 0, end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>") : end].strip() or None
+    return text[span[0] : span[1]].strip() or None
 
 
 def format_ok(response: str | None) -> bool:
@@ -170,19 +168,19 @@ def format_ok(response: str | None) -> bool:
         if inside is not None:
             if not closing or name != inside:
                 return False  # nested / crossed (rule 2)
-            if name in ("search", "answer") and not chunk.strip():
+            if name in (SEARCH, ANSWER) and not chunk.strip():
                 return False  # empty query or answer
             inside, last = None, name
-            answered = answered or name == "answer"
+            answered = answered or name == ANSWER
             pos = m.end()
             continue
         if closing or answered:
             return False  # closing without opening, or anything after the answer (rule 4)
-        if name == "information":
-            end = response.find("</information>", m.end())
-            if last != "search" or end < 0:
+        if name == INFORMATION:
+            end = response.find(INFORMATION_CLOSE, m.end())
+            if last != SEARCH or end < 0:
                 return False  # rule 3
-            last, pos = "information", end + len("</information>")
+            last, pos = INFORMATION, end + len(INFORMATION_CLOSE)
             continue
         inside, pos = name, m.end()
     return inside is None and answered

@@ -37,6 +37,18 @@ import torch
 
 from rexrag.data import QAExample
 from rexrag.errors import UserError
+from rexrag.protocol import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    DEFAULT_TOPK,
+    INFO_CLOSE,
+    INFO_OPEN,
+    SEARCH_CLOSE,
+    SEARCH_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    format_information,
+)
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 
 
@@ -48,7 +60,7 @@ class WarmupConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    topk: int = 3
+    topk: int = DEFAULT_TOPK
     max_obs_tokens: int = 500  # retrieved text per search is cut to this many tokens, as in the agent
     second_hop: str = "auto"  # auto (when a useful second query exists) | never
     template: str = "rexrag"
@@ -69,9 +81,6 @@ def info_ids(passages, tokenizer, max_obs_tokens: int) -> list[int]:
     """The inserted observation, tokenised exactly as ``SearchAgent`` inserts it at rollout time:
     ``INFO_OPEN`` + the formatted passages cut to ``max_obs_tokens`` tokens + ``INFO_CLOSE``, each
     tokenised on its own."""
-    from rexrag.retrieval import format_information
-    from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN
-
     body = _ids(tokenizer, format_information(passages))[:max_obs_tokens]
     return _ids(tokenizer, INFO_OPEN) + body + _ids(tokenizer, INFO_CLOSE)
 
@@ -110,11 +119,11 @@ def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str,
     traj.extend(build_prompt_ids(tokenizer, example.question, cfg.template), Seg.PROMPT, 0)
     for turn, (query, passages) in enumerate(hops):
         thought = "I need to search for this." if turn == 0 else f"I should also look up {query}."
-        action = _ids(tokenizer, f"<think> {thought} </think>\n<search> {query} </search>")
+        action = _ids(tokenizer, f"{THINK_OPEN} {thought} {THINK_CLOSE}\n{SEARCH_OPEN} {query} {SEARCH_CLOSE}")
         traj.extend(action, Seg.POLICY, turn, [0.0] * len(action))
         traj.extend(info_ids(passages, tokenizer, cfg.max_obs_tokens), Seg.INFO, turn)
     gold = example.golden_answers[0].strip()
-    final = _ids(tokenizer, f"<think> The passages give the answer. </think>\n<answer> {gold} </answer>")
+    final = _ids(tokenizer, f"{THINK_OPEN} The passages give the answer. {THINK_CLOSE}\n{ANSWER_OPEN} {gold} {ANSWER_CLOSE}")
     traj.extend(final, Seg.POLICY, len(hops), [0.0] * len(final))
     traj.n_searches, traj.stop_reason, traj.answer = len(hops), "answer", gold
     traj.check()

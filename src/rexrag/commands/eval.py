@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rexrag.protocol import DEFAULT_TOPK
+
 HELP = """Examples:
   rexrag eval --model runs/demo/train/checkpoints/step_000004/model --dataset hotpotqa=questions.jsonl --index runs/demo/index --out runs/eval
   rexrag eval --backend hf ...         # the transformers loop instead of vLLM
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default="", help="folder with one sub-folder per benchmark")
     p.add_argument("--index", default="", help="index directory built by `rexrag index`")
     p.add_argument("--retriever-url", default="", help="Search-R1-compatible /retrieve endpoint (instead of --index)")
-    p.add_argument("--topk", type=int, default=3, help="passages per search")
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="passages per search")
     p.add_argument("--method", default="agent", choices=["agent", "rag", "direct"])
     p.add_argument("--limit", type=int, default=0, help="at most N questions per dataset (0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from rexrag.protocol import DEFAULT_TOPK
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default="", metavar="VAR",
                    help="require the key held in env var VAR in the X-API-Key header")
-    p.add_argument("--default-topk", type=int, default=3, help="topk when a request leaves it out")
+    p.add_argument("--default-topk", type=int, default=DEFAULT_TOPK, help="topk when a request leaves it out")
     p.add_argument("--max-topk", type=int, default=100)
     p.add_argument("--max-queries", type=int, default=4096,
                    help="queries per request (default 4096: a Search-R1 GRPO batch sends 2,560)")

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from rexrag.config import ModelConfig, RetrievalConfig
-    from rexrag.data import load_qa_files
+    from rexrag.data import demo_file, load_qa_files
     from rexrag.errors import UserError
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
@@ -55,8 +55,6 @@ def run(args) -> int:
     if args.train_file:
         examples = list(load_qa_files(args.train_file))
     else:
-        from rexrag.demo import demo_file
-
         examples = list(load_qa_files([demo_file("train.jsonl")]))
     cfg = WarmupConfig(n_examples=args.n_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        topk=args.topk, max_obs_tokens=args.max_obs_tokens, second_hop=args.second_hop,

@@ -31,6 +31,8 @@ import torch
 from rexrag.data import QAExample
 from rexrag.errors import UserError
 from rexrag.eval import report
+from rexrag.prompts import PLACEHOLDER
+from rexrag.protocol import ANSWER_CLOSE, ANSWER_OPEN, DEFAULT_TOPK, THINK_CLOSE, THINK_OPEN, stop_strings
 
 BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 BENCHMARK_ALIASES = {"2wiki": "2wikimultihopqa", "tqa": "triviaqa", "hotpot": "hotpotqa"}
@@ -38,21 +40,21 @@ METHODS = ("direct", "rag", "agent")
 _SPLIT_TIERS = ("test", "dev", "val")
 
 DIRECT_TEMPLATE = (
-    "Answer the given question. Think step by step inside <think> and </think>, then give the final "
-    "answer inside <answer> and </answer>, without detailed explanation. For example, "
-    "<answer> Beijing </answer>. Question: {question}\n"
+    f"Answer the given question. Think step by step inside {THINK_OPEN} and {THINK_CLOSE}, then give the final "
+    f"answer inside {ANSWER_OPEN} and {ANSWER_CLOSE}, without detailed explanation. For example, "
+    f"{ANSWER_OPEN} Beijing {ANSWER_CLOSE}. Question: {PLACEHOLDER}\n"
 )
 RAG_TEMPLATE = (
-    "Answer the given question using the documents below. Think step by step inside <think> and "
-    "</think>, then give the final answer inside <answer> and </answer>, without detailed "
-    "explanation. For example, <answer> Beijing </answer>.\n\n{question}\n"
+    f"Answer the given question using the documents below. Think step by step inside {THINK_OPEN} and "
+    f"{THINK_CLOSE}, then give the final answer inside {ANSWER_OPEN} and {ANSWER_CLOSE}, without detailed "
+    f"explanation. For example, {ANSWER_OPEN} Beijing {ANSWER_CLOSE}.\n\n{PLACEHOLDER}\n"
 )
 
 
 @dataclass
 class EvalOptions:
     method: str = "agent"
-    topk: int = 3
+    topk: int = DEFAULT_TOPK
     batch_size: int = 16
     max_turns: int = 4
     max_new_tokens: int = 256  # per turn (agent) or for the whole answer (direct, rag)
@@ -163,7 +165,7 @@ def _one_shot_prompt(tokenizer, ex: QAExample, passages: list | None) -> list[in
 
     if passages is None:
         return build_prompt_ids(tokenizer, ex.question, DIRECT_TEMPLATE)
-    from rexrag.retrieval import format_information
+    from rexrag.protocol import format_information
 
     # The documents ride in the "question" slot so the template itself stays a plain literal.
     text = f"Documents:\n{format_information(passages)}\n\nQuestion: {ex.question}"
@@ -177,7 +179,7 @@ def _run_one_shot(examples, backend, tokenizer, retriever, opts: EvalOptions) ->
     passages = retriever.search([e.question for e in examples], opts.topk) if opts.method == "rag" else None
     prompts = [_one_shot_prompt(tokenizer, e, passages[i] if passages else None) for i, e in enumerate(examples)]
     params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
-    outs = backend.generate(prompts, [["</answer>"]] * len(prompts), params)
+    outs = backend.generate(prompts, [stop_strings(final_turn=True)] * len(prompts), params)
     rows = []
     for i, out in enumerate(outs):
         text = tokenizer.decode(out.token_ids, skip_special_tokens=True)

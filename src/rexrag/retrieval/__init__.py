@@ -4,12 +4,13 @@
   index directory by ``build_index`` / ``rexrag index`` and opened by ``load_index``.
 * ``HTTPRetriever``: any Search-R1-compatible ``/retrieve`` server (``rexrag serve`` or Search-R1's).
 
-``load_retriever(cfg)`` picks one from a ``RetrievalConfig``; ``format_information`` renders
-passages the way Search-R1 puts them inside ``<information>``.
+``load_retriever(cfg)`` picks one from a ``RetrievalConfig``; ``format_information`` (its home is
+``rexrag.protocol``) renders passages the way Search-R1 puts them inside ``<information>``.
 """
 
 from __future__ import annotations
 
+from rexrag.protocol import format_information
 from rexrag.retrieval.base import Passage, Retriever
 from rexrag.retrieval.bm25 import BM25Retriever, build_bm25, load_bm25
 from rexrag.retrieval.dense import DenseRetriever, build_dense, load_dense
@@ -35,25 +36,10 @@ __all__ = [
 
 def load_retriever(cfg) -> Retriever:
     """``cfg.url`` set -> HTTPRetriever; else ``load_index(cfg.index)``."""
-    from rexrag.config import ConfigError
+    from rexrag.errors import ConfigError
 
     if cfg.url:
         return HTTPRetriever(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key)
     if cfg.index:
         return load_index(cfg.index, device=cfg.device)
     raise ConfigError("set retrieval.index (an index dir from `rexrag index`) or retrieval.url (a /retrieve endpoint)")
-
-
-def format_information(passages: list[Passage]) -> str:
-    """Search-R1's ``_passages2string``: ``Doc 1(Title: "T") text\\nDoc 2(Title: ...) ...``.
-
-    Built from ``contents`` as Search-R1 builds it, so the model sees what it would see there: the
-    title is the first line as stored (quotes, a CR, all kept; no newline -> the whole passage is
-    the title and the text is empty), and the result is ``strip()``-ed as Search-R1 strips it
-    inside <information>. No passages (BM25 found nothing) -> "".
-    """
-    docs = []
-    for i, p in enumerate(passages, 1):
-        title, _, text = p.contents.partition("\n")
-        docs.append(f"Doc {i}(Title: {title}) {text}\n")
-    return "".join(docs).strip()

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from rexrag.protocol import DEFAULT_TOPK
 from rexrag.retrieval.base import Passage, Retriever
 
 # Defaults admit one Search-R1 GRPO batch per request (2,560 queries) with room to spare; 32 MiB
@@ -121,7 +122,7 @@ def format_results(results: list[list[Passage]], return_scores: bool) -> dict[st
     return {"result": out}
 
 
-def create_app(retriever: Retriever, *, default_topk: int = 3, max_topk: int = 100, max_queries: int = MAX_QUERIES,
+def create_app(retriever: Retriever, *, default_topk: int = DEFAULT_TOPK, max_topk: int = 100, max_queries: int = MAX_QUERIES,
                max_body_bytes: int = MAX_BODY_BYTES, max_query_chars: int = MAX_QUERY_CHARS,
                api_key: str | None = None, api_key_header: str = "X-API-Key") -> FastAPI:
     """The app serving ``retriever``; ``api_key`` set -> requests must send it in ``api_key_header``."""

@@ -36,8 +36,7 @@ from importlib import resources
 from pathlib import Path
 
 from rexrag.errors import UserError
-
-THINK = "<think>"
+from rexrag.protocol import THINK_OPEN
 
 
 class PoolError(UserError):
@@ -67,8 +66,8 @@ def read_pool(path: str | Path | None = None) -> list[str]:
             continue
         if not text.strip():
             raise PoolError(f"{path}:{lineno}: empty line; every line must hold one prompt (or a # comment)")
-        if not text.startswith(THINK):
-            raise PoolError(f"{path}:{lineno}: prompt must start with {THINK!r}, got {text[:30]!r}")
+        if not text.startswith(THINK_OPEN):
+            raise PoolError(f"{path}:{lineno}: prompt must start with {THINK_OPEN!r}, got {text[:30]!r}")
         if text in seen:
             raise PoolError(f"{path}:{lineno}: duplicate of the prompt on line {seen[text]}")
         seen[text] = lineno

@@ -44,10 +44,8 @@ from collections import defaultdict
 
 import torch
 
+from rexrag.protocol import ANSWER_OPEN
 from rexrag.rollout.trajectory import Seg, Trajectory
-
-ANSWER_TAG = "<answer>"
-
 
 # --------------------------------------------------------------------------- outcomes
 
@@ -86,7 +84,7 @@ def _last_policy_run(segments: list[int]) -> tuple[int, int] | None:
     return start, end
 
 
-def answer_cut(traj: Trajectory, tokenizer, tag: str = ANSWER_TAG) -> int | None:
+def answer_cut(traj: Trajectory, tokenizer, tag: str = ANSWER_OPEN) -> int | None:
     """Index of the token holding the start of the final ``<answer>`` tag (the probe's cut), or None.
 
     Any ``<answer>`` in the last POLICY run counts: closed or not, empty or not, in the final

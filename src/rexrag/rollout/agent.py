@@ -46,27 +46,30 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from rexrag.config import RolloutConfig
 from rexrag.prompts import build_prompt_ids
+from rexrag.protocol import (
+    ANSWER,
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    DEFAULT_TOPK,
+    INFO_CLOSE,
+    INFO_OPEN,
+    NOTICES,
+    SEARCH,
+    format_information,
+    last_answer_span,
+    parse_action,
+    stop_strings,
+)
 from rexrag.rollout.engine import FINISH_REASONS, GenerationBackend, GenOutput, SamplingParams
 from rexrag.rollout.trajectory import Seg, Trajectory
 
+if TYPE_CHECKING:  # annotation only: config validates rollout.backend against our registry, so it imports us
+    from rexrag.config import RolloutConfig
+
 log = logging.getLogger(__name__)
-
-SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-INFO_OPEN, INFO_CLOSE = "\n\n<information>", "</information>\n\n"
-
-NOTICES = {
-    "invalid": (
-        "\nThat was not a valid step. To look something up I write <search> query </search>; "
-        "to finish I write <answer> answer </answer>. Let me continue.\n"
-    ),
-    "empty_query": "\nMy search query was empty, so nothing was searched. I need to write a query between <search> and </search>.\n",
-    "retrieval_failed": "\nThe search engine could not be reached for that query. I can search again or answer with what I know.\n",
-}
 
 
 @dataclass
@@ -120,11 +123,9 @@ def policy_answer(tokenizer, traj: Trajectory) -> str | None:
         if seg != Seg.POLICY:
             continue
         text = tokenizer.decode(ids, skip_special_tokens=True)  # as response_text decodes
-        end = text.rfind(ANSWER_CLOSE)
-        start = text.rfind(ANSWER_OPEN, 0, end) if end >= 0 else -1
-        if start >= 0:
-            answer = text[start + len(ANSWER_OPEN) : end].strip()
-            return answer or None
+        span = last_answer_span(text)
+        if span is not None:
+            return text[span[0] : span[1]].strip() or None
     return None
 
 
@@ -163,23 +164,12 @@ def char_to_token(tokenizer, ids: list[int], char_pos: int) -> int:
     return lo - 1
 
 
-def last_tag_content(text: str, open_tag: str, close_tag: str) -> tuple[int, int] | None:
-    """Char range of the content between the first ``close_tag`` and the last ``open_tag`` before it."""
-    end = text.find(close_tag)
-    if end < 0:
-        return None
-    start = text.rfind(open_tag, 0, end)
-    if start < 0:
-        return None
-    return start + len(open_tag), end
-
-
 class SearchAgent:
     """Batched, token-exact multi-turn search rollouts.
 
     ``backend`` generates (``GenerationBackend``), ``retriever`` answers ``search(queries, k)``,
     ``cfg`` sets turns, token caps and sampling. ``format_fn`` turns passages into the text inside
-    ``<information>`` (default: ``rexrag.retrieval.format_information``).
+    ``<information>`` (default: ``rexrag.protocol.format_information``).
     """
 
     def __init__(
@@ -188,18 +178,16 @@ class SearchAgent:
         tokenizer,
         retriever,
         cfg: RolloutConfig,
-        topk: int = 3,
+        topk: int = DEFAULT_TOPK,
         *,
         retries: int = 2,
         retry_wait_s: float = 0.5,
         format_fn: Callable | None = None,
     ):
-        if format_fn is None:
-            from rexrag.retrieval import format_information as format_fn
         self.backend, self.tokenizer, self.retriever, self.cfg = backend, tokenizer, retriever, cfg
         self.topk, self.retries, self.retry_wait_s = topk, retries, retry_wait_s
         self.max_query_chars = cfg.max_query_chars
-        self.format_fn = format_fn
+        self.format_fn = format_fn if format_fn is not None else format_information
         self._encode_cache: dict[str, list[int]] = {}
         self.last_metrics: dict[str, float] = {}
 
@@ -260,7 +248,7 @@ class SearchAgent:
             return
         limits = [min(self.cfg.max_new_tokens_per_turn, cap - len(r.traj)) for r in gen]
         params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k, max(limits))
-        stops = [[ANSWER_CLOSE] if r.turns_left == 1 else [SEARCH_CLOSE, ANSWER_CLOSE] for r in gen]
+        stops = [stop_strings(final_turn=r.turns_left == 1) for r in gen]
         t0 = time.perf_counter()
         outs = self.backend.generate([r.traj.token_ids for r in gen], stops, params)
         counts["time_gen_s"] += time.perf_counter() - t0
@@ -291,27 +279,24 @@ class SearchAgent:
         text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if finish == "eos":
             return r.finish("eos")
-        if finish == "stop" and out.stop_str == ANSWER_CLOSE:
-            span = last_tag_content(text, ANSWER_OPEN, ANSWER_CLOSE)
-            if span is not None:
-                self._set_answer(r, ids, text, span, start)
-                return r.finish("answer")
+        action = parse_action(text, out.stop_str if finish == "stop" else None)
+        if action is not None and action.kind == ANSWER:
+            self._set_answer(r, ids, text, action.span, start)
+            return r.finish("answer")
         if len(r.traj) >= self.cfg.max_total_tokens:
             return r.finish("length")
         if r.turns_left <= 0:
             return r.finish("turns")
-        if finish == "stop" and out.stop_str == SEARCH_CLOSE:
-            span = last_tag_content(text, SEARCH_OPEN, SEARCH_CLOSE)
-            if span is not None:
-                query = text[span[0] : span[1]].strip()
-                if not query:
-                    counts["empty_queries"] += 1
-                    self._insert(r, self._encode(NOTICES["empty_query"]), Seg.NOTICE)
-                    return None
-                if len(query) > self.max_query_chars:
-                    counts["truncated_queries"] += 1
-                    query = query[: self.max_query_chars]
-                return query
+        if action is not None and action.kind == SEARCH:
+            query = action.content
+            if not query:
+                counts["empty_queries"] += 1
+                self._insert(r, self._encode(NOTICES["empty_query"]), Seg.NOTICE)
+                return None
+            if len(query) > self.max_query_chars:
+                counts["truncated_queries"] += 1
+                query = query[: self.max_query_chars]
+            return query
         counts["invalid_actions"] += 1
         r.traj.invalid_actions += 1
         self._insert(r, self._encode(NOTICES["invalid"]), Seg.NOTICE)

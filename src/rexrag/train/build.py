@@ -1,0 +1,95 @@
+"""Build a ``Trainer`` from a ``Config``: model, tokenizer, retriever, data, agent and explorer.
+
+``rexrag train`` and the demo build their trainer here. Unset ``retrieval.index`` / ``url`` means a
+BM25 index over the bundled demo corpus (built once into ``<trainer.out_dir>/index``); unset
+``data.train_files`` means the bundled demo questions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _demo_retriever_index(out_dir: str) -> str:
+    """Build (once) a BM25 index over the bundled demo corpus; return its directory."""
+    from rexrag.data import demo_file
+    from rexrag.retrieval import build_index
+
+    target = Path(out_dir) / "index"
+    if not (target / "manifest.json").is_file():
+        print(f"retrieval.index/url not set: building a BM25 index over the bundled demo corpus in {target}")
+        build_index(demo_file("corpus.jsonl"), "bm25", target, overwrite=target.exists())
+    return str(target)
+
+
+def _examples(cfg):
+    from rexrag.data import demo_file, load_qa_files
+
+    files = list(cfg.data.train_files)
+    if not files:
+        files = [demo_file("train.jsonl")]
+        print(f"data.train_files not set: using the bundled demo questions ({files[0].name})")
+    return list(load_qa_files(files, skip_bad=cfg.data.skip_bad, limit=cfg.data.limit))
+
+
+def _backend_name(name: str, world: int) -> str:
+    """Under several processes the in-process vLLM engine would start its own distributed world
+    inside accelerate's, so ``auto`` means hf there and an explicit ``vllm`` is refused."""
+    from rexrag.errors import UserError
+
+    if world > 1 and name == "vllm":
+        raise UserError(f"rollout.backend=vllm runs in one process only (this run has {world}); use rollout.backend=hf")
+    return "hf" if world > 1 and name == "auto" else name
+
+
+def build_trainer(cfg, *, progress: bool = True, backend=None):
+    """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer.
+
+    ``backend``: an existing generation backend to reuse (the demo keeps one vLLM engine for all its
+    phases); its weights are replaced by the policy's before the first rollout."""
+    import torch
+    from accelerate import Accelerator
+
+    from rexrag.models import load_model, load_tokenizer
+    from rexrag.retrieval import load_retriever
+    from rexrag.rollout.agent import SearchAgent
+    from rexrag.rollout.backends import build_backend, resolve_backend_name
+    from rexrag.train.trainer import Trainer, seed_everything
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if not (cfg.retrieval.index or cfg.retrieval.url):
+        if acc.is_main_process:
+            cfg.retrieval.index = _demo_retriever_index(cfg.trainer.out_dir)
+        acc.wait_for_everyone()
+        cfg.retrieval.index = str(Path(cfg.trainer.out_dir) / "index")
+    # an unknown or not-installed backend fails here, before any model loads
+    backend_name = (
+        None if backend is not None else resolve_backend_name(_backend_name(cfg.rollout.backend, acc.num_processes))
+    )
+    seed_everything(cfg.trainer.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    model = load_model(cfg.model, device=acc.device)
+    model.train()
+    retriever = load_retriever(cfg.retrieval)
+    seed = cfg.trainer.seed + 7919 * acc.process_index
+    if backend is None:
+        backend = build_backend(backend_name, model, tokenizer, cfg.rollout, device=acc.device, seed=seed)
+    elif hasattr(backend, "generator"):
+        backend.generator.manual_seed(seed)
+    agent = SearchAgent(
+        backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries
+    )
+    explorer = None
+    if cfg.rex.enabled:
+        from rexrag.rex.explorer import RexExplorer
+
+        explorer = RexExplorer(
+            cfg.rex,
+            cfg.rollout,
+            tokenizer,
+            seed=cfg.trainer.seed + acc.process_index,
+            clip_range=(cfg.algo.clip_low, cfg.algo.clip_high),
+        )
+    return Trainer(
+        cfg, model, tokenizer, _examples(cfg), agent=agent, explorer=explorer, accelerator=acc, progress=progress
+    )
