@@ -206,7 +206,7 @@ class FakeExplorer:
     segment), lowers the behaviour log-prob of probe rows by log 2 and weights rows 1 / 0.5."""
 
     def __init__(self):
-        self.calls, self.rho = [], 0.5
+        self.calls, self.rho, self.correct_rows = [], 0.5, []
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn):
         from rexrag.rollout.trajectory import Seg, Trajectory
@@ -227,9 +227,12 @@ class FakeExplorer:
         return [probe]
 
     def correct(self, batch, old_logprobs, is_probe, probe_start):
-        self.calls.append("correct")
-        assert is_probe.tolist() == [False] * (len(is_probe) - 1) + [True]
-        assert int(probe_start[-1]) == 3 and int(probe_start[0]) == -1
+        # row-local, as the protocol asks: the on-policy update calls it per micro-batch, then on all rows
+        if not self.calls or self.calls[-1] != "correct":
+            self.calls.append("correct")
+        self.correct_rows.append(len(is_probe))
+        assert old_logprobs.shape == batch["input_ids"].shape and not old_logprobs.requires_grad
+        assert torch.equal(probe_start == 3, is_probe) and torch.equal(probe_start == -1, ~is_probe)
         beh = old_logprobs.clone()
         beh[is_probe] -= math.log(2.0)
         return beh, torch.where(is_probe, 0.5, 1.0), {"rex/fake_metric": 7.0}
@@ -251,6 +254,8 @@ def test_explorer_hook_call_order_and_checkpoint(tmp_path):
     tr = make_trainer(tmp_path, "trainer.steps=2", "trainer.mini_batch_size=33", explorer=ex)
     hist = tr.train()
     assert ex.calls == ["explore", "correct", "end_step"] * 2
+    # on-policy (one mini-batch of 33 rows): per micro-batch of 8 for the loss, then all rows for the metrics
+    assert ex.correct_rows == [8, 8, 8, 8, 1, 33] * 2
     m = hist[-1]
     assert m["rex/fake_metric"] == 7.0 and math.isclose(m["rex/rho"], 0.5 * 0.9 * 0.9)
     assert m["rollout/trajectories"] == 33  # 8 prompts x 4 + 1 probe
