@@ -3,6 +3,33 @@
 sample prompts -> rollouts (n per prompt) -> rewards -> [REX: explore] -> old-policy / reference
 log-probs recomputed on the exact tokens -> [REX: correct] -> advantages -> ``ppo_epochs`` passes of
 mini-batch updates (gradient accumulation over micro-batches, clipping) -> log -> [REX: end_step].
+The tensors flow as a typed :class:`~rexrag.train.batch.Batch` (rollout) and
+:class:`~rexrag.train.batch.Targets` (what the step computed), shapes documented in ``train/batch.py``.
+
+Which forward pass each quantity comes from (all on the exact batch tokens via
+``models.sequence_logprobs``; each sweep is counted per step in ``passes/<kind>``):
+
+- probe scores (REX filter ranking): ``probe_scores``, a no-grad eval-mode pass of the policy over the
+  probe *candidates* (before their continuation); skipped when every candidate is kept.
+- pi_old: ``old_logprobs``, one no-grad eval-mode pass of the policy, **or** -- when the update is
+  exactly on-policy (``ppo_epochs == 1``, one mini-batch, ``trainer.reuse_update_forward``, no
+  ``kl_in_reward``) -- the update's own forward, detached, and no separate pass. Never both. With no
+  dropout the two are bitwise equal (same kernels, same micro-batches), so the switch changes no number.
+- REX-RAG behaviour log q (``rexrag.rex.correction``): computed from pi_old with no forward of its own
+  (prefix mu = pi_old / e^(1/s), continuation mu = pi_old, inserted-prompt mu from the pool's trie). In
+  the on-policy case it is computed per micro-batch from the detached pi_old (the correction is
+  row-local), and once more over all rows after the update for its ``rex/`` metrics.
+- reference log-probs: ``reference``, a no-grad pass of the frozen copy (or of the policy with LoRA
+  adapters disabled); no reference model and no pass when ``algo.kl_coef == 0``.
+- old values (``gae``): ``values``, a no-grad critic pass.
+- pi_theta (and entropy, from the same chunked LM-head pass, when ``entropy_coef > 0``): ``update``,
+  one with-grad sweep per PPO epoch.
+
+Micro-batches: ``trainer.micro_batch_size`` rows each (default), or with ``trainer.micro_batch_tokens``
+rows sorted by length and packed under a padded-token budget, each cut to its longest row; the loss
+is the same either way (normalised by mini-batch totals). ``train/padding_fraction`` is the padded
+share of the update's token slots. ``model.gradient_checkpointing`` recomputes decoder activations in
+backward (HF, non-reentrant).
 
 Multi-process data parallel goes through ``accelerate`` (DDP; FSDP/DeepSpeed configs in
 ``configs/accelerate``). Every process draws the same global prompt batch and takes prompts
@@ -56,7 +83,9 @@ class Explorer(Protocol):
     """The REX-RAG hook (implemented by ``rexrag.rex.explorer.RexExplorer``). Per step the trainer calls
     ``explore`` after rewards (kept probes join the batch after the originals), ``correct`` after the
     old/reference log-probs (its behaviour log-probs replace the old ones in the PPO ratio; optional
-    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``state_dict`` /
+    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``correct`` must be
+    row-local (rows of a slice get what they get in the whole batch): an on-policy update calls it
+    per micro-batch with the detached log-probs of its own forward, then once on all rows. ``state_dict`` /
     ``load_state_dict``, when present, are saved in and restored from checkpoints."""
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn) -> list[Trajectory]: ...
