@@ -284,7 +284,8 @@ class Trainer:
             behaviour, seq_w, rex_metrics = self.explorer.correct(batch.mapping(), old_logp, batch.is_probe, batch.probe_start)
         with self._timed(t, "adv"):
             adv, ret = self._advantages(batch, old_logp, ref_logp, old_values)
-        targets = Targets(adv, ret, old_logp, behaviour, seq_w, ref_logp, old_values)
+        targets = Targets(advantages=adv, returns=ret, old_logp=old_logp, behaviour_logp=behaviour, seq_weights=seq_w,
+                          ref_logp=ref_logp, old_values=old_values)
         with self._timed(t, "update"):
             upd, fresh_old = self.update(batch, targets, chunks)
         if old_logp is None:  # on-policy reuse: the correction's metrics over the whole batch, no forward
