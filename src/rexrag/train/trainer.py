@@ -54,7 +54,7 @@ import contextlib
 import copy
 import random
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class Explorer(Protocol):
     ``load_state_dict``, when present, are saved in and restored from checkpoints."""
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn) -> list[Trajectory]: ...
-    def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Optional[Tensor], dict]: ...
+    def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Tensor | None, dict]: ...
     def end_step(self) -> dict: ...
 
 
@@ -414,7 +414,7 @@ class Trainer:
         """[B, T] pi_old on the exact batch tokens: one no-grad pass of the policy."""
         return self._policy_pass(self.model, batch.input_ids, batch.attention_mask, "old_logprobs")
 
-    def _ref_logprobs(self, batch: Batch) -> Optional[Tensor]:
+    def _ref_logprobs(self, batch: Batch) -> Tensor | None:
         """[B, T] reference log-probs (frozen copy, or the policy with LoRA adapters disabled); None, and
         no pass, when ``kl_coef == 0`` (the KL term, in the loss or the reward, is then 0)."""
         if self.algo.kl_coef <= 0:
@@ -426,15 +426,15 @@ class Trainer:
         with reference_logprobs_context(self.acc.unwrap_model(self.model)):
             return self._policy_pass(self.model, batch.input_ids, batch.attention_mask, "reference")
 
-    def _values(self, batch: Batch) -> Optional[Tensor]:
+    def _values(self, batch: Batch) -> Tensor | None:
         """[B, T] critic values before the update (``gae``), else None."""
         if self.critic is None:
             return None
         self.passes["values"] += 1
         return self._no_grad_pass(self.critic, batch.input_ids, batch.attention_mask)
 
-    def _advantages(self, batch: Batch, old_logp: Optional[Tensor], ref_logp: Optional[Tensor],
-                    old_values: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    def _advantages(self, batch: Batch, old_logp: Tensor | None, ref_logp: Tensor | None,
+                    old_values: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """(advantages [B, T], returns [B, T] | None) from the estimator; with ``kl_in_reward`` the
         per-token reward carries -kl_coef * KL(pi_old || ref) on the loss tokens."""
         mask, rewards = batch.loss_mask, batch.rewards
@@ -461,7 +461,7 @@ class Trainer:
     def _global_min(self, x: int) -> int:
         return int(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), "min")[0]) if self.world > 1 else x
 
-    def update(self, batch: Batch, targets: Targets, chunks: list[Tensor]) -> tuple[dict[str, float], Optional[Tensor]]:
+    def update(self, batch: Batch, targets: Targets, chunks: list[Tensor]) -> tuple[dict[str, float], Tensor | None]:
         """``ppo_epochs`` passes over the mini-batches ``chunks`` (row indices); returns the mean
         actor/critic metrics and, when ``targets.old_logp`` is None (on-policy reuse), the [B, T]
         detached log-probs of the update's own forward (else None)."""
@@ -483,7 +483,7 @@ class Trainer:
         return out, fresh
 
     def _mini_batch_update(self, batch: Batch, targets: Targets, rows: Tensor, micro: list[Micro], horizon: int,
-                           fresh: Optional[Tensor]) -> dict[str, float]:
+                           fresh: Tensor | None) -> dict[str, float]:
         mask = batch.loss_mask[rows]
         # Global normalisers (divided by W because DDP averages gradients over processes).
         norm = {"num_tokens": max(self._global_sum(float(mask.sum())), 1.0) / self.world,
@@ -519,7 +519,7 @@ class Trainer:
         return metrics
 
     def _behaviour(self, batch: Batch, targets: Targets, mb: Micro, logp: Tensor,
-                   fresh: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+                   fresh: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """(behaviour [b, w], seq_weights [b] | None) of a micro-batch. On-policy reuse: pi_old is ``logp``
         detached (stored into ``fresh``), corrected row by row by the explorer (its correction is
         row-local); else the slices of ``targets``."""
@@ -535,7 +535,7 @@ class Trainer:
         return beh, seq_w
 
     def _micro_loss(self, batch: Batch, targets: Targets, mb: Micro, norm: dict,
-                    fresh: Optional[Tensor]) -> tuple[Tensor, dict[str, float]]:
+                    fresh: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         idx, w = mb.rows, mb.width
         ids, am, mask = batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.loss_mask[idx, :w]
         with self._autocast():
