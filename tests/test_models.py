@@ -84,6 +84,60 @@ def test_sequence_logprobs_chunking_and_gradient(tiny_model):
     torch.testing.assert_close(tiny_model.model.layers[0].self_attn.q_proj.weight.grad, g1, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_entropy_comes_from_the_same_pass_and_leaves_logprobs_bitwise_equal(tiny_model, side):
+    """One log-prob function: asking for the entropy changes no log-prob bit (with and without grad,
+    chunked), and the per-chunk entropy equals the full-logits entropy at every real position."""
+    from rexrag.algos.losses import entropy_from_logits
+    from rexrag.models import position_ids
+
+    ids, mask = padded_batch(SEQS, 777, side)
+    for chunk in (4, 512):
+        with torch.no_grad():
+            plain = sequence_logprobs(tiny_model, ids, mask, chunk_tokens=chunk)
+            lp, ent = sequence_logprobs(tiny_model, ids, mask, chunk_tokens=chunk, with_entropy=True)
+        assert torch.equal(lp, plain)
+        g_plain = sequence_logprobs(tiny_model, ids, mask, chunk_tokens=chunk)
+        g_lp, g_ent = sequence_logprobs(tiny_model, ids, mask, chunk_tokens=chunk, with_entropy=True)
+        assert torch.equal(g_lp.detach(), g_plain.detach()) and torch.equal(g_lp.detach(), plain)
+        (g_lp.sum() + g_ent.sum()).backward()  # entropy is differentiable through the checkpointed chunks
+        assert tiny_model.lm_head.weight.grad is not None
+        tiny_model.zero_grad()
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    want = torch.cat([torch.zeros_like(ent[:, :1]), entropy_from_logits(logits[:, :-1])], 1)
+    valid = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:] * mask[:, :-1]], 1).bool()
+    torch.testing.assert_close(ent[valid], want[valid], atol=1e-5, rtol=1e-5)
+    assert torch.all(ent[~valid] == 0) and ent[valid].min() > 0
+
+
+def test_position_ids_follow_the_mask():
+    from rexrag.models import position_ids
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+    assert position_ids(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]]
+    assert position_ids(mask.bool()).dtype == torch.long
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    from rexrag.models import enable_gradient_checkpointing, gradient_checkpointing_on
+
+    ids, mask = padded_batch(SEQS, 0)
+    tiny_model.train()
+    sequence_logprobs(tiny_model, ids, mask).sum().backward()
+    want = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    calls = []
+    tiny_model.model.layers[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    assert not gradient_checkpointing_on(tiny_model)
+    enable_gradient_checkpointing(tiny_model)
+    assert gradient_checkpointing_on(tiny_model)
+    sequence_logprobs(tiny_model, ids, mask).sum().backward()
+    assert len(calls) == 2  # the layer ran again in backward
+    for n, p in tiny_model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5)
+
+
 def test_sequence_logprobs_rejects_bad_shapes(tiny_model):
     with pytest.raises(ValueError, match="must both be"):
         sequence_logprobs(tiny_model, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))

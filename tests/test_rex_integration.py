@@ -95,3 +95,30 @@ def test_no_probes_equals_plain_grpo(tmp_path):
     for (n, a), (_, b) in zip(model_rex.named_parameters(), model_plain.named_parameters()):
         assert torch.equal(a, b), n
     assert m_rex["actor/pg_loss"] == m_plain["actor/pg_loss"]
+
+
+def test_probe_correction_is_the_same_from_either_old_logprob_source_and_any_micro_split(tmp_path):
+    """With probes kept: pi_old from the on-policy update's own forward (the correction then runs per
+    micro-batch) gives bitwise the gradients of the separate no-grad pass, and token-budget micro-batches
+    (sorted, cut to their longest row) the same gradients within fp32 tolerance; rex/ metrics agree."""
+    runs = {}
+    for name, ov in {"reuse": [], "separate": ["trainer.reuse_update_forward=false"],
+                     "packed": ["trainer.micro_batch_tokens=120"]}.items():
+        tr, model, _ = _setup(tmp_path / name, "rex.correction=rex_token", *ov)
+        grads, real_step = {}, tr.optimizer.step
+
+        def step(*a, _model=model, _grads=grads, _real=real_step, **k):
+            _grads.update({n: p.grad.clone() for n, p in _model.named_parameters()})
+            return _real(*a, **k)
+
+        tr.optimizer.step = step
+        runs[name] = (tr.step(), grads)
+    (m_reuse, p_reuse), (m_sep, p_sep), (m_packed, p_packed) = runs["reuse"], runs["separate"], runs["packed"]
+    assert m_reuse["rex/probes_kept"] == 4 and m_reuse["passes/old_logprobs"] == 0 and m_sep["passes/old_logprobs"] == 1
+    for k in ("rex/ratio_mean", "rex/ratio_max", "rex/ratio_clipfrac", "actor/pg_loss", "actor/clip_frac"):
+        assert m_reuse[k] == m_sep[k], k
+        assert abs(m_packed[k] - m_reuse[k]) <= 1e-5 * max(1.0, abs(m_reuse[k])), k
+    assert m_packed["train/padding_fraction"] < m_reuse["train/padding_fraction"]
+    for n in p_reuse:
+        assert torch.equal(p_reuse[n], p_sep[n]), n
+        torch.testing.assert_close(p_packed[n], p_reuse[n], atol=1e-6, rtol=1e-4)

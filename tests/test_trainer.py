@@ -206,7 +206,7 @@ class FakeExplorer:
     segment), lowers the behaviour log-prob of probe rows by log 2 and weights rows 1 / 0.5."""
 
     def __init__(self):
-        self.calls, self.rho = [], 0.5
+        self.calls, self.rho, self.correct_rows = [], 0.5, []
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn):
         from rexrag.rollout.trajectory import Seg, Trajectory
@@ -227,9 +227,12 @@ class FakeExplorer:
         return [probe]
 
     def correct(self, batch, old_logprobs, is_probe, probe_start):
-        self.calls.append("correct")
-        assert is_probe.tolist() == [False] * (len(is_probe) - 1) + [True]
-        assert int(probe_start[-1]) == 3 and int(probe_start[0]) == -1
+        # row-local, as the protocol asks: the on-policy update calls it per micro-batch, then on all rows
+        if not self.calls or self.calls[-1] != "correct":
+            self.calls.append("correct")
+        self.correct_rows.append(len(is_probe))
+        assert old_logprobs.shape == batch["input_ids"].shape and not old_logprobs.requires_grad
+        assert torch.equal(probe_start == 3, is_probe) and torch.equal(probe_start == -1, ~is_probe)
         beh = old_logprobs.clone()
         beh[is_probe] -= math.log(2.0)
         return beh, torch.where(is_probe, 0.5, 1.0), {"rex/fake_metric": 7.0}
@@ -251,6 +254,8 @@ def test_explorer_hook_call_order_and_checkpoint(tmp_path):
     tr = make_trainer(tmp_path, "trainer.steps=2", "trainer.mini_batch_size=33", explorer=ex)
     hist = tr.train()
     assert ex.calls == ["explore", "correct", "end_step"] * 2
+    # on-policy (one mini-batch of 33 rows): per micro-batch of 8 for the loss, then all rows for the metrics
+    assert ex.correct_rows == [8, 8, 8, 8, 1, 33] * 2
     m = hist[-1]
     assert m["rex/fake_metric"] == 7.0 and math.isclose(m["rex/rho"], 0.5 * 0.9 * 0.9)
     assert m["rollout/trajectories"] == 33  # 8 prompts x 4 + 1 probe
@@ -327,3 +332,151 @@ def test_probe_filter_scores_in_eval_mode(tmp_path):
     tr.model.train()
     for a, b, c in zip(first, second, reference):
         assert torch.equal(a, b) and torch.equal(a, c)  # with dropout active these would differ
+
+
+# --------------------------------------------------------------------------- passes, micro-batches, checkpointing
+
+
+class RaggedRollout(ToyRollout):
+    """The toy rollout with each row cut to 1..6 policy tokens, so rows differ in length (padding)."""
+
+    def __call__(self, examples, n):
+        from rexrag.rollout.trajectory import Seg, Trajectory
+
+        out = []
+        for j, tr in enumerate(super().__call__(examples, n)):
+            p, keep = tr.prompt_len, tr.prompt_len + 1 + (j * 5) % 6
+            t = Trajectory(group_id=tr.group_id, example=tr.example, stop_reason="length")
+            t.extend(tr.token_ids[:p], Seg.PROMPT, 0)
+            t.extend(tr.token_ids[p:keep], Seg.POLICY, 0, tr.logprobs[p:keep])
+            out.append(t)
+        return out
+
+
+def _ragged_trainer(tmp_path, *overrides, model=None):
+    cfg = toy_config(tmp_path, *overrides)
+    model = model if model is not None else toy_model()
+    roll = RaggedRollout(model, seed=cfg.trainer.seed)
+    tr = Trainer(cfg, model, CharTokenizer(), toy_examples(), rollout_fn=roll, reward_fn=_varied_reward, progress=False)
+    roll.trainer = tr
+    return tr
+
+
+def _step_grads(tr) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """One step; the gradients each optimizer update saw (after clipping) and the step's metrics."""
+    seen, real_step = [], tr.optimizer.step
+
+    def step(*a, **k):
+        seen.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        return real_step(*a, **k)
+
+    tr.optimizer.step = step
+    return seen, tr.step()
+
+
+def _decoder_calls(model) -> dict[str, int]:
+    calls = {"grad": 0, "no_grad": 0}
+
+    def hook(module, args, kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+
+    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_on_policy_step_takes_old_logprobs_from_one_source(tmp_path):
+    """One epoch, one mini-batch: pi_old comes from the update's own forward (no separate pass) and the
+    weights are bitwise those of the run with the separate no-grad pass; off-policy runs that pass."""
+    runs = {}
+    for reuse in (True, False):
+        model = toy_model()
+        calls = _decoder_calls(model)
+        tr = make_trainer(tmp_path / str(reuse), "trainer.mini_batch_size=32", f"trainer.reuse_update_forward={reuse}",
+                          "algo.kl_coef=0.01", model=model, reward=_varied_reward)
+        hist = [tr.step() for _ in range(2)]
+        runs[reuse] = (hist, dict(calls), _params(model))
+    (h_on, c_on, p_on), (h_off, c_off, p_off) = runs[True], runs[False]
+    n_micro = 32 // 8
+    for m_on, m_off in zip(h_on, h_off, strict=True):
+        assert m_on["passes/old_logprobs"] == 0 and m_off["passes/old_logprobs"] == 1
+        assert m_on["passes/update"] == m_off["passes/update"] == 1
+        assert m_on["passes/reference"] == m_off["passes/reference"] == 1
+        for k in ("actor/pg_loss", "actor/kl_loss", "actor/ratio_mean", "actor/entropy_mc", "actor/grad_norm"):
+            assert m_on[k] == m_off[k], k
+        assert m_on["actor/ratio_mean"] == 1.0
+    # the policy's decoder: the same with-grad forwards; the separate pass is n_micro no-grad forwards a step
+    assert c_on["grad"] == c_off["grad"] == 2 * n_micro
+    assert c_off["no_grad"] - c_on["no_grad"] == 2 * n_micro
+    assert all(torch.equal(p_on[n], p_off[n]) for n in p_on)
+    # two mini-batches are off-policy for the second: pi_old is recomputed once
+    m = make_trainer(tmp_path / "off", "trainer.mini_batch_size=16", reward=_varied_reward).step()
+    assert m["passes/old_logprobs"] == 1 and m["passes/update"] == 1
+
+
+def test_kl_coef_zero_runs_no_reference_pass(tmp_path):
+    tr = make_trainer(tmp_path / "zero", "algo.kl_coef=0.0")
+    m = tr.step()
+    assert tr.reference is None and m["passes/reference"] == 0 and "actor/kl_loss" not in m
+    tr = make_trainer(tmp_path / "in_reward", "algo.kl_coef=0.0", "algo.kl_in_reward=true", "algo.adv_estimator=rloo")
+    m = tr.step()
+    assert tr.reference is None and m["passes/reference"] == 0 and m["passes/old_logprobs"] == 1
+    tr = make_trainer(tmp_path / "on", "algo.kl_coef=0.01")
+    m = tr.step()
+    assert tr.reference is not None and m["passes/reference"] == 1 and math.isfinite(m["actor/kl_loss"])
+
+
+@pytest.mark.parametrize("mini", [32, 16])
+def test_token_budget_micro_batches_give_the_same_gradients(tmp_path, mini):
+    """Rows of 4..9 tokens: packing by a token budget (sorted, each micro-batch cut to its longest row)
+    gives the gradients of the whole mini-batch in one forward, within fp32 tolerance, with less padding."""
+    common = (f"trainer.mini_batch_size={mini}", "algo.kl_coef=0.01", "algo.entropy_coef=0.01")
+    whole, m_whole = _step_grads(_ragged_trainer(tmp_path / "whole", *common, f"trainer.micro_batch_size={mini}"))
+    rows, m_rows = _step_grads(_ragged_trainer(tmp_path / "rows", *common, "trainer.micro_batch_size=4"))
+    packed, m_packed = _step_grads(_ragged_trainer(tmp_path / "packed", *common, "trainer.micro_batch_size=4",
+                                                   "trainer.micro_batch_tokens=20"))
+    assert len(whole) == len(rows) == len(packed) == 32 // mini
+    for g_whole, g_rows, g_packed in zip(whole, rows, packed, strict=True):
+        assert g_whole.keys() == g_packed.keys() and len(g_whole) > 0
+        for n in g_whole:
+            torch.testing.assert_close(g_packed[n], g_whole[n], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(g_rows[n], g_whole[n], atol=1e-6, rtol=1e-4)
+    for k in ("actor/pg_loss", "actor/kl_loss"):  # the loss terms add up over micro-batches (other metrics: means of means)
+        assert math.isclose(m_packed[k], m_whole[k], rel_tol=1e-4, abs_tol=1e-6), k
+    # row split keeps every row at T = 9 columns; the packed split cuts each micro-batch to its longest row
+    assert m_rows["train/padding_fraction"] == m_whole["train/padding_fraction"] > 0.2
+    assert m_packed["train/padding_fraction"] < 0.5 * m_rows["train/padding_fraction"]
+
+
+def test_micro_batches_pack_under_the_budget():
+    from rexrag.train.batch import micro_batches, padding_fraction
+
+    lengths = torch.tensor([3, 9, 5, 9, 2, 7, 4, 1])
+    rows = torch.arange(8)
+    by_rows = micro_batches(rows, lengths, 9, max_rows=3)
+    assert [m.rows.tolist() for m in by_rows] == [[0, 1, 2], [3, 4, 5], [6, 7]] and {m.width for m in by_rows} == {9}
+    packed = micro_batches(rows, lengths, 9, max_rows=3, max_tokens=16)
+    assert sorted(i for m in packed for i in m.rows.tolist()) == list(range(8))  # every row exactly once
+    assert all(len(m.rows) * m.width <= 16 or len(m.rows) == 1 for m in packed)
+    assert all(m.width == int(lengths[m.rows].max()) for m in packed)
+    assert [m.rows.tolist() for m in packed] == [[1], [3], [5, 2], [6, 0, 4, 7]]
+    assert padding_fraction(by_rows, lengths) == 1 - 40 / 72
+    assert padding_fraction(packed, lengths) == 1 - 40 / (9 + 9 + 14 + 16)
+    assert micro_batches(rows, lengths, 9, max_rows=3, max_tokens=4)[0].rows.tolist() == [1]  # longer than the budget: alone
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    from rexrag.models import gradient_checkpointing_on
+
+    base, m_base = _step_grads(_ragged_trainer(tmp_path / "plain", "trainer.mini_batch_size=32"))
+    model = toy_model()
+    layer_calls = []
+    model.get_decoder().layers[0].register_forward_pre_hook(lambda *a: layer_calls.append(torch.is_grad_enabled()))
+    tr = _ragged_trainer(tmp_path / "ckpt", "trainer.mini_batch_size=32", "model.gradient_checkpointing=true", model=model)
+    assert gradient_checkpointing_on(tr.model)
+    ckpt_grads, m_ckpt = _step_grads(tr)
+    n_micro = 32 // 8
+    # each with-grad forward of the layer runs once more in backward (recomputation)
+    assert sum(layer_calls) == 2 * n_micro
+    for n, g in base[0].items():
+        torch.testing.assert_close(ckpt_grads[0][n], g, atol=1e-6, rtol=1e-5)
+    assert m_ckpt["actor/pg_loss"] == m_base["actor/pg_loss"]

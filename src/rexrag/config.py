@@ -200,6 +200,10 @@ class TrainerConfig:
     ppo_epochs: int = doc("Passes over each rollout batch.", 1)
     mini_batch_size: int = doc("Trajectories per optimizer update.", 16)
     micro_batch_size: int = doc("Trajectories per forward/backward (gradient accumulation).", 4)
+    micro_batch_tokens: int = doc("Token budget per forward/backward: rows sorted by length and packed while "
+                                  "rows x longest <= budget (replaces micro_batch_size; 0 = split by rows).", 0)
+    reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
+                                     "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
     reward: str = doc("Reward function name or dotted path.", "em")
     seed: int = doc("Random seed.", 0)

@@ -12,7 +12,10 @@ model or a peft adapter (``adapter_config.json``). ``load_model`` loads both tra
 ``sequence_logprobs`` differs from the usual ``log_softmax(logits).gather`` (verl, TRL): it runs the
 decoder once and applies the LM head in chunks of positions, taking ``logit[target] - logsumexp``
 in float32, so no [B, T, V] float32 log-softmax copy exists (V is 49k for SmolLM2, 152k for Qwen2.5);
-with gradients each chunk is recomputed in backward instead of kept.
+with gradients each chunk is recomputed in backward instead of kept. It is the only log-prob path:
+asked for entropy it computes it per chunk from the same logits (the PPO ratio therefore does not
+depend on whether the entropy bonus is on). ``position_ids`` is the one place positions are derived
+from an attention mask.
 """
 
 from __future__ import annotations
@@ -218,15 +221,27 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
             except ValueError as exc:
                 raise UserError(f"model.lora_target={list(cfg.lora_target)} does not fit this model: {exc}") from None
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing also works with frozen embeddings (LoRA) without input hooks.
-        # (transformers 5 renamed gradient_checkpointing_enable; older versions only have that name.)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.to(device)
     model.eval()
     return model
+
+
+def gradient_checkpointing_on(model) -> bool:
+    """True when HF activation (gradient) checkpointing is enabled on ``model``."""
+    return bool(getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (HF checkpointing, ``use_reentrant=False``:
+    it also works with frozen embeddings, as under LoRA, without input hooks). Active in train mode only.
+    transformers 5 renamed ``gradient_checkpointing_enable``; older versions only have that name."""
+    if gradient_checkpointing_on(model):
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_peft(model: Any) -> bool:
@@ -267,11 +282,23 @@ def trainable_parameters(model) -> tuple[int, int]:
 # --------------------------------------------------------------------------- log-probs
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """hidden [N, H], targets [N] -> log p(target) [N] in float32 (logit - logsumexp)."""
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask (1 = real token, left or right padding) -> [B, T] long position of each token among
+    its row's real tokens (0 at padding), so padding never shifts positions. The one definition used by
+    the log-prob passes, the value model and the HF rollout backend."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+    """hidden [N, H], targets [N] -> log p(target) [N] in float32 (logit - logsumexp), and with
+    ``with_entropy`` also the [N] entropy of each position's distribution (from the same logits)."""
     logits = head(hidden).float()  # [N, V]
+    lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    lp = picked - lse
+    if not with_entropy:
+        return lp
+    return lp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def _has_plain_head(model) -> bool:
@@ -282,30 +309,34 @@ def _has_plain_head(model) -> bool:
     return callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 512) -> torch.Tensor:
-    """Per-token log-probs of the given tokens under ``model``.
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 512,
+                      with_entropy: bool = False):
+    """Per-token log-probs of the given tokens under ``model`` (the one log-prob function).
 
     input_ids, attention_mask: [B, T] (right or left padding; 1 = real token).
     Returns [B, T] float32 with ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])``,
-    ``out[:, 0] = 0`` and 0 wherever ``attention_mask`` is 0. Position ids follow the mask, so
-    padding never shifts positions. Differentiable when grad is enabled.
+    ``out[:, 0] = 0`` and 0 wherever ``attention_mask`` is 0. Position ids follow the mask
+    (:func:`position_ids`). Differentiable when grad is enabled.
+
+    With ``with_entropy`` returns ``(logprobs, entropy)``, entropy [B, T] float32 the entropy of the
+    distribution that predicted token t (same zeros), computed per chunk from the same logits; the
+    log-probs are bitwise the ones returned without it.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]")
     B, T = input_ids.shape
     mask = attention_mask.long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     if T < 2:
-        return out
+        return (out, out.clone()) if with_entropy else out
     targets = input_ids[:, 1:]
     if not _has_plain_head(model):
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-        logits = logits[:, :-1].float()
-        lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
+        res = _chunk_logprobs(lambda x: x, logits, targets, with_entropy)
     else:
         hidden = model.get_decoder()(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
         ).last_hidden_state[:, :-1]
         head = model.get_output_embeddings()
         flat_h = hidden.reshape(-1, hidden.shape[-1])
@@ -316,13 +347,16 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             h, t = flat_h[s : s + chunk_tokens], flat_t[s : s + chunk_tokens]
             if grad:
                 # Keep only the chunk's inputs for backward; its [N, V] logits are recomputed.
-                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, with_entropy, use_reentrant=False))
             else:
-                parts.append(_chunk_logprobs(head, h, t))
-        lp = torch.cat(parts).view(B, T - 1)
+                parts.append(_chunk_logprobs(head, h, t, with_entropy))
+        res = tuple(torch.cat(p).view(B, T - 1) for p in zip(*parts, strict=True)) if with_entropy else torch.cat(parts).view(B, T - 1)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()  # target real and context non-empty
-    out = torch.cat([out[:, :1], torch.where(valid, lp, torch.zeros_like(lp))], dim=1)
-    return out
+
+    def _pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out[:, :1], torch.where(valid, x, torch.zeros_like(x))], dim=1)
+
+    return (_pad(res[0]), _pad(res[1])) if with_entropy else _pad(res)
 
 
 # --------------------------------------------------------------------------- tests

@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from rexrag.models import position_ids
+
 FINISH_REASONS = ("stop", "eos", "length")
 
 
@@ -349,7 +351,7 @@ class HFBackend:
     def _generate_chunk(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         B = len(prompts)
         inp, attn, cache = self._prefill_inputs(prompts)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -inp.shape[1] :]
+        pos = position_ids(attn)[:, -inp.shape[1] :]
         next_pos = pos[:, -1] + 1  # [B] position of the next token per row
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]

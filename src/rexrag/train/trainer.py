@@ -3,6 +3,33 @@
 sample prompts -> rollouts (n per prompt) -> rewards -> [REX: explore] -> old-policy / reference
 log-probs recomputed on the exact tokens -> [REX: correct] -> advantages -> ``ppo_epochs`` passes of
 mini-batch updates (gradient accumulation over micro-batches, clipping) -> log -> [REX: end_step].
+The tensors flow as a typed :class:`~rexrag.train.batch.Batch` (rollout) and
+:class:`~rexrag.train.batch.Targets` (what the step computed), shapes documented in ``train/batch.py``.
+
+Which forward pass each quantity comes from (all on the exact batch tokens via
+``models.sequence_logprobs``; each sweep is counted per step in ``passes/<kind>``):
+
+- probe scores (REX filter ranking): ``probe_scores``, a no-grad eval-mode pass of the policy over the
+  probe *candidates* (before their continuation); skipped when every candidate is kept.
+- pi_old: ``old_logprobs``, one no-grad eval-mode pass of the policy, **or** -- when the update is
+  exactly on-policy (``ppo_epochs == 1``, one mini-batch, ``trainer.reuse_update_forward``, no
+  ``kl_in_reward``) -- the update's own forward, detached, and no separate pass. Never both. With no
+  dropout the two are bitwise equal (same kernels, same micro-batches), so the switch changes no number.
+- REX-RAG behaviour log q (``rexrag.rex.correction``): computed from pi_old with no forward of its own
+  (prefix mu = pi_old / e^(1/s), continuation mu = pi_old, inserted-prompt mu from the pool's trie). In
+  the on-policy case it is computed per micro-batch from the detached pi_old (the correction is
+  row-local), and once more over all rows after the update for its ``rex/`` metrics.
+- reference log-probs: ``reference``, a no-grad pass of the frozen copy (or of the policy with LoRA
+  adapters disabled); no reference model and no pass when ``algo.kl_coef == 0``.
+- old values (``gae``): ``values``, a no-grad critic pass.
+- pi_theta (and entropy, from the same chunked LM-head pass, when ``entropy_coef > 0``): ``update``,
+  one with-grad sweep per PPO epoch.
+
+Micro-batches: ``trainer.micro_batch_size`` rows each (default), or with ``trainer.micro_batch_tokens``
+rows sorted by length and packed under a padded-token budget, each cut to its longest row; the loss
+is the same either way (normalised by mini-batch totals). ``train/padding_fraction`` is the padded
+share of the update's token slots. ``model.gradient_checkpointing`` recomputes decoder activations in
+backward (HF, non-reentrant).
 
 Multi-process data parallel goes through ``accelerate`` (DDP; FSDP/DeepSpeed configs in
 ``configs/accelerate``). Every process draws the same global prompt batch and takes prompts
@@ -27,36 +54,42 @@ import contextlib
 import copy
 import random
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rexrag.algos.advantages import get_adv_estimator, token_rewards
-from rexrag.algos.losses import entropy_from_logits, entropy_loss, kl_loss, kl_penalty, masked_mean, policy_loss, value_loss
-from rexrag.config import Config, config_to_dict
+from rexrag.algos.losses import entropy_loss, kl_loss, kl_penalty, masked_mean, policy_loss, value_loss
+from rexrag.config import Config, ConfigError, config_to_dict
 from rexrag.errors import UserError
+from rexrag.models import enable_gradient_checkpointing, position_ids, sequence_logprobs
 from rexrag.rewards import format_ok
 from rexrag.rollout.agent import format_view, policy_answer, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 from rexrag.train import checkpoint as ckpt
+from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
 from rexrag.train.logging import MetricsLogger, memory_metrics
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
 # Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
 _SUMMED = frozenset({"actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/loss"})
+# Forward sweeps counted per step and logged as passes/<kind> (each over all rows, in micro-batches).
+PASSES = ("probe_scores", "old_logprobs", "reference", "values", "update")
 
 
 class Explorer(Protocol):
     """The REX-RAG hook (implemented by ``rexrag.rex.explorer.RexExplorer``). Per step the trainer calls
     ``explore`` after rewards (kept probes join the batch after the originals), ``correct`` after the
     old/reference log-probs (its behaviour log-probs replace the old ones in the PPO ratio; optional
-    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``state_dict`` /
+    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``correct`` must be
+    row-local (rows of a slice get what they get in the whole batch): an on-policy update calls it
+    per micro-batch with the detached log-probs of its own forward, then once on all rows. ``state_dict`` /
     ``load_state_dict``, when present, are saved in and restored from checkpoints."""
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn) -> list[Trajectory]: ...
-    def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Optional[Tensor], dict]: ...
+    def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Tensor | None, dict]: ...
     def end_step(self) -> dict: ...
 
 
@@ -108,23 +141,10 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids(attention_mask)
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
         v = self.head(h).squeeze(-1).float()
         return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
-
-
-def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, with_entropy: bool = False):
-    """[B, T] log p(token t | < t) (position 0 = 0) and, if asked, the [B, T] entropy of each step."""
-    if not with_entropy:
-        from rexrag.models import sequence_logprobs
-
-        return sequence_logprobs(model, input_ids, attention_mask), None
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits[:, :-1].float()
-    lp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    zero = torch.zeros_like(lp[:, :1])
-    return torch.cat([zero, lp], 1), torch.cat([zero, entropy_from_logits(logits)], 1)
 
 
 def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
@@ -162,7 +182,7 @@ class Trainer:
             ``rexrag.rewards.get_reward(cfg.trainer.reward)``.
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         reference: frozen reference model; default ``rexrag.models.make_reference`` (None with LoRA:
-            adapters are disabled instead). Not built when ``algo.kl_coef == 0``.
+            adapters are disabled instead). Not built, and no reference pass runs, when ``algo.kl_coef == 0``.
     """
 
     def __init__(self, cfg: Config, model, tokenizer, examples: list, *, rollout_fn: RolloutFn | None = None,
@@ -185,12 +205,17 @@ class Trainer:
         self.sampler = PromptSampler(len(examples), cfg.data.batch_size, self.tc.seed, cfg.data.shuffle)
         self.critic = ValueModel(model) if self.algo.adv_estimator == "gae" else None
         self.reference = None
-        if self.algo.kl_coef > 0 or self.algo.kl_in_reward:
+        if self.algo.kl_coef > 0:
             from rexrag.models import make_reference
 
             self.reference = make_reference(model, cfg.model) if reference == "auto" else reference
+        if self.tc.micro_batch_tokens < 0:
+            raise ConfigError(f"trainer.micro_batch_tokens must be >= 0 (0 = split by micro_batch_size), got {self.tc.micro_batch_tokens}")
+        if cfg.model.gradient_checkpointing:  # load_model enables it too; a model built elsewhere gets it here
+            enable_gradient_checkpointing(model)
         self.model, self.optimizer, self.scheduler = self._prepare(model)
         self.step_idx, self.nan_skips = 0, 0
+        self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self.progress = progress
         # Per-rank sampling seed so processes draw different samples for their prompts.
@@ -227,6 +252,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One RL step; returns the (process-averaged) metrics."""
         t = {"start": time.perf_counter()}
+        self.passes = dict.fromkeys(PASSES, 0)
         prompts = self.sampler.next_batch()[self.rank :: self.world]  # whole groups per process
         examples = [self.examples[i] for i in prompts]
         self._reseed_rollout()
@@ -246,32 +272,45 @@ class Trainer:
                 probes = self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards)
             trajs = trajs + list(probes)
         self._engine_call("sleep")  # a colocated engine's memory is free for the update (vllm_sleep on GPU)
-        batch = to_batch(trajs, self.pad_id, self.cfg.rex.train_probe_tokens)
-        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        batch["rewards"] = torch.tensor([tr.meta["reward"] for tr in trajs], dtype=torch.float32, device=self.acc.device)
+        batch = Batch.collate(trajs, self.pad_id, self.cfg.rex.train_probe_tokens, self.acc.device)
+        chunks = self._chunks(batch.size)
+        reuse = self._reuse_update_forward(len(chunks))
         with self._timed(t, "logprob"):
-            self._score(batch)
-        if self.explorer is not None:
-            is_probe = torch.tensor([tr.is_probe for tr in trajs], device=self.acc.device)
-            probe_start = torch.tensor([tr.probe_start for tr in trajs], dtype=torch.long, device=self.acc.device)
-            beh, seq_w, rex_metrics = self.explorer.correct(batch, batch["old_logp"], is_probe, probe_start)
-            batch["behaviour_logp"], batch["seq_weights"] = beh, seq_w
+            old_logp = None if reuse else self._old_logprobs(batch)  # reuse: the update's forward gives it
+            ref_logp = self._ref_logprobs(batch)
+            old_values = self._values(batch)
+        behaviour, seq_w = old_logp, None
+        if self.explorer is not None and old_logp is not None:
+            behaviour, seq_w, rex_metrics = self.explorer.correct(batch.mapping(), old_logp, batch.is_probe, batch.probe_start)
         with self._timed(t, "adv"):
-            self._advantages(batch)
+            adv, ret = self._advantages(batch, old_logp, ref_logp, old_values)
+        targets = Targets(advantages=adv, returns=ret, old_logp=old_logp, behaviour_logp=behaviour, seq_weights=seq_w,
+                          ref_logp=ref_logp, old_values=old_values)
         with self._timed(t, "update"):
-            upd = self.update(batch)
+            upd, fresh_old = self.update(batch, targets, chunks)
+        if old_logp is None:  # on-policy reuse: the correction's metrics over the whole batch, no forward
+            old_logp = fresh_old
+            if self.explorer is not None:
+                _, _, rex_metrics = self.explorer.correct(batch.mapping(), old_logp, batch.is_probe, batch.probe_start)
         self.scheduler.step()
         self.step_idx += 1
         if self.explorer is not None:
             rex_metrics = {**rex_metrics, **self.explorer.end_step()}
-        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, rewards, agent_metrics), **upd,
-                   **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()}}
+        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics), **upd,
+                   **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()},
+                   **{f"passes/{k}": float(v) for k, v in self.passes.items()}}
         metrics = self._reduce(metrics)
         t_total = time.perf_counter() - t["start"]
-        n_tok = float(batch["attention_mask"].sum()) * self.world
+        n_tok = float(batch.attention_mask.sum()) * self.world
         metrics.update({f"timing/{k}_s": v for k, v in t.items() if k != "start"})
         metrics.update({"timing/step_s": t_total, "timing/tokens_per_s": n_tok / max(t_total, 1e-9), **memory_metrics()})
         return metrics
+
+    def _reuse_update_forward(self, n_mini: int) -> bool:
+        """On-policy (one epoch, one mini-batch): pi_old is the update's own forward, detached. Not with
+        ``kl_in_reward``, whose advantages need pi_old before the update."""
+        return (self.tc.reuse_update_forward and self.tc.ppo_epochs == 1 and n_mini == 1
+                and not self.algo.kl_in_reward)
 
     def _reseed_rollout(self) -> None:
         """Seed the generation backend from (seed, step, rank): a resumed run samples what an
@@ -333,59 +372,78 @@ class Trainer:
     def score_fn(self, trajs: list[Trajectory]) -> list[Tensor]:
         """Old-policy per-token log-probs of each trajectory ([len(traj)] each; position 0 = 0).
 
-        Scored in eval mode (no dropout), like the old log-probs of the update (``_score``), so the
-        probe filter ranks by the policy itself; the model's previous mode is restored.
+        Scored in eval mode (no dropout), like the old log-probs of the update (``_old_logprobs``), so
+        the probe filter ranks by the policy itself; the model's previous mode is restored.
         """
         if not trajs:
             return []
         b = to_batch(trajs, self.pad_id)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            lp = self._micro_logprobs(self.model, b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device))
-        finally:
-            self.model.train(was_training)
+        ids, am = b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device)
+        lp = self._policy_pass(self.model, ids, am, "probe_scores")
         return [lp[i, : len(tr)].cpu() for i, tr in enumerate(trajs)]
 
     def _autocast(self):
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.model.autocast_bf16)
 
+    def _micros(self, rows: Tensor, lengths: Tensor, width: int) -> list[Micro]:
+        return micro_batches(rows, lengths, width, self.tc.micro_batch_size, self.tc.micro_batch_tokens)
+
     @torch.no_grad()
-    def _micro_logprobs(self, model, ids: Tensor, mask: Tensor) -> Tensor:
-        mb = self.tc.micro_batch_size
+    def _no_grad_pass(self, fn: Callable[[Tensor, Tensor], Tensor], ids: Tensor, am: Tensor) -> Tensor:
+        """``fn(ids [b, w], mask [b, w]) -> [b, w]`` over micro-batches of all rows -> [B, T] float32
+        (0 beyond each micro-batch's width)."""
+        lengths = am.sum(-1)
+        out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         with self._autocast():
-            parts = [token_logprobs(model, ids[i : i + mb], mask[i : i + mb])[0] for i in range(0, ids.shape[0], mb)]
-        return torch.cat(parts).float()
+            for m in self._micros(torch.arange(ids.shape[0]), lengths, ids.shape[1]):
+                out[m.rows, : m.width] = fn(ids[m.rows, : m.width], am[m.rows, : m.width]).float()
+        return out
 
-    @torch.no_grad()
-    def _score(self, batch: dict) -> None:
-        """Old-policy, reference and (gae) value estimates on the exact batch tokens."""
-        ids, am = batch["input_ids"], batch["attention_mask"]
+    def _policy_pass(self, model, ids: Tensor, am: Tensor, kind: str) -> Tensor:
+        """One no-grad log-prob pass of ``model`` in eval mode (no dropout); the policy's mode is restored."""
+        was_training = self.model.training
         self.model.eval()
-        batch["old_logp"] = self._micro_logprobs(self.model, ids, am)
-        batch["behaviour_logp"], batch["seq_weights"] = batch["old_logp"], None
-        if self.algo.kl_coef > 0 or self.algo.kl_in_reward:
-            if self.reference is not None:
-                batch["ref_logp"] = self._micro_logprobs(self.reference, ids, am)
-            else:
-                from rexrag.models import reference_logprobs_context
+        try:
+            lp = self._no_grad_pass(lambda i, m: sequence_logprobs(model, i, m), ids, am)
+        finally:
+            self.model.train(was_training)
+        self.passes[kind] += 1
+        return lp
 
-                with reference_logprobs_context(self.acc.unwrap_model(self.model)):
-                    batch["ref_logp"] = self._micro_logprobs(self.model, ids, am)
-        if self.critic is not None:
-            mb = self.tc.micro_batch_size
-            with self._autocast():
-                batch["old_values"] = torch.cat([self.critic(ids[i : i + mb], am[i : i + mb]) for i in range(0, ids.shape[0], mb)]).float()
-        self.model.train()
+    def _old_logprobs(self, batch: Batch) -> Tensor:
+        """[B, T] pi_old on the exact batch tokens: one no-grad pass of the policy."""
+        return self._policy_pass(self.model, batch.input_ids, batch.attention_mask, "old_logprobs")
 
-    def _advantages(self, batch: dict) -> None:
-        mask = batch["loss_mask"]
-        rewards = batch["rewards"]
+    def _ref_logprobs(self, batch: Batch) -> Tensor | None:
+        """[B, T] reference log-probs (frozen copy, or the policy with LoRA adapters disabled); None, and
+        no pass, when ``kl_coef == 0`` (the KL term, in the loss or the reward, is then 0)."""
+        if self.algo.kl_coef <= 0:
+            return None
+        if self.reference is not None:
+            return self._policy_pass(self.reference, batch.input_ids, batch.attention_mask, "reference")
+        from rexrag.models import reference_logprobs_context
+
+        with reference_logprobs_context(self.acc.unwrap_model(self.model)):
+            return self._policy_pass(self.model, batch.input_ids, batch.attention_mask, "reference")
+
+    def _values(self, batch: Batch) -> Tensor | None:
+        """[B, T] critic values before the update (``gae``), else None."""
+        if self.critic is None:
+            return None
+        self.passes["values"] += 1
+        return self._no_grad_pass(self.critic, batch.input_ids, batch.attention_mask)
+
+    def _advantages(self, batch: Batch, old_logp: Tensor | None, ref_logp: Tensor | None,
+                    old_values: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(advantages [B, T], returns [B, T] | None) from the estimator; with ``kl_in_reward`` the
+        per-token reward carries -kl_coef * KL(pi_old || ref) on the loss tokens."""
+        mask, rewards = batch.loss_mask, batch.rewards
         if self.algo.kl_in_reward:
-            kl = kl_penalty(batch["old_logp"], batch["ref_logp"], self.algo.kl_type)
-            rewards = token_rewards(rewards, mask) - self.algo.kl_coef * torch.where(mask > 0, kl, torch.zeros_like(kl))
-        adv, ret = self.estimator(rewards, mask, batch["group_ids"], batch.get("old_values"), self.algo)
-        batch["advantages"], batch["returns"] = adv, ret
+            rewards = token_rewards(rewards, mask)
+            if ref_logp is not None:
+                kl = kl_penalty(old_logp, ref_logp, self.algo.kl_type)
+                rewards = rewards - self.algo.kl_coef * torch.where(mask > 0, kl, torch.zeros_like(kl))
+        return self.estimator(rewards, mask, batch.group_ids, old_values, self.algo)
 
     # ------------------------------------------------------------------ update
 
@@ -403,39 +461,43 @@ class Trainer:
     def _global_min(self, x: int) -> int:
         return int(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), "min")[0]) if self.world > 1 else x
 
-    def update(self, batch: dict) -> dict[str, float]:
-        """``ppo_epochs`` passes over the batch in mini-batches; returns mean actor/critic metrics."""
+    def update(self, batch: Batch, targets: Targets, chunks: list[Tensor]) -> tuple[dict[str, float], Tensor | None]:
+        """``ppo_epochs`` passes over the mini-batches ``chunks`` (row indices); returns the mean
+        actor/critic metrics and, when ``targets.old_logp`` is None (on-policy reuse), the [B, T]
+        detached log-probs of the update's own forward (else None)."""
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        chunks = self._chunks(batch["input_ids"].shape[0])
+        fresh = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device) if targets.old_logp is None else None
         horizon = self.cfg.rollout.max_total_tokens  # constant length for seq-mean-token-sum-norm
+        micros = [self._micros(rows, batch.lengths, batch.input_ids.shape[1]) for rows in chunks]
         for _ in range(self.tc.ppo_epochs):
-            for rows in chunks:
-                for k, v in self._mini_batch_update(batch, rows, horizon).items():
+            for rows, mbs in zip(chunks, micros, strict=True):
+                for k, v in self._mini_batch_update(batch, targets, rows, mbs, horizon, fresh).items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
+            self.passes["update"] += 1
         out = {k: sums[k] / counts[k] for k in sums}
         out["actor/nan_skips"] = float(self.nan_skips)
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
-        return out
+        out["train/padding_fraction"] = padding_fraction([m for mbs in micros for m in mbs], batch.lengths)
+        return out, fresh
 
-    def _mini_batch_update(self, batch: dict, rows: Tensor, horizon: int) -> dict[str, float]:
-        mask = batch["loss_mask"][rows]
+    def _mini_batch_update(self, batch: Batch, targets: Targets, rows: Tensor, micro: list[Micro], horizon: int,
+                           fresh: Tensor | None) -> dict[str, float]:
+        mask = batch.loss_mask[rows]
         # Global normalisers (divided by W because DDP averages gradients over processes).
         norm = {"num_tokens": max(self._global_sum(float(mask.sum())), 1.0) / self.world,
                 "num_seqs": max(self._global_sum(float((mask.sum(-1) > 0).sum())), 1.0) / self.world,
                 "horizon": horizon}
-        mb = self.tc.micro_batch_size
-        micro = [rows[i : i + mb] for i in range(0, len(rows), mb)]
         metrics: dict[str, float] = {}
         finite = True
-        for j, idx in enumerate(micro):
+        for j, mb in enumerate(micro):
             with contextlib.ExitStack() as stack:
                 if j < len(micro) - 1 and self.world > 1:  # one gradient all-reduce per mini-batch
                     for module in (self.model, self.critic):
                         if module is not None:
                             stack.enter_context(self.acc.no_sync(module))
-                loss, m = self._micro_loss(batch, idx, norm)
+                loss, m = self._micro_loss(batch, targets, mb, norm, fresh)
                 finite &= _finite(loss.detach())
                 self.acc.backward(loss)
             for k, v in m.items():  # loss values are partial sums of the mini-batch loss; the rest are means
@@ -456,15 +518,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
-    def _micro_loss(self, batch: dict, idx: Tensor, norm: dict) -> tuple[Tensor, dict[str, float]]:
-        ids, am, mask = batch["input_ids"][idx], batch["attention_mask"][idx], batch["loss_mask"][idx]
+    def _behaviour(self, batch: Batch, targets: Targets, mb: Micro, logp: Tensor,
+                   fresh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(behaviour [b, w], seq_weights [b] | None) of a micro-batch. On-policy reuse: pi_old is ``logp``
+        detached (stored into ``fresh``), corrected row by row by the explorer (its correction is
+        row-local); else the slices of ``targets``."""
+        idx, w = mb.rows, mb.width
+        if targets.old_logp is not None:
+            seq_w = targets.seq_weights[idx] if targets.seq_weights is not None else None
+            return targets.behaviour_logp[idx, :w], seq_w
+        old = logp.detach()
+        fresh[idx, :w] = old
+        if self.explorer is None:
+            return old, None
+        beh, seq_w, _ = self.explorer.correct(batch.mapping(idx, w), old, batch.is_probe[idx], batch.probe_start[idx])
+        return beh, seq_w
+
+    def _micro_loss(self, batch: Batch, targets: Targets, mb: Micro, norm: dict,
+                    fresh: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        idx, w = mb.rows, mb.width
+        ids, am, mask = batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.loss_mask[idx, :w]
         with self._autocast():
-            logp, ent = token_logprobs(self.model, ids, am, with_entropy=self.algo.entropy_coef > 0)
+            if self.algo.entropy_coef > 0:
+                logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True)
+            else:
+                logp, ent = sequence_logprobs(self.model, ids, am), None
         logp = logp.float()
-        seq_w = batch["seq_weights"][idx] if batch.get("seq_weights") is not None else None
-        loss, m = policy_loss(logp, batch["behaviour_logp"][idx], batch["advantages"][idx], mask, self.algo, seq_w, **norm)
-        if self.algo.kl_coef > 0 and not self.algo.kl_in_reward:
-            kl, km = kl_loss(logp, batch["ref_logp"][idx], mask, self.algo, **norm)
+        behaviour, seq_w = self._behaviour(batch, targets, mb, logp, fresh)
+        loss, m = policy_loss(logp, behaviour, targets.advantages[idx, :w], mask, self.algo, seq_w, **norm)
+        if targets.ref_logp is not None and not self.algo.kl_in_reward:
+            kl, km = kl_loss(logp, targets.ref_logp[idx, :w], mask, self.algo, **norm)
             loss = loss + self.algo.kl_coef * kl
             m.update(km)
         if ent is not None:
@@ -474,7 +557,8 @@ class Trainer:
         if self.critic is not None:
             with self._autocast():
                 values = self.critic(ids, am).float()
-            vl, vm = value_loss(values, batch["old_values"][idx], batch["returns"][idx], mask, self.algo.value_clip, "token-mean", num_tokens=norm["num_tokens"])
+            vl, vm = value_loss(values, targets.old_values[idx, :w], targets.returns[idx, :w], mask, self.algo.value_clip,
+                                "token-mean", num_tokens=norm["num_tokens"])
             loss = loss + self.algo.vf_coef * vl
             m.update(vm)
         m["actor/loss"] = float(loss.detach())
@@ -482,7 +566,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
 
-    def _rollout_metrics(self, originals: list[Trajectory], batch: dict, rewards: list[float], agent_metrics: dict) -> dict[str, float]:
+    def _rollout_metrics(self, originals: list[Trajectory], batch: Batch, old_logp: Tensor, advantages: Tensor,
+                         rewards: list[float], agent_metrics: dict) -> dict[str, float]:
         r = torch.tensor(rewards, dtype=torch.float64)
         resp = torch.tensor([len(tr) - tr.prompt_len for tr in originals], dtype=torch.float64)
         policy_tok = torch.tensor([tr.count(Seg.POLICY) for tr in originals], dtype=torch.float64)
@@ -494,9 +579,9 @@ class Trainer:
             "rollout/policy_tokens_mean": float(policy_tok.mean()),
             "rollout/searches_mean": float(sum(tr.n_searches for tr in originals) / len(originals)),
             "rollout/answered_rate": float(sum(policy_answer(self.tokenizer, tr) is not None for tr in originals) / len(originals)),
-            "rollout/trajectories": float(batch["input_ids"].shape[0]),
-            "actor/entropy_mc": float(-masked_mean(batch["old_logp"], (batch["segments"] == Seg.POLICY).float())),
-            "actor/adv_mean": float(masked_mean(batch["advantages"], batch["loss_mask"])),
+            "rollout/trajectories": float(batch.size),
+            "actor/entropy_mc": float(-masked_mean(old_logp, (batch.segments == Seg.POLICY).float())),
+            "actor/adv_mean": float(masked_mean(advantages, batch.loss_mask)),
         }
         out["rollout/valid_format_rate"] = float(sum(self.format_ok(tr) for tr in originals) / len(originals))
         out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in agent_metrics.items()
