@@ -82,7 +82,7 @@ def test_training_step_with_probes(tmp_path):
     assert changed  # group 0 now has signal (originals 0, probes 1)
     assert abs(m["rex/rho"] - (0.9 * 0.5 + 0.1 * 1.0)) < 1e-9
     # rollout/ agent metrics describe the 8 originals, not the probe continuation that ran last
-    assert m["rollout/n"] == 8 and m["rollout/searches"] == 4
+    assert m["rollout/n"] == 8 and m["rollout/searches_per_traj"] == 0.5  # 4 searches
 
 
 def test_no_probes_equals_plain_grpo(tmp_path):

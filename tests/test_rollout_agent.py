@@ -74,7 +74,7 @@ def test_search_then_answer_exact_record():
     assert all(lp == 0.0 for lp, s in zip(t.logprobs, t.segments) if s != Seg.POLICY)
     assert backend.calls[0]["stops"] == [["</search>", "</answer>"]]
     m = agent.last_metrics
-    assert m["rollout/searches"] == 1 and m["rollout/stop_answer"] == 1.0 and m["rollout/retrieval_calls"] == 1
+    assert m["rollout/searches_per_traj"] == 1 and m["rollout/stop_answer"] == 1.0 and m["rollout/retrieval_calls"] == 1
 
 
 def test_one_retriever_call_per_turn_for_all_searching_rows():
