@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 import torch
-from _rollout_fakes import CharTokenizer, FakeRetriever, ScriptedBackend
+from _rollout_fakes import FakeRetriever, ScriptedBackend
+from fake_tokenizer import FakeTokenizer
 
 from rexrag.config import load_config
 from rexrag.data import QAExample
@@ -43,7 +44,7 @@ def _setup(tmp_path, *overrides, rex: bool = True):
         "rex.enabled=true", "rex.probe_prob=1.0", "rex.keep_ratio=0.5", *overrides,
     ])
     cfg.rollout.template = "Q: {question}\n"  # a literal template (as a dotted override YAML would parse it)
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     agent = SearchAgent(ScriptedBackend(tok, SCRIPT), tok, FakeRetriever(), cfg.rollout,
                         format_fn=lambda ps: " ".join(p.text for p in ps))
     examples = [QAExample(id="a", question="q0", golden_answers=["Paris"], group_id=0),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _rollout_fakes import EOS_TEXT, CharTokenizer, FakeRetriever, ScriptedBackend, scripted_logprob
+from _rollout_fakes import EOS_TEXT, FakeRetriever, ScriptedBackend, scripted_logprob
+from fake_tokenizer import FakeTokenizer
 from rexrag.config import RolloutConfig
 from rexrag.data import QAExample
 from rexrag.prompts import build_prompt_ids
@@ -13,7 +14,7 @@ from rexrag.retrieval import format_information
 from rexrag.rollout.agent import INFO_CLOSE, INFO_OPEN, NOTICES, SearchAgent, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, from_batch, to_batch
 
-TOK = CharTokenizer()
+TOK = FakeTokenizer()
 
 
 def _agent(script, retriever=None, **cfg):
