@@ -99,3 +99,16 @@ def test_a_registered_index_kind_is_selectable_in_the_cli(registered):
     registered(index_mod._KINDS, "my_kind", index_mod.IndexKind("my_kind", lambda *a, **k: {}, lambda *a, **k: None))
     assert build_parser().parse_args(argv).kind == "my_kind"
     assert get_index_kind("my_kind").name == "my_kind"
+
+
+def test_config_docs_name_exactly_the_shipped_choices():
+    import re
+
+    from rexrag.algos.advantages import adv_estimators
+    from rexrag.config import describe
+    from rexrag.rewards import available_rewards
+
+    docs = {key: text for key, _, text in describe()}
+    for key, names in (("algo.adv_estimator", adv_estimators()), ("trainer.reward", available_rewards())):
+        (shipped,) = re.findall(r"shipped: ([\w |]+)\)", docs[key])
+        assert sorted(s.strip() for s in shipped.split("|")) == sorted(names), key
