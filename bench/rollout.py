@@ -76,7 +76,7 @@ def run_agent(backend, tok, retriever, cfg, examples) -> dict:
     return {
         "rows": len(trajs), "gen_tokens": int(gen), "wall_s": wall, "tok_per_s": gen / wall,
         "gen_share": m["rollout/time_gen_s"] / wall, "retrieval_share": m["rollout/time_retrieval_s"] / wall,
-        "bookkeeping_share": m["rollout/time_bookkeeping_s"] / wall, "searches": int(m["rollout/searches"]),
+        "bookkeeping_share": m["rollout/time_bookkeeping_s"] / wall, "searches": round(m["rollout/searches_per_traj"] * m["rollout/n"]),
         "turns": int(m["rollout/turns"]), "peak_rss_mb": peak_rss_mb(),
         "prefix_hit": m.get("rollout/prefix_cache_hit_rate", 0.0),
         "backend": dict(getattr(backend, "stats", {})),

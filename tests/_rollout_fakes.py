@@ -1,44 +1,13 @@
-"""Fakes for the rollout tests: a character tokenizer, a scripted backend, a forced-output LM, retrievers.
-
-With the character tokenizer one token is one character, so every expected token count and span
-in the tests is a plain string length.
-"""
+"""Fakes for the rollout tests: a scripted backend, a forced-output LM, retrievers (the tokenizer is
+``fake_tokenizer.FakeTokenizer``: one token per character, so token counts are string lengths)."""
 
 from __future__ import annotations
 
 import torch
+from fake_tokenizer import EOS_TEXT, FakeTokenizer
 
 from rexrag.retrieval.base import Passage
 from rexrag.rollout.engine import GenOutput, SamplingParams, first_stop
-
-EOS_TEXT = "<EOS>"
-
-
-class CharTokenizer:
-    """One token per character (id = ord + 10); 0 = pad, 1 = bos, 3 = eos. No chat template."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 3
-    chat_template = None
-    OFFSET = 10
-
-    def __len__(self) -> int:
-        return 300
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        ids = [ord(c) + self.OFFSET for c in text]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self(text, add_special_tokens)["input_ids"]
-
-    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
-        out = []
-        for i in ids:
-            if i >= self.OFFSET:
-                out.append(chr(i - self.OFFSET))
-            elif not skip_special_tokens:
-                out.append({0: "<pad>", 1: "<bos>", 3: EOS_TEXT}.get(i, "<unk>"))
-        return "".join(out)
 
 
 def scripted_logprob(token: int, index: int) -> float:
@@ -56,7 +25,7 @@ class ScriptedBackend:
     at ``max_new_tokens``. Every call is logged in ``calls``.
     """
 
-    def __init__(self, tokenizer: CharTokenizer, script: dict[str, list[str]]):
+    def __init__(self, tokenizer: FakeTokenizer, script: dict[str, list[str]]):
         self.tok, self.script = tokenizer, script
         self.seen: set[tuple[int, ...]] = set()
         self.calls: list[dict] = []

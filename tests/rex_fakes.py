@@ -1,49 +1,20 @@
-"""Fakes for the REX-RAG tests: a tiny greedy-longest-match tokenizer and trajectory builders.
-
-The tokenizer merges a few multi-character pieces the way BPE does (``".<"`` joins a full stop to the
-next tag, as SmolLM2's tokenizer does), so cut-point rules are exercised on token boundaries.
+"""Fakes for the REX-RAG tests: the fake tokenizer with a few multi-character pieces merged the way
+BPE does (``".<"`` joins a full stop to the next tag, as SmolLM2's tokenizer does), so cut-point
+rules are exercised on token boundaries; and trajectory builders.
 """
 
 from __future__ import annotations
+
+from fake_tokenizer import FakeTokenizer
 
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 PIECES = [".<", "<answer>", "</answer>", "<think>", "</think>", "think", "answer"]
 
 
-class FakeTokenizer:
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __init__(self, pieces=PIECES, lower: bool = False):
-        self.pieces = sorted(pieces, key=len, reverse=True)
-        self.piece_id = {p: 1000 + i for i, p in enumerate(pieces)}
-        self.id_piece = {v: k for k, v in self.piece_id.items()}
-        self.lower = lower  # a normalising tokenizer: different texts, same ids
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        if self.lower:
-            text = text.lower()
-        ids, i = [], 0
-        while i < len(text):
-            for p in self.pieces:
-                if text.startswith(p, i):
-                    ids.append(self.piece_id[p])
-                    i += len(p)
-                    break
-            else:
-                ids.append(ord(text[i]) + 2)  # keep 0/1 for pad/eos
-                i += 1
-        return ids
-
-    def __call__(self, text, add_special_tokens: bool = False):
-        return {"input_ids": self.encode(text)}
-
-    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
-        return "".join(self.id_piece.get(int(i), chr(int(i) - 2) if int(i) >= 2 else "") for i in ids)
-
-    def __len__(self) -> int:
-        return 1100
+def rex_tokenizer(lower: bool = False) -> FakeTokenizer:
+    """The one fake tokenizer with BPE-like pieces (``lower``: a normalising tokenizer)."""
+    return FakeTokenizer(pieces=PIECES, lower=lower)
 
 
 def build_traj(tok: FakeTokenizer, parts: list[tuple[str, Seg]], group_id: int = 0, lp: float = -0.5) -> Trajectory:

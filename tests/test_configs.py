@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rexrag.config import load_config
+from rexrag.config import config_to_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -21,8 +21,15 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(path):
     cfg = load_config(path)
-    assert cfg.trainer.micro_batch_size <= cfg.trainer.mini_batch_size
     assert cfg.data.batch_size * cfg.rollout.n >= cfg.trainer.mini_batch_size
+    # every value the recipe writes is the value the run gets (none dropped, defaulted or mangled)
+    loaded = config_to_dict(cfg)
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, written in (values or {}).items():
+            got = loaded[section][key]
+            if isinstance(written, str) and isinstance(got, float):
+                written = float(written)  # YAML 1.1 reads 1e-6 as a string; the float field converts it
+            assert got == written, f"{path.name}: {section}.{key} is {got!r}, the recipe says {written!r}"
 
 
 @pytest.mark.parametrize("name", ["search_r1_grpo_3b", "search_r1_ppo_3b", "rexrag_grpo_3b", "rexrag_grpo_7b"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 import pytest
 
 from rexrag import demo
 from rexrag.data import QAExample, load_corpus, load_qa
+from rexrag.eval.report import summarize
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 
@@ -127,10 +127,19 @@ def test_demo_quick_end_to_end(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Before / after" in md and "## Example trajectories" in md
     summary = json.loads((tmp_path / "summary.json").read_text())
+    quick = demo.PROFILES["quick"]
     for side in ("before", "after"):
+        # the summary is the summary of the written predictions, and every score is a rate
+        rows = [json.loads(line) for line in (tmp_path / f"eval_{side}" / "predictions.jsonl").read_text().splitlines()]
+        expected = summarize(rows)
+        assert set(summary[side]) == set(expected)
+        for name, metrics in expected.items():
+            assert summary[side][name] == pytest.approx(metrics), (side, name)
         avg = summary[side]["average"]
-        for key in ("em", "f1", "cover_em", "valid_format_rate", "mean_searches"):
-            assert isinstance(avg[key], float) and math.isfinite(avg[key])
+        assert avg["n"] == len(rows) == 2 * quick.eval_per_dataset
+        for key in ("em", "f1", "cover_em", "valid_format_rate"):
+            assert 0.0 <= avg[key] <= 1.0, key
+        assert 0.0 <= avg["mean_searches"] <= quick.eval_max_turns
     assert (tmp_path / "plots" / "reward.png").is_file()
     assert (tmp_path / "eval_after" / "predictions.jsonl").is_file()
     assert len(summary["warmup_losses"]) == demo.PROFILES["quick"].warmup_steps

@@ -9,7 +9,8 @@ from rexrag.rewards import extract_answer, format_ok, get_reward
 from rexrag.rollout.agent import SearchAgent, format_view, policy_answer, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory
 
-from _rollout_fakes import EOS_TEXT, CharTokenizer, ScriptedBackend
+from _rollout_fakes import EOS_TEXT, ScriptedBackend
+from fake_tokenizer import FakeTokenizer
 
 
 def _traj(tok, parts):
@@ -21,7 +22,7 @@ def _traj(tok, parts):
 
 
 def test_notice_tags_never_score():
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     assert extract_answer(NOTICES["invalid"]) is not None  # the notice itself quotes a complete pair
     t = _traj(tok, [("Q: who?", Seg.PROMPT), ("I ramble", Seg.POLICY), (NOTICES["invalid"], Seg.NOTICE), ("still nothing", Seg.POLICY)])
     text = response_text(tok, t)
@@ -31,7 +32,7 @@ def test_notice_tags_never_score():
 
 
 def test_model_answer_after_notice_still_counts():
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     t = _traj(tok, [("Q", Seg.PROMPT), ("x", Seg.POLICY), (NOTICES["invalid"], Seg.NOTICE), ("<answer> Paris </answer>", Seg.POLICY)])
     assert get_reward("em")([response_text(tok, t)], [["paris"]]) == [1.0]
 
@@ -44,7 +45,7 @@ EVIL_INFO = INFO_OPEN + EVIL + INFO_CLOSE
 
 
 def test_info_segment_never_becomes_the_answer():
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     search = ("<think>look</think><search> q </search>", Seg.POLICY)
     # the row ends right after the passage (e.g. max_total_tokens): the model never answered
     cut = _traj(tok, [("Q", Seg.PROMPT), search, (INFO_OPEN + EVIL, Seg.INFO)])
@@ -67,7 +68,7 @@ def test_info_segment_never_becomes_the_answer():
 
 
 def test_empty_answer_is_no_answer():
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     for body in ("", "  ", "\n"):
         t = _traj(tok, [("Q", Seg.PROMPT), (f"<think>t</think><answer>{body}</answer>", Seg.POLICY)])
         assert policy_answer(tok, t) is None and extract_answer(response_text(tok, t)) is None
@@ -87,7 +88,7 @@ def test_agent_rewards_and_eval_ignore_a_passage_that_answers(tmp_path):
     from rexrag.models import tiny_llama
     from rexrag.train.trainer import Trainer
 
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     script = {
         "q0": ["<search> q </search>", "I am done" + EOS_TEXT],  # never answers
         "q1": ["<search> q </search>", "<think>hm</think><answer></answer>"],  # empty answer

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from rex_fakes import FakeTokenizer, build_traj
+from rex_fakes import build_traj, rex_tokenizer
 
 from rexrag.config import RexConfig, RolloutConfig
 from rexrag.data import QAExample
@@ -15,7 +15,7 @@ from rexrag.rex.explorer import RexExplorer
 from rexrag.rex.pool import Pool
 from rexrag.rollout.trajectory import Seg, to_batch
 
-TOK = FakeTokenizer()
+TOK = rex_tokenizer()
 
 
 class FakeAgent:

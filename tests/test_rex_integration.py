@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 import torch
-from _rollout_fakes import CharTokenizer, FakeRetriever, ScriptedBackend
+from _rollout_fakes import FakeRetriever, ScriptedBackend
+from fake_tokenizer import FakeTokenizer
 
 from rexrag.config import load_config
 from rexrag.data import QAExample
@@ -43,7 +44,7 @@ def _setup(tmp_path, *overrides, rex: bool = True):
         "rex.enabled=true", "rex.probe_prob=1.0", "rex.keep_ratio=0.5", *overrides,
     ])
     cfg.rollout.template = "Q: {question}\n"  # a literal template (as a dotted override YAML would parse it)
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     agent = SearchAgent(ScriptedBackend(tok, SCRIPT), tok, FakeRetriever(), cfg.rollout,
                         format_fn=lambda ps: " ".join(p.text for p in ps))
     examples = [QAExample(id="a", question="q0", golden_answers=["Paris"], group_id=0),
@@ -82,7 +83,7 @@ def test_training_step_with_probes(tmp_path):
     assert changed  # group 0 now has signal (originals 0, probes 1)
     assert abs(m["rex/rho"] - (0.9 * 0.5 + 0.1 * 1.0)) < 1e-9
     # rollout/ agent metrics describe the 8 originals, not the probe continuation that ran last
-    assert m["rollout/n"] == 8 and m["rollout/searches"] == 4
+    assert m["rollout/n"] == 8 and m["rollout/searches_per_traj"] == 0.5  # 4 searches
 
 
 def test_no_probes_equals_plain_grpo(tmp_path):

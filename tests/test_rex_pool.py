@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from rex_fakes import FakeTokenizer
+from rex_fakes import rex_tokenizer
 
 from rexrag.rex.pool import Pool, PoolError, PromptTrie, bundled_pool_path, read_pool
 
@@ -23,7 +23,7 @@ def test_bundled_pool_has_30_valid_prompts():
 
 
 def test_bundled_pool_trie_products_are_one_over_n():
-    pool = Pool.load("", FakeTokenizer())
+    pool = Pool.load("", rex_tokenizer())
     assert len(pool) == 30
     assert pool.first_token_shared  # every prompt opens with <think>: first PROBE token has prob 1
     for ids, lps in zip(pool.token_ids, pool.logprobs):
@@ -41,7 +41,7 @@ def test_bundled_pool_trie_products_are_one_over_n():
     ],
 )
 def test_trie_products_with_shared_prefixes(prompts):
-    pool = Pool(prompts, FakeTokenizer())
+    pool = Pool(prompts, rex_tokenizer())
     products = [_product(lps) for lps in pool.logprobs]
     assert products == pytest.approx([1 / len(prompts)] * len(prompts), rel=1e-9)
     assert sum(products) == pytest.approx(1.0)
@@ -70,7 +70,7 @@ def test_first_token_probability_when_prompts_differ_in_first_token():
 def test_texts_that_tokenise_identically_share_mass():
     # a normalising tokenizer maps two distinct texts to one id sequence: inserting those ids has
     # probability 2/N, and the trie says so
-    pool = Pool(["<think> Maybe", "<think> MAYBE", "<think> no"], FakeTokenizer(lower=True))
+    pool = Pool(["<think> Maybe", "<think> MAYBE", "<think> no"], rex_tokenizer(lower=True))
     assert pool.token_ids[0] == pool.token_ids[1]
     assert _product(pool.logprobs[0]) == pytest.approx(2 / 3)
     assert _product(pool.logprobs[2]) == pytest.approx(1 / 3)
@@ -104,7 +104,7 @@ def test_missing_and_empty_pool_files(tmp_path):
 def test_user_pool_file(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("<think> one\r\n<think> two\n")
-    pool = Pool.load(path, FakeTokenizer())
+    pool = Pool.load(path, rex_tokenizer())
     assert pool.prompts == ["<think> one", "<think> two"]
     assert pool.source == str(path)
 

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
-from rex_fakes import FakeTokenizer, build_traj
+from rex_fakes import build_traj, rex_tokenizer
 
 from rexrag.rex import probe as P
 from rexrag.rollout.trajectory import Seg
 
-TOK = FakeTokenizer()
+TOK = rex_tokenizer()
 
 
 def _answered(answer: str = "Paris", group_id: int = 0, searched: bool = True):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _rollout_fakes import EOS_TEXT, CharTokenizer, FakeRetriever, ScriptedBackend, scripted_logprob
+from _rollout_fakes import EOS_TEXT, FakeRetriever, ScriptedBackend, scripted_logprob
+from fake_tokenizer import FakeTokenizer
 from rexrag.config import RolloutConfig
 from rexrag.data import QAExample
 from rexrag.prompts import build_prompt_ids
@@ -14,7 +15,7 @@ from rexrag.protocol import INFO_CLOSE, INFO_OPEN, NOTICES
 from rexrag.rollout.agent import SearchAgent, response_text
 from rexrag.rollout.trajectory import Seg, Trajectory, from_batch, to_batch
 
-TOK = CharTokenizer()
+TOK = FakeTokenizer()
 
 
 def _agent(script, retriever=None, **cfg):
@@ -75,7 +76,7 @@ def test_search_then_answer_exact_record():
     assert all(lp == 0.0 for lp, s in zip(t.logprobs, t.segments) if s != Seg.POLICY)
     assert backend.calls[0]["stops"] == [["</search>", "</answer>"]]
     m = agent.last_metrics
-    assert m["rollout/searches"] == 1 and m["rollout/stop_answer"] == 1.0 and m["rollout/retrieval_calls"] == 1
+    assert m["rollout/searches_per_traj"] == 1 and m["rollout/stop_answer"] == 1.0 and m["rollout/retrieval_calls"] == 1
 
 
 def test_one_retriever_call_per_turn_for_all_searching_rows():

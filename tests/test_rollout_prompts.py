@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from _rollout_fakes import CharTokenizer
+from fake_tokenizer import FakeTokenizer
 from rexrag.errors import UserError
 from rexrag.prompts import TEMPLATES, build_prompt_ids, render_prompt, resolve_template
 
@@ -32,7 +32,7 @@ def test_template_by_literal_file_and_errors(tmp_path):
 
 
 def test_plain_tokenizer_without_chat_template():
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     ids = build_prompt_ids(tok, "Why?", "Q: {question}")
     assert ids == [tok.bos_token_id] + tok.encode("Q: Why?")
 

@@ -276,14 +276,15 @@ def test_http_retriever_against_a_search_r1_style_server():
 def test_agent_copes_with_short_and_empty_rows(corpus):
     """Our agent shows an empty <information></information> for a search that found nothing, and
     a short row as it is; the rollout goes on to the answer."""
-    from _rollout_fakes import CharTokenizer, ScriptedBackend
+    from _rollout_fakes import ScriptedBackend
+    from fake_tokenizer import FakeTokenizer
     from rexrag.config import RolloutConfig
     from rexrag.data import QAExample
     from rexrag.protocol import INFO_CLOSE, INFO_OPEN
     from rexrag.rollout.agent import SearchAgent
     from rexrag.rollout.trajectory import Seg
 
-    tok = CharTokenizer()
+    tok = FakeTokenizer()
     ascii_rows = [p for p in load_corpus(corpus) if p.contents.isascii()]
     retriever = BM25Retriever.from_passages(ascii_rows)
     script = {"Q?": ["<search> zzyzx </search>", "<search> Brixham </search>", "<answer> x </answer>"]}

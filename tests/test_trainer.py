@@ -14,7 +14,7 @@ import torch
 from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import read_metrics
 from rexrag.train.trainer import PromptSampler, Trainer, warmup_schedule
-from toy_rl import CharTokenizer, ToyRollout, early_target_reward, toy_config, toy_examples, toy_model
+from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,7 +32,7 @@ def make_trainer(tmp_path, *overrides, model=None, reward=early_target_reward, p
     cfg = toy_config(tmp_path, *overrides)
     model = model if model is not None else toy_model()
     roll = ToyRollout(model, per_group_seed=per_group_seed, seed=cfg.trainer.seed)
-    tr = Trainer(cfg, model, CharTokenizer(), toy_examples(), rollout_fn=roll, reward_fn=reward, progress=False, **kw)
+    tr = Trainer(cfg, model, toy_tokenizer(), toy_examples(), rollout_fn=roll, reward_fn=reward, progress=False, **kw)
     roll.trainer = tr
     return tr
 
@@ -276,9 +276,13 @@ def test_bf16_autocast_trains(tmp_path):
 
 def test_kl_in_reward_and_rloo_reinforce_pp_run(tmp_path):
     for est in ("rloo", "reinforce_pp"):
+        model = toy_model()
+        before = _params(model)
         hist = make_trainer(tmp_path / est, f"algo.adv_estimator={est}", "algo.kl_in_reward=true", "algo.kl_coef=0.1",
-                            "trainer.steps=2").train()
-        assert all(math.isfinite(m["actor/pg_loss"]) for m in hist)
+                            "trainer.steps=2", model=model, reward=_varied_reward).train()
+        assert len(hist) == 2 and all(math.isfinite(m["actor/pg_loss"]) and m["actor/nan_skips"] == 0 for m in hist)
+        # the estimator's advantages reach the policy (an estimator returning zeros would leave it unchanged)
+        assert any(not torch.equal(before[n], p) for n, p in _params(model).items()), est
         assert "actor/kl_loss" not in hist[-1]  # KL went into the reward, not the loss
 
 

@@ -1,4 +1,4 @@
-"""A tiny, fast RL setting for trainer tests: a character tokenizer, a random tiny Llama, a single-turn
+"""A tiny, fast RL setting for trainer tests: the fake tokenizer over 16 ids, a random tiny Llama, a single-turn
 sampler that builds token-exact Trajectory records, and a learnable toy reward.
 
 Used by tests/test_trainer.py in-process and by tests/train_worker.py under ``accelerate launch``.
@@ -6,10 +6,8 @@ Used by tests/test_trainer.py in-process and by tests/train_worker.py under ``ac
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
+from fake_tokenizer import FakeTokenizer
 
 from rexrag.config import Config, load_config
 from rexrag.data import QAExample
@@ -20,21 +18,9 @@ VOCAB = 16
 TARGET = "c"  # the toy reward pays for this letter early in the completion
 
 
-class CharTokenizer:
-    """id 0 = pad/eos; ids 1..15 = letters a..o."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def __len__(self) -> int:
-        return VOCAB
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(ord("a") + int(i) - 1) for i in ids if int(i) != 0)
-
-    def save_pretrained(self, path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "char_vocab.json").write_text(json.dumps({"vocab": VOCAB}))
+def toy_tokenizer() -> FakeTokenizer:
+    """The one fake tokenizer over the toy vocabulary: id 0 = pad/eos, ids 1..15 = letters a..o."""
+    return FakeTokenizer(shift=1 - ord("a"), vocab_size=VOCAB, pad_token_id=0, bos_token_id=None, eos_token_id=0)
 
 
 def toy_model(seed: int = 0):

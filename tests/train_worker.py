@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rexrag.train.trainer import Trainer
-from toy_rl import CharTokenizer, ToyRollout, early_target_reward, toy_config, toy_examples, toy_model
+from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
 
 
 def main(out: str) -> None:
@@ -20,7 +20,7 @@ def main(out: str) -> None:
     cfg = toy_config(out, "trainer.steps=3", "algo.kl_coef=0.01", "trainer.mini_batch_size=16", "trainer.micro_batch_size=4")
     model = toy_model()
     roll = ToyRollout(model, per_group_seed=True)
-    tr = Trainer(cfg, model, CharTokenizer(), toy_examples(), rollout_fn=roll, reward_fn=early_target_reward, progress=False)
+    tr = Trainer(cfg, model, toy_tokenizer(), toy_examples(), rollout_fn=roll, reward_fn=early_target_reward, progress=False)
     roll.trainer = tr
     tr.train()
     if tr.acc.is_main_process:

@@ -30,9 +30,10 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
-def _choices(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choices(kind: str, value: str, allowed: tuple[str, ...] | list[str], hint: str = "") -> None:
+    """``allowed`` comes from the module that owns the choice (a registry for extension points)."""
     if value not in allowed:
-        raise ConfigError(f"{kind}={value!r} is not allowed; choose one of {list(allowed)}")
+        raise ConfigError(f"{kind}={value!r} is not allowed; choose one of {list(allowed)}{hint}")
 
 
 @dataclass
@@ -127,7 +128,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    adv_estimator: str = doc("Advantage estimator: grpo | rloo | reinforce_pp | gae.", "grpo")
+    adv_estimator: str = doc("Advantage estimator registered in rexrag.algos.advantages (shipped: grpo | rloo | reinforce_pp | gae).", "grpo")
     norm_adv_by_std: bool = doc("GRPO: divide by group std (False = Dr. GRPO).", True)
     gamma: float = doc("GAE discount.", 1.0)
     lam: float = doc("GAE lambda.", 1.0)
@@ -143,9 +144,12 @@ class AlgoConfig:
     vf_coef: float = doc("Value-loss coefficient (gae only).", 0.5)
 
     def __post_init__(self):
-        _choices("algo.adv_estimator", self.adv_estimator, ("grpo", "rloo", "reinforce_pp", "gae"))
-        _choices("algo.loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-        _choices("algo.kl_type", self.kl_type, ("k1", "k2", "k3"))
+        from rexrag.algos.advantages import adv_estimators
+        from rexrag.algos.losses import AGG_MODES, KL_KINDS
+
+        _choices("algo.adv_estimator", self.adv_estimator, adv_estimators())
+        _choices("algo.loss_agg", self.loss_agg, AGG_MODES)
+        _choices("algo.kl_type", self.kl_type, KL_KINDS)
         if self.dual_clip_c and self.dual_clip_c <= 1.0:
             raise ConfigError("algo.dual_clip_c must be > 1 (or 0 to disable)")
 
@@ -205,7 +209,7 @@ class TrainerConfig:
     reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
                                      "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
-    reward: str = doc("Reward function name or dotted path.", "em")
+    reward: str = doc("Reward registered in rexrag.rewards (shipped: em | f1 | cover_em | format | em_format) or a dotted path 'pkg.module:fn'.", "em")
     seed: int = doc("Random seed.", 0)
     out_dir: str = doc("Run directory (metrics, checkpoints, plots).", "runs/default")
     save_every: int = doc("Checkpoint every N steps (0 = only at the end).", 0)
@@ -215,6 +219,10 @@ class TrainerConfig:
     wandb_project: str = doc("Log to wandb when set and installed.", "")
 
     def __post_init__(self):
+        from rexrag.rewards import available_rewards, is_reward_path
+
+        if not is_reward_path(self.reward):
+            _choices("trainer.reward", self.reward, available_rewards(), " or a dotted path 'pkg.module:fn'")
         if self.micro_batch_size > self.mini_batch_size:
             raise ConfigError("trainer.micro_batch_size must be <= trainer.mini_batch_size")
 

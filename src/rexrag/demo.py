@@ -290,13 +290,13 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
 
     report = write_report(out, tokenizer, p, before, after, warm, history, probes, times, "quick" if quick else "default",
                           str(ckpt / "model"))
-    _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min); report: {report}")
+    _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min)")  # the CLI prints the report path
     return report
 
 
 # --------------------------------------------------------------------------- the report
 
-STEP_COLUMNS = ("reward/mean", "rollout/valid_format_rate", "rollout/searches_mean", "rex/dead_end_frac",
+STEP_COLUMNS = ("reward/mean", "rollout/valid_format_rate", "rollout/searches_per_traj", "rex/dead_end_frac",
                 "rex/probes_kept", "rex/probe_acc", "rex/alpha", "rex/rho", "timing/step_s")
 
 

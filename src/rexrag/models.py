@@ -25,8 +25,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rexrag.errors import UserError
+from rexrag.fsutil import atomic_dir
 
 if TYPE_CHECKING:  # annotation only: config asks the backend registry, whose vLLM builder imports us
     from rexrag.config import ModelConfig
@@ -78,29 +77,18 @@ def _import_gguf(gguf: Path, target: Path) -> Path:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     start = time.perf_counter()
-    try:
-        with Console(stderr=True).status(f"one-off import of {gguf.name} into {target} ..."):
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            # The dequantised weights are plain fp32, but transformers still flags the model as
-            # quantised and refuses to train or save it as a normal model; drop the flag.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; use theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # keep_existing: when another process finished the same import first, its directory wins
+    with atomic_dir(target, keep_existing=True) as tmp, Console(stderr=True).status(f"one-off import of {gguf.name} into {target} ..."):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The dequantised weights are plain fp32, but transformers still flags the model as
+        # quantised and refuses to train or save it as a normal model; drop the flag.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     Console(stderr=True).print(f"imported {gguf.name} in {time.perf_counter() - start:.1f}s -> {target}")
     return target
 

@@ -200,9 +200,14 @@ def available_rewards() -> list[str]:
     return _REWARDS.names()
 
 
+def is_reward_path(name: str) -> bool:
+    """A dotted path ``pkg.mod:fn`` / ``pkg.mod.fn`` to a user function, not a registered name."""
+    return name not in _REWARDS and (":" in name or "." in name)
+
+
 def get_reward(name: str) -> RewardFn:
     """A registered reward by name, or a user function by dotted path ``pkg.mod:fn`` / ``pkg.mod.fn``."""
-    if name in _REWARDS or (":" not in name and "." not in name):
+    if not is_reward_path(name):
         return _REWARDS.get(name, hint=" or a dotted path 'pkg.module:fn'")
     module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
     try:

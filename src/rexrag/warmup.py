@@ -25,11 +25,8 @@ question does not already name. Loss = mean negative log-likelihood over POLICY 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import torch
 
 from rexrag.data import QAExample
 from rexrag.errors import UserError
+from rexrag.fsutil import atomic_dir
 from rexrag.protocol import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -206,25 +204,12 @@ def finetune(model, tokenizer, trajs: list[Trajectory], cfg: WarmupConfig, devic
 
 def save_checkpoint(model, tokenizer, out: str | Path, extra: dict | None = None) -> Path:
     """``save_pretrained`` model + tokenizer into ``out`` atomically (temp dir, then rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "warmup.json").write_text(json.dumps(extra, indent=2) + "\n")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def run_warmup(model, tokenizer, retriever, examples: list[QAExample], cfg: WarmupConfig, out: str | Path | None,

@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU in minutes, ending in a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Default: about 9 minutes on 2 idle CPU cores (measured 8.7 min); --quick: a few minutes.")
+                       epilog="Default: about 9 minutes on 2 idle CPU cores (8.7 min measured); --quick: about 3 minutes.")
     p.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
     p.add_argument("--out", default="runs/demo", help="report directory")
     p.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,8 @@ import time
 
 
 def add_parser(subparsers) -> None:
+    from rexrag.retrieval import index_kinds  # the package registers the shipped kinds
+
     p = subparsers.add_parser(
         "index",
         help="build a retrieval index directory from a corpus jsonl",
@@ -15,7 +17,7 @@ def add_parser(subparsers) -> None:
         "build leaves no directory that loads.",
     )
     p.add_argument("--corpus", required=True, help="corpus jsonl")
-    p.add_argument("--kind", required=True, choices=["bm25", "dense"], help="index kind")
+    p.add_argument("--kind", required=True, choices=index_kinds(), help="index kind (the registered ones)")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (swapped in atomically)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed corpus lines (counted) instead of failing")

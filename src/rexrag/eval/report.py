@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from rexrag.fsutil import atomic_path, atomic_write_text
 
 # (key, column title) in the order of the paper's tables; other datasets follow in first-seen order.
 PAPER_COLUMNS: list[tuple[str, str]] = [
@@ -38,21 +38,6 @@ METRIC_TITLES = {"em": "EM (x100)", "f1": "F1 (x100)", "cover_em": "cover-EM (x1
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_predictions_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
@@ -258,11 +243,11 @@ def plot_curves(records: list[dict], keys: list[str], path: str | Path, title: s
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -22,8 +22,6 @@ import logging
 import mmap
 import os
 import platform
-import shutil
-import uuid
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from rexrag.errors import IndexMismatchError, UserError
+from rexrag.fsutil import atomic_dir, atomic_write_text
 from rexrag.registry import Registry
 from rexrag.retrieval.base import Passage, Retriever
 
@@ -153,12 +152,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def build_index(
     corpus: str | Path,
     kind: str,
@@ -179,10 +172,7 @@ def build_index(
     corpus, out = Path(corpus), Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         skipped: list[str] = []
         n = PassageStore.write(tmp, iter_corpus(corpus, skip_bad=skip_bad, skipped=skipped))
         if n == 0:
@@ -201,22 +191,8 @@ def build_index(
             "versions": library_versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks a complete build
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")  # last: marks a complete build
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, trash)
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_manifest(directory: str | Path) -> dict:

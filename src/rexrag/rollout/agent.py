@@ -373,10 +373,10 @@ class SearchAgent:
         for k in ("searches", "invalid_actions", "retrieval_failures", "empty_queries", "truncated_queries", "gen_tokens", "time_gen_s", "time_retrieval_s"):
             m.setdefault(f"rollout/{k}", 0.0)
         m["rollout/time_bookkeeping_s"] = max(m["rollout/time_total_s"] - m["rollout/time_gen_s"] - m["rollout/time_retrieval_s"], 0.0)
-        m["rollout/searches_per_traj"] = m["rollout/searches"] / n
+        m["rollout/searches_per_traj"] = m.pop("rollout/searches") / n
         lengths = [len(r.traj) - r.traj.prompt_len for r in rows]
-        m["rollout/response_len_mean"] = sum(lengths) / n
-        m["rollout/response_len_max"] = float(max(lengths, default=0))
+        m["rollout/response_length_mean"] = sum(lengths) / n
+        m["rollout/response_length_max"] = float(max(lengths, default=0))
         reasons = Counter(r.traj.stop_reason for r in rows)
         for reason in ("answer", "eos", "length", "turns"):
             m[f"rollout/stop_{reason}"] = reasons.get(reason, 0) / n

@@ -14,7 +14,6 @@ Layout of ``<out_dir>/checkpoints/step_000123/``:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from rexrag.errors import UserError
+from rexrag.fsutil import replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -121,9 +121,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, accelerator, model, token
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)
         for old in list_checkpoints(out_dir)[: -keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from rexrag.fsutil import atomic_write_text
 
 NAMESPACES = ("rollout", "reward", "actor", "critic", "timing", "memory", "rex")
 PROGRESS_KEYS = ("reward/mean", "actor/pg_loss", "actor/kl", "rollout/response_length_mean", "timing/step_s")
@@ -40,10 +40,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsLogger:

@@ -577,7 +577,7 @@ class Trainer:
             "reward/positive_rate": float((r > 0).double().mean()),
             "rollout/response_length_mean": float(resp.mean()), "rollout/response_length_max": float(resp.max()),
             "rollout/policy_tokens_mean": float(policy_tok.mean()),
-            "rollout/searches_mean": float(sum(tr.n_searches for tr in originals) / len(originals)),
+            "rollout/searches_per_traj": float(sum(tr.n_searches for tr in originals) / len(originals)),
             "rollout/answered_rate": float(sum(policy_answer(self.tokenizer, tr) is not None for tr in originals) / len(originals)),
             "rollout/trajectories": float(batch.size),
             "actor/entropy_mc": float(-masked_mean(old_logp, (batch.segments == Seg.POLICY).float())),
