@@ -79,6 +79,29 @@ def test_bm25_stemming_and_stopwords_configurable():
         BM25Retriever.from_passages(passages, stemmer="klingon")
 
 
+def test_bm25_query_tokens_match_bm25s_and_never_grow_the_vocabulary(bm25_dir, small_corpus):
+    """Queries map to the ids bm25s' own tokenizer gives the corpus words (unknown words dropped), and
+    searching unseen words leaves the tokenizer's dictionaries as they were (bm25s caches them)."""
+    import random
+
+    from rexrag.retrieval.bm25 import query_token_ids
+
+    r = load_index(bm25_dir)
+    words = " ".join(p.contents for p in load_corpus(small_corpus)).split()
+    rng = random.Random(0)
+    queries = [" ".join(rng.sample(words, 6)) + f" zq{i}xv runnings the" for i in range(40)] + ["", "the of"]
+    reference = load_index(bm25_dir).tokenizer  # a second, fresh copy of the same vocabulary
+    want = reference.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    known = r.model.unique_token_ids_set - {r.tokenizer.word_to_id.get("")}  # bm25s' "no words" marker
+    assert query_token_ids(r.tokenizer, queries) == [[t for t in q if t in known] for q in want]
+    sizes = [len(d) for d in (r.tokenizer.word_to_id, r.tokenizer.word_to_stem, r.tokenizer.stem_to_sid)]
+    unseen = [" ".join(f"w{rng.getrandbits(40):x}ing" for _ in range(200)) for _ in range(20)]
+    assert r.search(unseen, 3) == [[]] * 20
+    assert r.search(queries[:3], 3) == [r.search([q], 3)[0] for q in queries[:3]]
+    assert [len(d) for d in (r.tokenizer.word_to_id, r.tokenizer.word_to_stem, r.tokenizer.stem_to_sid)] == sizes
+    assert len(reference.word_to_stem) > sizes[1]  # what bm25s itself would have kept
+
+
 def test_bm25_index_dir_roundtrip(bm25_dir, small_corpus):
     r = load_index(bm25_dir, expect_kind="bm25")
     assert isinstance(r, BM25Retriever) and isinstance(r, Retriever)
