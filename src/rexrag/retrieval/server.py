@@ -179,6 +179,13 @@ def parse_request(
             raise BadRequest(422, f"queries[{i}]", f"query must be a string, got {type(q).__name__}")
         if len(q) > max_query_chars:
             raise BadRequest(422, f"queries[{i}]", f"query longer than {max_query_chars} characters")
+        if not q.isascii():
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(
+                    422, f"queries[{i}]", "query holds a lone UTF-16 surrogate: not Unicode text"
+                ) from None
     topk = _int_field(payload, "topk", default_topk, 1, max_topk)
     if max_results is not None and len(queries) * topk > max_results:
         raise BadRequest(
