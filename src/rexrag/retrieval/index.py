@@ -6,7 +6,8 @@ through a memory map so a large corpus is not held in RAM) and the backend's own
 
 Building happens in a hidden sibling temp directory; the manifest is written last and the directory
 is then renamed into place, so an interrupted or failed build leaves nothing that ``load_index``
-accepts. (Search-R1 / FlashRAG keep index and corpus as two unrelated paths with no record of which
+accepts (and the next build of the same directory deletes what a killed one left). Passage ids must
+be unique: a repeated id is an error naming both corpus lines. (Search-R1 / FlashRAG keep index and corpus as two unrelated paths with no record of which
 corpus or model built the index; here they travel together and are checked on load.)
 
 Index kinds are a registry: ``register_index_kind(name, build, load)``; bm25 and dense register
@@ -25,7 +26,7 @@ import platform
 import shutil
 import uuid
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata as _md
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from rexrag.errors import IndexMismatchError, UserError
+from rexrag.errors import DataError, IndexMismatchError, UserError
 from rexrag.registry import Registry
 from rexrag.retrieval.base import Passage, Retriever
 
@@ -180,13 +181,16 @@ def build_index(
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
+    _remove_stale_builds(out)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         skipped: list[str] = []
-        n = PassageStore.write(tmp, iter_corpus(corpus, skip_bad=skip_bad, skipped=skipped))
+        id_hashes = array("q")
+        n = PassageStore.write(tmp, _hashing_ids(iter_corpus(corpus, skip_bad=skip_bad, skipped=skipped), id_hashes))
         if n == 0:
             raise UserError(f"{corpus}: no passages to index")
+        _check_unique_ids(corpus, id_hashes)
         store = PassageStore(tmp)
         info = spec.build(store, tmp, **params)
         manifest = {
@@ -203,10 +207,76 @@ def build_index(
         }
         _write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks a complete build
         _swap_into_place(tmp, out)
+        _remove_stale_builds(out)  # now that out is complete, an interrupted swap's old copy too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Delete the temp dirs that killed builds of ``out`` left beside it: ``.NAME.building-PID-*``
+    whose process is gone (or of the older ``.NAME.building-HEX`` form, which has no pid), and
+    ``.NAME.old-*`` once ``out`` itself is a complete index. A build still running (its pid alive on
+    this machine) is left alone; one running on another machine over a shared file system is not
+    seen as running."""
+    for path in out.parent.glob(f".{out.name}.building-*"):
+        pid, sep, _ = path.name.rsplit(".building-", 1)[1].partition("-")
+        if sep and pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        log.warning("removing %s, left by an interrupted index build", path)
+        shutil.rmtree(path, ignore_errors=True)
+    if (out / MANIFEST).is_file():
+        for path in out.parent.glob(f".{out.name}.old-*"):
+            log.warning("removing %s, left by an interrupted index swap", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _hashing_ids(passages: Iterable[Passage], into: array) -> Iterator[Passage]:
+    """Pass ``passages`` through, appending ``hash(id)`` of each to ``into`` (8 bytes a passage:
+    a set of 21 M Wikipedia ids as strings would take ~2 GB)."""
+    for p in passages:
+        into.append(hash(p.id))
+        yield p
+
+
+def _check_unique_ids(corpus: Path, id_hashes: array) -> None:
+    """Raise a DataError naming the corpus lines of the first duplicated passage id. Equal hashes
+    are confirmed by a second pass over the corpus (reading only the rows whose id hash repeats)."""
+    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.int64))
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    from rexrag.data import _parse_passage, _rows_jsonl
+
+    parse, first_line = _parse_passage(corpus), {}
+    for where, row in _rows_jsonl(corpus):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("id"), (str, int))
+            or hash(str(row["id"])) not in repeated
+        ):
+            continue
+        try:
+            pid = parse(row, where).id
+        except DataError:  # a bad row that --skip-bad left out of the index
+            continue
+        if pid in first_line:
+            raise DataError(
+                f"{corpus}: passage id {pid!r} appears twice: {first_line[pid]} and {where}; "
+                "passage ids must be unique (results are reported by id)"
+            )
+        first_line[pid] = where
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -264,8 +334,11 @@ def load_index(
             f"{directory}: manifest says {manifest['passages']} passages but the store holds {len(store)}; rebuild"
         )
     if not manifest.get("contents_verbatim"):
-        log.warning("%s was built before corpus `contents` were stored verbatim: titles are re-quoted "
-                    "('\"Title\"\\ntext'); rebuild it with `rexrag index` to serve them byte-identical", directory)
+        log.warning(
+            "%s was built before corpus `contents` were stored verbatim: titles are re-quoted "
+            "('\"Title\"\\ntext'); rebuild it with `rexrag index` to serve them byte-identical",
+            directory,
+        )
     retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store, device=device)
     retriever.manifest = manifest
     return retriever
