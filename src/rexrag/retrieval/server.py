@@ -46,9 +46,11 @@ import re
 import resource
 from typing import Any
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rexrag.retrieval.base import Passage, Retriever
@@ -312,6 +314,8 @@ def create_app(
             return Response(body, media_type="application/json")
         except BadRequest as exc:
             return error(exc.status, exc.field, exc.message)
+        except ClientDisconnect:  # gone mid-body (or its request broke HTTP): nobody to answer
+            return Response(status_code=400)
         except Exception:  # a retriever failure, not a bad request: details to the log, not the client
             log.exception("retrieval failed")
             return error(500, "", "retrieval failed on the server; its log has the details")
@@ -336,11 +340,12 @@ class GuardedH11Protocol(H11Protocol):
 
     max_connections = MAX_CONNECTIONS
     timeout_read_s = TIMEOUT_READ_S
-    _warned_at = -1e9  # last "connection limit" warning (class-wide: at most one per minute)
+    _warned_at = -1e9  # last "connection limit" warning (per configured server: at most one a minute)
 
     @classmethod
     def configured(cls, max_connections: int, timeout_read_s: float) -> type[GuardedH11Protocol]:
-        return type(cls.__name__, (cls,), {"max_connections": max_connections, "timeout_read_s": timeout_read_s})
+        attrs = {"max_connections": max_connections, "timeout_read_s": timeout_read_s, "_warned_at": -1e9}
+        return type(cls.__name__, (cls,), attrs)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -359,8 +364,8 @@ class GuardedH11Protocol(H11Protocol):
         victim = min(idle, key=lambda c: c._last_active, default=self)
         victim.transport.close()
         now = self.loop.time()
-        if now - GuardedH11Protocol._warned_at > 60:
-            GuardedH11Protocol._warned_at = now
+        if now - type(self)._warned_at > 60:
+            type(self)._warned_at = now
             self.logger.warning(
                 "more than %d open connections: closing the longest-idle ones (warned once a minute)",
                 self.max_connections,
@@ -398,6 +403,19 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A malformed request (bad chunk, bad header) while the app handles its head: the app's own
+        answer would now break h11's state (uvicorn logs a traceback for it), so it is dropped; if
+        the app has already answered, or begun to, the connection just closes."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's send() becomes a no-op, its receive() a disconnect
+            cycle.message_event.set()
+        if (cycle is not None and cycle.response_started) or self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
+        super().send_400_response(msg)
 
 
 def raise_fd_limit(wanted: int) -> int:
