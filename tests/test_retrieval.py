@@ -188,7 +188,7 @@ def test_next_build_removes_what_killed_builds_left(small_corpus, tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     stale = [tmp_path / f".i.building-{int(dead.stdout)}-0badc0de", tmp_path / ".i.building-1a2b3c4d",
              tmp_path / ".i.old-5e6f7a8b"]
     live = tmp_path / f".i.building-{os.getpid()}-feedbeef"  # this process: a build in progress
