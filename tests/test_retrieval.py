@@ -13,7 +13,7 @@ import pytest
 from rexrag.cli import main as cli_main
 from rexrag.config import ConfigError, RetrievalConfig
 from rexrag.data import load_corpus, load_qa
-from rexrag.errors import IndexMismatchError, UserError
+from rexrag.errors import DataError, IndexMismatchError, UserError
 from rexrag.retrieval import (
     BM25Retriever,
     DenseRetriever,
@@ -78,6 +78,29 @@ def test_bm25_stemming_and_stopwords_configurable():
     assert stemmed.search(["the"], 1) == [[]]  # stop word removed: an empty query matches nothing
     with pytest.raises(UserError, match="unknown stemmer"):
         BM25Retriever.from_passages(passages, stemmer="klingon")
+
+
+def test_bm25_query_tokens_match_bm25s_and_never_grow_the_vocabulary(bm25_dir, small_corpus):
+    """Queries map to the ids bm25s' own tokenizer gives the corpus words (unknown words dropped), and
+    searching unseen words leaves the tokenizer's dictionaries as they were (bm25s caches them)."""
+    import random
+
+    from rexrag.retrieval.bm25 import query_token_ids
+
+    r = load_index(bm25_dir)
+    words = " ".join(p.contents for p in load_corpus(small_corpus)).split()
+    rng = random.Random(0)
+    queries = [" ".join(rng.sample(words, 6)) + f" zq{i}xv runnings the" for i in range(40)] + ["", "the of"]
+    reference = load_index(bm25_dir).tokenizer  # a second, fresh copy of the same vocabulary
+    want = reference.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    known = r.model.unique_token_ids_set - {r.tokenizer.word_to_id.get("")}  # bm25s' "no words" marker
+    assert query_token_ids(r.tokenizer, queries) == [[t for t in q if t in known] for q in want]
+    sizes = [len(d) for d in (r.tokenizer.word_to_id, r.tokenizer.word_to_stem, r.tokenizer.stem_to_sid)]
+    unseen = [" ".join(f"w{rng.getrandbits(40):x}ing" for _ in range(200)) for _ in range(20)]
+    assert r.search(unseen, 3) == [[]] * 20
+    assert r.search(queries[:3], 3) == [r.search([q], 3)[0] for q in queries[:3]]
+    assert [len(d) for d in (r.tokenizer.word_to_id, r.tokenizer.word_to_stem, r.tokenizer.stem_to_sid)] == sizes
+    assert len(reference.word_to_stem) > sizes[1]  # what bm25s itself would have kept
 
 
 def test_bm25_index_dir_roundtrip(bm25_dir, small_corpus):
@@ -157,6 +180,38 @@ def test_overwrite_swaps_in_new_index(small_corpus, tmp_path):
     build_index(small_corpus, "bm25", out, overwrite=True, stemmer=None)
     assert read_manifest(out)["params"]["stemmer"] is None
     assert [p.name for p in tmp_path.iterdir()] == ["i"]
+
+
+def test_next_build_removes_what_killed_builds_left(small_corpus, tmp_path):
+    """A kill -9 mid-build leaves ``.NAME.building-*`` (and mid-swap ``.NAME.old-*``) behind; the next
+    build of the same directory deletes them, but not a build whose process is still running."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = [tmp_path / f".i.building-{int(dead.stdout)}-0badc0de", tmp_path / ".i.building-1a2b3c4d",
+             tmp_path / ".i.old-5e6f7a8b"]
+    live = tmp_path / f".i.building-{os.getpid()}-feedbeef"  # this process: a build in progress
+    other = tmp_path / ".j.building-1a2b3c4d"  # another index's leftovers are not ours to judge
+    for d in [*stale, live, other]:
+        d.mkdir()
+        (d / "passages.jsonl").write_text("half\n")
+    build_index(small_corpus, "bm25", tmp_path / "i")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["i", live.name, other.name])
+    assert load_index(tmp_path / "i").search(["drummer"], 1)[0]
+
+
+def test_duplicate_passage_ids_name_both_lines(tmp_path):
+    rows = [{"id": "a", "contents": "alpha"}, {"id": 7, "contents": "seven"}, {"id": "b", "contents": "beta"},
+            {"id": "7", "title": "Seven again", "text": "as a string id"}, {"id": "a", "contents": "alpha again"}]
+    corpus = tmp_path / "dup.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    with pytest.raises(DataError, match=r"dup.jsonl: passage id '7' appears twice: line 2 and line 5"):
+        build_index(corpus, "bm25", tmp_path / "i")
+    assert list(tmp_path.iterdir()) == [corpus]  # nothing left behind
+    corpus.write_text("".join(json.dumps({"id": i, "contents": f"passage {i}"}) + "\n" for i in range(2000)))
+    assert read_manifest(build_index(corpus, "bm25", tmp_path / "i"))["passages"] == 2000
 
 
 # ----------------------------------------------------------------------------- dense

@@ -10,11 +10,14 @@ first renamed aside, then deleted).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -107,13 +110,43 @@ def replace_dir(
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(out: str | Path) -> None:
+    """Delete what killed writers of ``out`` left beside it: ``.NAME.building-PID-*`` temp dirs
+    whose process is gone (or of the older ``.NAME.building-HEX`` form, which names no pid), and
+    ``.NAME.old-*`` once ``out`` itself exists. A writer still running on this machine is left
+    alone; one on another machine over a shared file system is not seen as running."""
+    out = Path(out)
+    for path in out.parent.glob(f".{out.name}.building-*"):
+        pid, sep, _ = path.name.rsplit(".building-", 1)[1].partition("-")
+        if sep and pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        log.warning("removing %s, left by an interrupted write", path)
+        shutil.rmtree(path, ignore_errors=True)
+    if out.exists():
+        for path in out.parent.glob(f".{out.name}.old-*"):
+            log.warning("removing %s, left by an interrupted swap", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temp directory beside ``out``; when the block ends without error it becomes
-    ``out`` (:func:`replace_dir`). On error the temp directory is deleted and ``out`` is untouched."""
+    ``out`` (:func:`replace_dir`). On error the temp directory is deleted and ``out`` is untouched.
+    Temp dirs that killed writers left are removed first (:func:`remove_stale_temps`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -121,3 +154,4 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temps(out)  # now that out is complete, an interrupted swap's old copy too

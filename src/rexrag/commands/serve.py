@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from rexrag.protocol import DEFAULT_TOPK
 
@@ -19,17 +20,74 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kind", choices=["bm25", "dense"], default=None, help="fail unless the index is of this kind")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key-env", default="", metavar="VAR",
-                   help="require the key held in env var VAR in the X-API-Key header")
+    p.add_argument(
+        "--api-key-env", default="", metavar="VAR", help="require the key held in env var VAR in the X-API-Key header"
+    )
     p.add_argument("--default-topk", type=int, default=DEFAULT_TOPK, help="topk when a request leaves it out")
     p.add_argument("--max-topk", type=int, default=100)
-    p.add_argument("--max-queries", type=int, default=4096,
-                   help="queries per request (default 4096: a Search-R1 GRPO batch sends 2,560)")
-    p.add_argument("--max-body-bytes", type=int, default=32 << 20,
-                   help="request body limit (default 32 MiB: 4096 queries of up to 4096 ASCII characters)")
+    p.add_argument(
+        "--max-queries",
+        type=int,
+        default=4096,
+        help="queries per request (default 4096: a Search-R1 GRPO batch sends 2,560)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=32 << 20,
+        help="request body limit (default 32 MiB: 4096 queries of up to 4096 ASCII characters)",
+    )
+    p.add_argument(
+        "--max-results",
+        type=int,
+        default=None,
+        metavar="N",
+        help="queries x topk per request (default 12288: every query at topk 3; a Search-R1 "
+        "GRPO batch asks 2,560 x 3); bounds each response's size",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="/retrieve requests in flight before 503 + Retry-After (default 64)",
+    )
+    p.add_argument(
+        "--search-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests parsed and searched at once; the rest wait holding only their body (default 4)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open sockets; beyond, the longest-idle one is closed (default 1000)",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seconds an idle kept-alive connection stays open (default 5)",
+    )
+    p.add_argument(
+        "--timeout-read",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds for a request head, and for a body, to arrive (default 10)",
+    )
+    p.add_argument("--access-log", action="store_true", help="one log line per request (default off)")
     p.add_argument("--device", default="cpu", help="device for dense query encoding (cpu, cuda, ...)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for dense query encoding (0 = torch default; 1 helps on busy small machines)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for dense query encoding (0 = torch default; 1 helps on busy small machines)",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -43,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rexrag.errors import UserError
     from rexrag.retrieval import load_index
-    from rexrag.retrieval.server import create_app
+    from rexrag.retrieval.server import create_app, is_loopback, server_config
 
     api_key = None
     if args.api_key_env:
@@ -52,10 +110,58 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     if not 1 <= args.default_topk <= args.max_topk:
         raise UserError(f"--default-topk {args.default_topk} must be between 1 and --max-topk {args.max_topk}")
+    for flag in (
+        "max_results",
+        "max_concurrency",
+        "search_threads",
+        "max_connections",
+        "timeout_keep_alive",
+        "timeout_read",
+    ):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.max_results is not None and args.max_results < args.default_topk:
+        raise UserError(f"--max-results {args.max_results} must be at least --default-topk {args.default_topk}")
+    if not api_key and not is_loopback(args.host):
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach port {args.port} can "
+            "query this index; pass --api-key-env VAR (clients send the key in X-API-Key)",
+            file=sys.stderr,
+            flush=True,
+        )
+    app_limits = {
+        "max_results": args.max_results,
+        "max_concurrency": args.max_concurrency,
+        "search_threads": args.search_threads,
+        "timeout_read_s": args.timeout_read,
+    }
+    conn_limits = {
+        "max_connections": args.max_connections,
+        "timeout_keep_alive_s": args.timeout_keep_alive,
+        "timeout_read_s": args.timeout_read,
+    }
     retriever = load_index(args.index, expect_kind=args.kind, device=args.device)
-    app = create_app(retriever, default_topk=args.default_topk, max_topk=args.max_topk,
-                     max_queries=args.max_queries, max_body_bytes=args.max_body_bytes, api_key=api_key)
-    print(f"serving {retriever.manifest['kind']} index {args.index} "
-          f"({retriever.manifest['passages']} passages) on http://{args.host}:{args.port}/retrieve", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(
+        retriever,
+        default_topk=args.default_topk,
+        max_topk=args.max_topk,
+        max_queries=args.max_queries,
+        max_body_bytes=args.max_body_bytes,
+        api_key=api_key,
+        **{k: v for k, v in app_limits.items() if v is not None},
+    )
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        **{k: v for k, v in conn_limits.items() if v is not None},
+    )
+    print(
+        f"serving {retriever.manifest['kind']} index {args.index} "
+        f"({retriever.manifest['passages']} passages) on http://{args.host}:{args.port}/retrieve",
+        flush=True,
+    )
+    uvicorn.Server(config).run()
     return 0
