@@ -361,7 +361,7 @@ def _ragged_trainer(tmp_path, *overrides, model=None):
     cfg = toy_config(tmp_path, *overrides)
     model = model if model is not None else toy_model()
     roll = RaggedRollout(model, seed=cfg.trainer.seed)
-    tr = Trainer(cfg, model, CharTokenizer(), toy_examples(), rollout_fn=roll, reward_fn=_varied_reward, progress=False)
+    tr = Trainer(cfg, model, toy_tokenizer(), toy_examples(), rollout_fn=roll, reward_fn=_varied_reward, progress=False)
     roll.trainer = tr
     return tr
 
