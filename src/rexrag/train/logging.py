@@ -7,10 +7,12 @@ steps after the checkpoint are dropped first (they belong to the part of the run
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
-        self._tb = self._wandb = self._progress = None
+        self._tb = self._wandb = self._progress = self._plain = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,8 +77,12 @@ class MetricsLogger:
             self._start_progress(total_steps, resume_step or 0)
 
     def _start_progress(self, total: int, done: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        if not Console().is_terminal:  # a log file gets one plain line per step, with count and ETA
+            self._plain = (total, done, time.monotonic())
+            return
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), transient=False,
@@ -98,9 +104,11 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics)
         if self._progress is not None:
-            info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics)
             self._progress.update(self._task, completed=step, info=info)
+        elif self._plain is not None:
+            print(plain_progress_line(step, *self._plain, time.monotonic(), info), flush=True)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -112,6 +120,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def plain_progress_line(step: int, total: int, first: int, started: float, now: float, info: str) -> str:
+    """``train 3/10  eta 0:01:10  reward=..``: the ETA extrapolates the steps done since ``first``."""
+    done = step - first
+    eta = (now - started) / done * (total - step) if done > 0 else float("nan")
+    eta_text = str(_dt.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
+    return f"train {step}/{total}  eta {eta_text}  {info}".rstrip()
 
 
 def _jsonable(v: Any) -> Any:
