@@ -2,7 +2,9 @@
 
 Metric names are namespaced: ``rollout/``, ``reward/``, ``actor/``, ``critic/``, ``timing/``,
 ``memory/`` and ``rex/``. Only the main process writes. On resume, lines of ``metrics.jsonl`` for
-steps after the checkpoint are dropped first (they belong to the part of the run that is redone).
+steps after the checkpoint are dropped first (they belong to the part of the run that is redone),
+and so is a torn last line (a crash in the middle of writing it), with a warning; any other line
+that is not JSON is an error naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rexrag.errors import DataError
 from rexrag.fsutil import atomic_write_text
 
 NAMESPACES = ("rollout", "reward", "actor", "critic", "timing", "memory", "rex")
@@ -37,12 +40,35 @@ def memory_metrics() -> dict[str, float]:
     return out
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only records with ``step <= last_step`` (atomic rewrite)."""
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict]], str]:
+    """([(line, record)], torn last line or "") of a ``metrics.jsonl`` file. Only the last line may be torn."""
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            if i == len(lines) - 1:
+                return records, line
+            raise DataError(f"{path}:{i + 1}: not a JSON record ({line[:60]!r}); only a torn last line is tolerated")
+        records.append((line, rec))
+    return records, ""
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep only records with ``step <= last_step`` (atomic rewrite); a torn last line is dropped with a
+    warning. Returns the number of records dropped (the torn line included)."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        return 0
+    records, torn = _read_jsonl(path)
+    if torn:
+        print(f"warning: {path}: dropped a torn last line ({len(torn)} characters, left by an interrupted run): "
+              f"{torn[:80]!r}", file=sys.stderr)
+    keep = [line for line, rec in records if rec.get("step", 0) <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return len(records) - len(keep) + bool(torn)
 
 
 class MetricsLogger:
@@ -137,5 +163,5 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Records of a ``metrics.jsonl`` file, in order (a torn last line, from a crash, is left out)."""
+    return [rec for _, rec in _read_jsonl(Path(path))[0]]
