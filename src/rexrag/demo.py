@@ -220,7 +220,7 @@ def _shared_engine(backend: str, model, tokenizer, device: str, seed: int):
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     width = 2 if default_compute_dtype(device) == "bfloat16" else 4
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * width  # keys + values
-    kv_gb = 16 * DEMO_MAX_TOKENS * per_token / 2**30
+    kv_gb = (16 + 1) * DEMO_MAX_TOKENS * per_token / 2**30  # + 1 row: vLLM keeps one block back
     cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb)
     return build_backend("vllm", model, tokenizer, cfg, device=device, seed=seed, max_batch=16)
 
