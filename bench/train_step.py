@@ -379,8 +379,10 @@ def spawn(spec: dict) -> dict:
         proc = subprocess.run(cmd, check=False, text=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         text = Path(fh.name).read_text()
     if proc.returncode != 0 or not text:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        cause = [c for c in (ln.strip().removeprefix("[rank0]:").strip() for ln in lines)
+                 if c.split(":")[0].endswith(("Error", "Exception"))]
+        return {"error": f"exit {proc.returncode}: {cause[-1] if cause else ''} || " + " | ".join(lines[-15:])}
     return json.loads(text)
 
 
