@@ -433,7 +433,7 @@ def markdown(report: dict) -> str:
         if "steps" not in mt:
             lines.append(f"failed: {mt.get('error', '')[:400]}")
         else:
-            keys = [k for k in mt["steps"][0] if k.endswith("_s") or k in ("trajectories", "searches", "probes_kept")]
+            keys = [k for k in mt["steps"][0] if (k.endswith("_s") and k != "tokens_per_s") or k in ("trajectories", "searches", "probes_kept")]
             lines += ["| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
             for i, s in enumerate(mt["steps"], 1):
                 lines.append(f"| {i} | " + " | ".join(f"{s[k]:.2f}" for k in keys) + " |")
