@@ -479,7 +479,7 @@ def main() -> None:
     base = {k: getattr(args, k) for k in ("model", "prompts", "group", "new_tokens", "steps", "micro", "lr", "threads",
                                           "precision", "trl_vllm", "rex_model")}
     runs, ratios = [], {}
-    for pairing in args.pairings.split(","):
+    for pairing in [p for p in args.pairings.split(",") if p]:  # --pairings "" = the multi-turn row only
         got = {}
         for fw in args.order.split(","):
             spec = {**base, "pairing": pairing, "framework": fw}
