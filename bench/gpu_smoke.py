@@ -38,7 +38,7 @@ TINY_SHAPE = dict(QWEN05B_SHAPE, hidden_size=64, intermediate_size=128, num_hidd
                   num_attention_heads=4, num_key_value_heads=2)
 STEP_KEYS = ("timing/step_s", "timing/gen_s", "timing/weight_sync_s", "timing/logprob_s", "timing/update_s",
              "timing/explore_s", "timing/tokens_per_s", "gen_tokens_per_s", "memory/cuda_max_allocated_gib",
-             "memory/peak_rss_gib", "rollout/trajectories", "rollout/gen_tokens", "rollout/searches_mean",
+             "memory/peak_rss_mb", "rollout/trajectories", "rollout/gen_tokens", "rollout/searches_mean",
              "rollout/time_retrieval_s", "rex/probes_kept", "reward/mean", "rollout/valid_format_rate")
 
 

@@ -158,3 +158,21 @@ def test_warmup_cli_writes_a_checkpoint_eval_accepts(smol_tokenizer, tiny_model,
     rc = main(["eval", "--backend", "hf", "--model", str(tmp_path / "warm"), "--dataset", f"qa={qa}", "--index", str(tmp_path / "idx"),
                "--method", "agent", "--max-turns", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")])
     assert rc == 0 and json.loads((tmp_path / "ev" / "metrics.json").read_text())["datasets"]["qa"]["n"] == 3
+
+
+def test_gradient_checkpointing_changes_no_number(smol_tokenizer):
+    """The demo warms up with checkpointing to save memory: same losses and weights, bit for bit (fp32 CPU)."""
+    from rexrag.models import tiny_llama
+
+    tok = smol_tokenizer
+    trajs = warmup.build_warmup_trajectories(tok, FakeRetriever(), _examples(),
+                                             warmup.WarmupConfig(n_examples=0, topk=1, max_obs_tokens=12))
+    runs = []
+    for ckpt in (False, True):
+        model = tiny_llama(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+        cfg = warmup.WarmupConfig(steps=3, batch_size=2, lr=1e-2, gradient_checkpointing=ckpt)
+        runs.append((warmup.finetune(model, tok, trajs, cfg, quiet=True), model.state_dict()))
+    (loss_a, sd_a), (loss_b, sd_b) = runs
+    assert loss_a == loss_b
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)

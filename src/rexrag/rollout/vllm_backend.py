@@ -300,12 +300,12 @@ class VLLMBackend:
         """Free the engine (its KV cache and weights) and its temporary config directory now, not
         whenever the garbage collector gets to it: a run that starts several engines in turn (the
         demo: evaluate, train, evaluate) would otherwise hold all of them at once."""
-        import gc
+        from rexrag.memory import release
 
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
             del llm
-            gc.collect()
+            release()  # gc + malloc_trim: without the trim glibc keeps the freed KV cache and weights mapped
         self._tmp.cleanup()

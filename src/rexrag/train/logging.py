@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,19 @@ PROGRESS_KEYS = ("reward/mean", "actor/pg_loss", "actor/kl", "rollout/response_l
 
 
 def memory_metrics() -> dict[str, float]:
-    """Peak host RSS (and peak accelerator memory when CUDA is in use), in GiB."""
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    out = {"memory/peak_rss_gib": peak_kb * scale / 2**30}
+    """Host memory in MiB (see ``rexrag.memory`` for exactly what each covers) and, when CUDA is in
+    use, the peak accelerator memory in GiB:
+
+    - ``memory/peak_rss_mb``: this process's peak RSS (``ru_maxrss``), in-process vLLM engine included;
+    - ``memory/rss_mb``: its RSS now;
+    - ``memory/children_rss_mb``: current RSS summed over live child processes (a multiprocess engine);
+    - ``memory/peak_rss_children_mb``: the largest peak among exited, waited-for children.
+    Peak host memory of the run is at most ``peak_rss_mb + children_rss_mb``-at-its-peak; with no
+    children (the CPU default) it is ``peak_rss_mb``."""
+    from rexrag import memory
+
+    out = {"memory/peak_rss_mb": memory.peak_rss_mb(), "memory/rss_mb": memory.rss_mb(),
+           "memory/children_rss_mb": memory.children_rss_mb(), "memory/peak_rss_children_mb": memory.peak_rss_children_mb()}
     try:
         import torch
 

@@ -1,0 +1,83 @@
+"""Host memory: what this process (and the processes it started) hold, and handing freed memory back.
+
+``peak_rss_mb`` is the kernel's high-water mark of this process's resident set (``ru_maxrss``): it
+covers the in-process vLLM engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the CPU default) but not a
+child process. Children are counted two ways, because the kernel only reports the peak of a child
+once it has exited and been waited for: ``children_rss_mb`` sums the *current* RSS of every live
+descendant (e.g. a multiprocess vLLM engine core) and ``peak_rss_children_mb`` is the largest peak
+among waited-for children. Linux reads ``/proc``; elsewhere the live-children figure is 0.
+
+``release`` runs the garbage collector and asks glibc to return free heap pages to the kernel
+(``malloc_trim``): after a phase drops a model, an optimizer or an engine, glibc otherwise keeps
+the freed arenas mapped and the RSS stays at the phase's peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import os
+import resource
+import sys
+
+_KIB = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+
+
+def peak_rss_mb() -> float:
+    """Highest RSS this process has had (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20
+
+
+def peak_rss_children_mb() -> float:
+    """Largest peak RSS among this process's exited, waited-for descendants (MiB; 0 if none)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * _KIB / 2**20
+
+
+def _statm_rss_mb(pid: int | str) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def rss_mb() -> float:
+    """This process's RSS now (MiB; Linux only, else the peak)."""
+    return _statm_rss_mb("self") if os.path.exists("/proc/self/statm") else peak_rss_mb()
+
+
+def children_rss_mb() -> float:
+    """Summed current RSS of this process's live descendants (MiB; Linux, else 0)."""
+    total, todo, seen = 0.0, [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            if kid not in seen:
+                seen.add(kid)
+                total += _statm_rss_mb(kid)
+                todo.append(kid)
+    return total
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release() -> None:
+    """Collect garbage and return free heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
