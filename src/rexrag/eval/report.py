@@ -259,8 +259,8 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], metric: str = "em"
         raise ValueError(f"paired_difference needs the same questions on both sides ({len(a)} vs {len(b)}, "
                          f"{len(set(a) ^ set(b))} unpaired)")
     diffs: dict[str, list[float]] = defaultdict(list)
-    for k in a:
-        diffs[k[0]].append(b[k] - a[k])
+    for k, score_a in a.items():
+        diffs[k[0]].append(b[k] - score_a)
     if not diffs:
         return {"n": 0, "diff": 0.0, "lo": 0.0, "hi": 0.0, "gained": 0, "lost": 0}
     lo, hi = _percentiles(_stratified_bootstrap(list(diffs.values()), n_boot, seed))
