@@ -279,7 +279,8 @@ def difference_sentence(d: dict[str, float], what: str, baseline: str, metric: s
         return f"{what} added {stats}: a gain beyond noise."
     if hi < 0:
         return f"{what} changed the score by {stats}: a loss beyond noise."
-    return f"{what} changed the score by {stats}: within noise, so no measurable effect at this sample size."
+    return (f"{what} changed the score by {stats}: within noise, so {what} added nothing measurable beyond {baseline} "
+            "at this sample size.")
 
 
 def interval_table_md(results: dict[str, list[dict]], metrics: tuple[str, ...] = ("em", "cover_em")) -> str:
