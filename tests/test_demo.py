@@ -124,7 +124,8 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     p = demo.PROFILES["quick"]
     path = demo.write_report(tmp_path, tok, p, evals, {"trajectories": 3, "two_hop": 1, "losses": [2.0, 1.0]},
                              [], [probe], {"setup": 1.0, "cpu_setup": 0.5, "total": 60.0, "cpu_total": 30.0}, "quick", "ckpt",
-                             {"questions": 4, "solvable": 3, "pool": 10, "file": str(tmp_path / "rl_questions.jsonl")})
+                             {"questions": 4, "file": str(tmp_path / "rl_questions.jsonl"), "ranked_by": "greedy",
+                              "candidates": 10, "candidates_em": 3, "chosen_em": 3, "chosen_cover_em": 4})
     md = path.read_text()
     # the headline: four rows on the same questions, n per dataset, intervals, plain sentences
     assert "| Method | EM HotpotQA (n=4) | EM 2Wiki (n=4) | EM Avg |" in md
@@ -136,7 +137,7 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     assert "2 newly right, 0 newly wrong" in md and "within noise" in md
     assert "- The trained agent changed the score by +12.5 cover-EM over naive RAG on the same base model" in md
     assert "| HotpotQA | em | 25.0 | 50.0 | +25.0 |" in md  # warm-up vs trained, all metrics
-    assert "3 of them have a gold answer in the observation of the first search" in md
+    assert "it answered 3 of 10 candidates exactly; the chosen ones include 3 it answered exactly" in md
     assert "on average 25 % of groups had reward spread" in md and "1 of 2 steps had at least one exactly-correct" in md
     assert "rollout/groups_with_signal" in md
     assert "total wall time 1.0 min" in md and "CPU time 0.5 min (setup 0s)" in md
@@ -148,27 +149,24 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     assert s["signal"]["steps_with_signal"] == 2 and demo.headline_text(tmp_path) == s["headline"]
 
 
-def test_split_and_pick_rl_questions(smol_tokenizer):
-    from rexrag.retrieval.base import Passage
-
+def test_split_and_pick_rl_questions():
     train = [QAExample(f"t{i}", f"Question {i}?", [f"answer{i}"]) for i in range(10)]
     warm, rest = demo.split_train_questions(train, 4, seed=0)
     assert len(warm) == 4 and len(rest) == 6 and not {e.id for e in warm} & {e.id for e in rest}
     assert [e.id for e in demo.split_train_questions(train, 4, seed=0)[0]] == [e.id for e in warm]  # seeded
+    assert not {e.id for e in load_qa(demo.demo_file("eval.jsonl"))} & {e.id for e in load_qa(demo.demo_file("train.jsonl"))}
 
-    class Retriever:  # the answer is in the first search for even questions only
-        def search(self, queries, k):
-            return [[Passage("d", "T", f"text answer{q.split()[1]}" if int(q.split()[1]) % 2 == 0 else "nothing")]
-                    for q in queries]
-
+    greedy = [{"em": 0.0, "cover_em": 0.0, "f1": 0.0}, {"em": 0.0, "cover_em": 1.0, "f1": 0.5},
+              {"em": 1.0, "cover_em": 1.0, "f1": 1.0}, {"em": 0.0, "cover_em": 0.0, "f1": 0.3},
+              {"em": 1.0, "cover_em": 1.0, "f1": 1.0}, {"em": 0.0, "cover_em": 0.0, "f1": 0.0}]
+    qs, info = demo.pick_rl_questions(rest, greedy, 4)
+    assert [e.id for e in qs] == [rest[i].id for i in (2, 4, 1, 3)]  # exact first, then cover-EM, then F1
+    assert info["candidates"] == 6 and info["candidates_em"] == 2 and info["chosen_em"] == 2 and info["chosen_cover_em"] == 3
+    assert demo.pick_rl_questions(rest, None, 3)[0] == rest[:3]
+    with pytest.raises(ValueError, match="greedy results"):
+        demo.pick_rl_questions(rest, greedy[:2], 3)
     p = demo.PROFILES["default"]
-    assert p.rl_questions == "solvable"
-    qs, n_solvable = demo.pick_rl_questions(rest, Retriever(), smol_tokenizer, p, 5)
-    evens = [e for e in rest if int(e.id[1:]) % 2 == 0]
-    assert n_solvable == len(evens) and [e.id for e in qs[:n_solvable]] == [e.id for e in evens]
-    assert len(qs) == min(5, len(rest))  # topped up with the others
-    from dataclasses import replace
-    assert demo.pick_rl_questions(rest, None, smol_tokenizer, replace(p, rl_questions="all"), 3) == (rest[:3], 0)
+    assert p.rl_questions == "solvable" and p.rl_temperature < 1.0 and p.rl_candidates >= p.rl_steps * p.rl_prompts
 
 
 def test_write_questions_copies_bundled_rows(tmp_path):

@@ -47,23 +47,31 @@ class DemoProfile:
     keep_ratio: float
     probe_prob: float
     rl_temperature: float = 1.0  # sampling temperature of the RL rollouts
-    # RL training questions: "all" (the bundled training questions) or "solvable": those not used by
-    # the warm-up whose gold answer is visible in the first search's observation (see pick_rl_questions)
+    # RL training questions, always among the bundled training questions the warm-up did not use: "all"
+    # (file order) or "solvable" (ranked by a greedy pass of the warm-up checkpoint, see pick_rl_questions)
     rl_questions: str = "all"
+    rl_candidates: int = 0  # "solvable": how many of those questions the greedy pass tries (0 = all)
     rag_max_new_tokens: int = 64  # the naive-RAG reference row: one retrieval, one answer
 
 
 PROFILES: dict[str, DemoProfile] = {
     # 64 new tokens per turn: the warm-up teaches "<think> ... </think>\n<search> QUESTION </search>",
     # whose query alone can take 40 tokens; a smaller cap cuts the action and the turn is invalid.
+    # RL signal (issue 15): with the old settings (temperature 1.0, random training questions) 4 RL steps
+    # sampled not one correct rollout. Measured on the warmed-up model, 4 rollouts per question: at
+    # temperature 1.0 3 % of rollouts were right, at 0.7 6-7 % on unseen training questions (questions the
+    # warm-up trained on: 30 %, memorised). So RL samples at 0.7 and trains on questions the warm-up
+    # checkpoint answers right greedily (rl_questions="solvable"), which its samples get right sometimes.
     "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                          warmup_examples=12, warmup_steps=6, warmup_batch=2, warmup_lr=1e-4,
                          rl_steps=2, rl_prompts=2, rl_rollouts=2, rl_max_turns=1, rl_max_new_tokens=64,
-                         rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0),
-    "default": DemoProfile(eval_per_dataset=16, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
+                         rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0, rl_temperature=0.7, rl_questions="solvable",
+                         rl_candidates=16),
+    "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                            warmup_examples=48, warmup_steps=12, warmup_batch=4, warmup_lr=1e-4,
-                           rl_steps=4, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
-                           rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5, rl_questions="solvable"),
+                           rl_steps=6, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
+                           rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5, rl_temperature=0.7, rl_questions="solvable",
+                           rl_candidates=64),
 }
 
 
@@ -117,40 +125,28 @@ def split_train_questions(train: list, n_warmup: int, seed: int) -> tuple[list, 
     return warm, [e for e in train if e.id not in ids]
 
 
-def answer_visible(examples: list, retriever, tokenizer, topk: int, max_obs_tokens: int) -> list[bool]:
-    """Per question: is a gold answer (cover-EM) in the observation the agent's first search returns
-    when it searches the question itself (what the warm-up teaches), cut to ``max_obs_tokens``?"""
-    from rexrag.protocol import format_information
-    from rexrag.rewards import cover_em
-    from rexrag.warmup import search_query
+def pick_rl_questions(candidates: list, greedy_rows: list[dict] | None, n: int) -> tuple[list, dict]:
+    """(RL training questions, counts): the first ``n`` candidates, ranked by how the warmed-up model's
+    greedy agent did on them (``greedy_rows``, in candidate order): exact match first, then answers that
+    contain the gold (cover-EM), then by F1; ties keep file order. ``greedy_rows`` None: file order.
 
-    if not examples:
-        return []
-    hits = retriever.search([search_query(e.question) for e in examples], topk)
-    seen = []
-    for e, h in zip(examples, hits):  # the passages' text as the agent inserts it (warmup.info_ids), without the tags
-        body = tokenizer(format_information(h), add_special_tokens=False)["input_ids"][:max_obs_tokens]
-        seen.append(bool(cover_em(tokenizer.decode(body), e.golden_answers)))
-    return seen
-
-
-def pick_rl_questions(candidates: list, retriever, tokenizer, p: DemoProfile, n: int) -> tuple[list, int]:
-    """(RL training questions, how many of them are "solvable") for ``p.rl_questions``.
-
-    ``all``: the first ``n`` candidates. ``solvable``: candidates whose answer is visible after the
-    first search (``answer_visible``) come first, topped up with the others in file order when there
-    are fewer than ``n``. Why: a 135M model answers by copying from the retrieved text, so a question
-    whose answer is not in what it reads cannot be solved, and a GRPO group whose rollouts all fail
-    has zero advantage -- no learning signal. The held-out questions are never candidates.
+    Why: GRPO learns only from groups whose rollouts disagree. A question the policy answers right
+    greedily is one its sampled rollouts get right sometimes but not always, so its group has a reward
+    spread; a question it cannot solve gives a group of equal rewards and zero advantage (DAPO's
+    "dynamic sampling" drops such groups after sampling; choosing questions beforehand costs one greedy
+    pass instead of extra rollouts). The held-out questions are never candidates.
     """
-    if p.rl_questions == "all":
-        return list(candidates[:n]), 0
-    if p.rl_questions != "solvable":
-        raise UserError(f"demo profile rl_questions={p.rl_questions!r}; choose 'all' or 'solvable'")
-    seen = answer_visible(candidates, retriever, tokenizer, p.topk, p.max_obs_tokens)
-    good = [e for e, v in zip(candidates, seen) if v]
-    rest = [e for e, v in zip(candidates, seen) if not v]
-    return (good + rest)[:n], min(len(good), n)
+    if greedy_rows is None:
+        return list(candidates[:n]), {"ranked_by": "file order"}
+    if len(greedy_rows) != len(candidates):
+        raise ValueError(f"{len(greedy_rows)} greedy results for {len(candidates)} candidates")
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (-greedy_rows[i]["em"], -greedy_rows[i]["cover_em"], -greedy_rows[i]["f1"], i))[:n]
+    chosen = [greedy_rows[i] for i in order]
+    return [candidates[i] for i in order], {
+        "ranked_by": "greedy agent result of the warm-up checkpoint", "candidates": len(candidates),
+        "candidates_em": int(sum(r["em"] for r in greedy_rows)),
+        "chosen_em": int(sum(r["em"] for r in chosen)), "chosen_cover_em": int(sum(r["cover_em"] for r in chosen))}
 
 
 def write_questions(examples: list, path: Path) -> Path:
@@ -249,13 +245,13 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
 
 
 def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
-              backend: str = "auto", engine=None, method: str = "agent") -> dict:
+              backend: str = "auto", engine=None, method: str = "agent", batch_size: int = 16) -> dict:
     """Greedy evaluation (``agent``, or ``rag``: the naive-RAG reference); ``engine`` (a shared vLLM
     backend) must already hold ``model``'s weights."""
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
     rag = method == "rag"
-    opts = EvalOptions(method=method, topk=p.topk, batch_size=16, max_turns=p.eval_max_turns,
+    opts = EvalOptions(method=method, topk=p.topk, batch_size=batch_size, max_turns=p.eval_max_turns,
                        max_new_tokens=p.rag_max_new_tokens if rag else p.eval_max_new_tokens,
                        max_obs_tokens=p.max_obs_tokens, device=device, backend=backend)
     info = {"model": label, "corpus": "bundled demo corpus (1,796 Wikipedia paragraphs)",
@@ -293,9 +289,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's Accelerator picks the same
 
-    _say("1/8 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
+    _say("1/9 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
     resolve_model_path(DEFAULT_MODEL)  # imports the GGUF file once, into the cache
-    _say("2/8 building a BM25 index over the bundled corpus")
+    _say("2/9 building a BM25 index over the bundled corpus")
     build_index(demo_file("corpus.jsonl"), "bm25", out / "index", overwrite=True)
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
@@ -331,7 +327,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     datasets = load_demo_eval(p.eval_per_dataset)
     n_eval = sum(len(e) for _, e in datasets.values())
     evals: dict[str, dict] = {}
-    _say(f"3/8 evaluating the untrained model on {n_eval} held-out questions (agent, then naive RAG)")
+    _say(f"3/9 evaluating the untrained model on {n_eval} held-out questions (agent, then naive RAG)")
     evals["untrained"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", LABELS["untrained"],
                                    device, backend, engine)
     evals["rag"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_rag", LABELS["rag"], device, backend,
@@ -339,26 +335,39 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     clock.lap("eval_before")
 
     warm_qs, rl_pool = split_train_questions(list(load_qa(demo_file("train.jsonl"))), p.warmup_examples, seed)
-    _say(f"4/8 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
+    _say(f"4/9 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
     wcfg = WarmupConfig(n_examples=0, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
                         topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed)
     warm = run_warmup(model, tokenizer, retriever, warm_qs, wcfg, out / "warmup", device=device)
     clock.lap("warmup")
 
-    _say("5/8 evaluating the warm-up checkpoint alone")
+    _say("5/9 evaluating the warm-up checkpoint alone")
     if engine is not None:
         engine.sync_weights(model)
     evals["warmup"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_warmup", LABELS["warmup"], device,
                                 backend, engine)
     clock.lap("eval_warmup")
-    del model
 
-    rl_qs, n_solvable = pick_rl_questions(rl_pool, retriever, tokenizer, p, p.rl_steps * p.rl_prompts)
-    rl_file = write_questions(rl_qs, out / "rl_questions.jsonl")
-    rl_info = {"questions": len(rl_qs), "solvable": n_solvable, "pool": len(rl_pool), "file": str(rl_file)}
-    _say(f"6/8 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
-         f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions ({n_solvable} with the answer in the first search)")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_file)
+    n_rl = p.rl_steps * p.rl_prompts
+    greedy_rows = None
+    if p.rl_questions == "solvable":
+        from rexrag.data import assign_group_ids
+
+        rl_pool = rl_pool[: p.rl_candidates] if p.rl_candidates else rl_pool
+        assign_group_ids(rl_pool, start=2_000_000)
+        _say(f"6/9 choosing RL questions: greedy pass of the warm-up checkpoint over {len(rl_pool)} training questions")
+        greedy_rows = _evaluate(model, tokenizer, retriever, p, {"train": (demo_file("train.jsonl"), rl_pool)},
+                                out / "rl_candidates", "warm-up on RL candidates", device, backend, engine,
+                                batch_size=64)["rows"]
+    elif p.rl_questions != "all":
+        raise UserError(f"demo profile rl_questions={p.rl_questions!r}; choose 'all' or 'solvable'")
+    del model
+    rl_qs, rl_info = pick_rl_questions(rl_pool, greedy_rows, n_rl)
+    rl_info = {**rl_info, "questions": len(rl_qs), "file": str(write_questions(rl_qs, out / "rl_questions.jsonl"))}
+    clock.lap("rl_questions")
+    _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
+         f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions")
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"])
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()
@@ -371,7 +380,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     ckpt = latest_checkpoint(out / "train")
     if ckpt is None:
         raise UserError(f"training wrote no checkpoint under {out / 'train'}")
-    _say(f"7/8 evaluating the trained checkpoint {ckpt / 'model'}")
+    _say(f"8/9 evaluating the trained checkpoint {ckpt / 'model'}")
     trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")), device=device)
     if engine is not None:
         engine.sync_weights(trained)
@@ -380,7 +389,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     clock.lap("eval_after")
     times = clock.totals()
 
-    _say("8/8 writing the report")
+    _say("9/9 writing the report")
     report = write_report(out, tokenizer, p, evals, warm, history, probes, times, "quick" if quick else "default",
                           str(ckpt / "model"), rl_info)
     print(headline_text(out))
@@ -505,10 +514,14 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
         "one kept probe per step when any exist), policy correction `rex_token`."), "",
     ]
     if rl_info:
-        lines += [(f"Training questions: {rl_info.get('questions')} of the {rl_info.get('pool')} bundled training questions "
-                  f"the warm-up did not use (`{Path(str(rl_info.get('file', ''))).name}`), chosen by `{p.rl_questions}`: "
-                  f"{rl_info.get('solvable')} of them have a gold answer in the observation of the first search (the "
-                  "question itself), so the model can find it by reading."), ""]
+        text = (f"Training questions: {rl_info.get('questions')} bundled training questions that the warm-up did not use "
+                f"(`{Path(str(rl_info.get('file', ''))).name}`; never a held-out question), `{p.rl_questions}`: ranked by "
+                f"{rl_info.get('ranked_by')}")
+        if "candidates" in rl_info:
+            text += (f" -- it answered {rl_info['candidates_em']} of {rl_info['candidates']} candidates exactly; the chosen "
+                     f"ones include {rl_info['chosen_em']} it answered exactly and {rl_info['chosen_cover_em']} whose "
+                     "answer contained the gold")
+        lines += [text + ".", ""]
     if signal["steps"]:
         lines += [(f"Learning signal: on average {100 * signal['groups_with_signal_mean']:.0f} % of groups had reward "
                   f"spread (a non-zero GRPO advantage) per step, {100 * signal['groups_with_signal_after_probes_mean']:.0f} % "
