@@ -223,6 +223,7 @@ def test_merged_searchr1_parquet_is_scored_per_data_source(smol_tokenizer, tmp_p
     res = E.run_eval(data, None, smol_tokenizer, None, E.EvalOptions(method="direct", batch_size=4), tmp_path / "out",
                      "scripted", quiet=True, backend=backend)
     assert [r["dataset"] for r in res["rows"]] == ["nq"] * 3 + ["hotpotqa"] * 2
+    assert [n for n, _ in backend.calls] == [4, 1]  # batches span datasets
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())["datasets"]
     assert (m["nq"]["n"], m["nq"]["em"]) == (3, 1.0)
     assert (m["hotpotqa"]["n"], m["hotpotqa"]["em"]) == (2, 0.5)  # "Marlowe" is wrong

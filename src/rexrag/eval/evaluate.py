@@ -325,7 +325,6 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
 
     torch.manual_seed(opts.seed)
     total = sum(len(ex) for _, ex in datasets.values())
-    rows: list[dict] = []
     start = time.perf_counter()  # engine start-up counts in the evaluation's time
     with contextlib.ExitStack() as stack:
         if backend is None:  # one engine for every dataset, closed when done
@@ -334,10 +333,14 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
                 stack.callback(backend.close)
         progress = stack.enter_context(Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
                                                 MofNCompleteColumn(), TimeElapsedColumn(), disable=quiet, transient=False))
-        task = progress.add_task(f"{label} ({opts.method})", total=total)
-        for name, (_, examples) in datasets.items():
-            progress.update(task, description=f"{label} ({opts.method}, {name})")
-            rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task, backend)
+        task = progress.add_task(f"{label} ({opts.method}, {', '.join(datasets)})", total=total)
+        # One stream of questions, dataset after dataset, so a batch may span datasets: small per-dataset
+        # sets still fill the batches (a fast backend's throughput grows with the batch).
+        names = [name for name, (_, examples) in datasets.items() for _ in examples]
+        examples = [ex for _, (_, exs) in datasets.items() for ex in exs]
+        rows = evaluate_examples(examples, model, tokenizer, retriever, opts, "", progress, task, backend)
+        for row, name in zip(rows, names, strict=True):
+            row["dataset"] = name
     seconds = time.perf_counter() - start
     summary = report.summarize(rows)
     if out_dir is not None:
