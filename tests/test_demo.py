@@ -125,19 +125,19 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     path = demo.write_report(tmp_path, tok, p, evals, {"trajectories": 3, "two_hop": 1, "losses": [2.0, 1.0]},
                              [], [probe], {"setup": 1.0, "cpu_setup": 0.5, "total": 60.0, "cpu_total": 30.0}, "quick", "ckpt",
                              {"questions": 4, "file": str(tmp_path / "rl_questions.jsonl"), "ranked_by": "greedy",
-                              "candidates": 10, "candidates_em": 3, "chosen_em": 3, "chosen_cover_em": 4})
+                              "candidates": 10, "candidates_em": 3, "solved": 4, "chosen_em": 3, "chosen_cover_em": 4})
     md = path.read_text()
     # the headline: four rows on the same questions, n per dataset, intervals, plain sentences
     assert "| Method | EM HotpotQA (n=4) | EM 2Wiki (n=4) | EM Avg |" in md
     for label in demo.LABELS.values():
         assert f"| {label} | " in md
-    assert "| warm-up + REX-RAG (agent) | 50.0 [15.0, 85.0] | 25.0 [4.6, 69.9] |" in md
-    assert "Wilson score interval per dataset" in md
+    assert "| warm-up + REX-RAG (agent) | 50.0 [15.0, 85.0] | 25.0 [4.6, 69.9] | 37.5 [13.7, 69.4] |" in md
+    assert "95 % Wilson score intervals" in md
     assert "- RL (REX-RAG) changed the score by +25.0 EM over the warm-up checkpoint (95% paired-bootstrap CI" in md
     assert "2 newly right, 0 newly wrong" in md and "within noise" in md
     assert "- The trained agent changed the score by +12.5 cover-EM over naive RAG on the same base model" in md
     assert "| HotpotQA | em | 25.0 | 50.0 | +25.0 |" in md  # warm-up vs trained, all metrics
-    assert "it answered 3 of 10 candidates exactly; the chosen ones include 3 it answered exactly" in md
+    assert "of 10 candidates it answered 3 exactly and 4 with the gold in its answer; the 4 chosen include 3" in md
     assert "on average 25 % of groups had reward spread" in md and "1 of 2 steps had at least one exactly-correct" in md
     assert "rollout/groups_with_signal" in md
     assert "total wall time 1.0 min" in md and "CPU time 0.5 min (setup 0s)" in md
@@ -159,9 +159,13 @@ def test_split_and_pick_rl_questions():
     greedy = [{"em": 0.0, "cover_em": 0.0, "f1": 0.0}, {"em": 0.0, "cover_em": 1.0, "f1": 0.5},
               {"em": 1.0, "cover_em": 1.0, "f1": 1.0}, {"em": 0.0, "cover_em": 0.0, "f1": 0.3},
               {"em": 1.0, "cover_em": 1.0, "f1": 1.0}, {"em": 0.0, "cover_em": 0.0, "f1": 0.0}]
-    qs, info = demo.pick_rl_questions(rest, greedy, 4)
-    assert [e.id for e in qs] == [rest[i].id for i in (2, 4, 1, 3)]  # exact first, then cover-EM, then F1
-    assert info["candidates"] == 6 and info["candidates_em"] == 2 and info["chosen_em"] == 2 and info["chosen_cover_em"] == 3
+    qs, info = demo.pick_rl_questions(rest, greedy, 5)
+    assert [e.id for e in qs] == [rest[i].id for i in (2, 4, 1)]  # solved only: exact first, then cover-EM
+    assert info["candidates"] == 6 and info["candidates_em"] == 2 and info["solved"] == 3
+    assert info["chosen_em"] == 2 and info["chosen_cover_em"] == 3
+    assert [e.id for e in demo.pick_rl_questions(rest, greedy, 2)[0]] == [rest[2].id, rest[4].id]  # at most n
+    qs, _ = demo.pick_rl_questions(rest, greedy, 6, at_least=4)  # too few solved: the next best by F1 fill up
+    assert [e.id for e in qs] == [rest[i].id for i in (2, 4, 1, 3)]
     assert demo.pick_rl_questions(rest, None, 3)[0] == rest[:3]
     with pytest.raises(ValueError, match="greedy results"):
         demo.pick_rl_questions(rest, greedy[:2], 3)

@@ -110,7 +110,10 @@ def test_score_intervals_wilson_per_dataset_bootstrap_for_the_average():
     avg = iv["average"]
     assert avg["n"] == 12 and avg["mean"] == pytest.approx(0.25)  # macro average, as summarize
     assert 0.0 <= avg["lo"] < 0.25 < avg["hi"] <= 1.0
-    assert report.score_intervals(rows, "em", n_boot=2000) == iv  # seeded
+    assert avg["method"] == "bootstrap" and report.score_intervals(rows, "em", n_boot=2000) == iv  # seeded
+    equal = _qrows("hotpotqa", [1, 0, 0, 0]) + _qrows("2wikimultihopqa", [1, 1, 0, 0])
+    avg = report.score_intervals(equal, "em")["average"]  # equal n: the pooled rate, Wilson
+    assert avg["method"] == "wilson" and (avg["lo"], avg["hi"]) == pytest.approx(report.wilson_interval(3, 8))
 
 
 def test_paired_difference_counts_and_interval():

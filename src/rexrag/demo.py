@@ -131,10 +131,12 @@ def split_train_questions(train: list, n_warmup: int, seed: int) -> tuple[list, 
     return warm, [e for e in train if e.id not in ids]
 
 
-def pick_rl_questions(candidates: list, greedy_rows: list[dict] | None, n: int) -> tuple[list, dict]:
-    """(RL training questions, counts): the first ``n`` candidates, ranked by how the warmed-up model's
-    greedy agent did on them (``greedy_rows``, in candidate order): exact match first, then answers that
-    contain the gold (cover-EM), then by F1; ties keep file order. ``greedy_rows`` None: file order.
+def pick_rl_questions(candidates: list, greedy_rows: list[dict] | None, n: int, at_least: int = 1) -> tuple[list, dict]:
+    """(RL training questions, counts). With ``greedy_rows`` (the warm-up checkpoint's greedy agent
+    results, in candidate order): the candidates it solved (exact match, then answers containing the
+    gold), at most ``n``; when fewer than ``at_least`` were solved, the next best by F1 fill up to
+    ``at_least``. The trainer cycles through a short list (epochs), so RL steps keep to questions the
+    policy can solve. ``greedy_rows`` None: the first ``n`` candidates in file order.
 
     Why: GRPO learns only from groups whose rollouts disagree. A question the policy answers right
     greedily is one its sampled rollouts get right sometimes but not always, so its group has a reward
@@ -147,11 +149,13 @@ def pick_rl_questions(candidates: list, greedy_rows: list[dict] | None, n: int) 
     if len(greedy_rows) != len(candidates):
         raise ValueError(f"{len(greedy_rows)} greedy results for {len(candidates)} candidates")
     order = sorted(range(len(candidates)),
-                   key=lambda i: (-greedy_rows[i]["em"], -greedy_rows[i]["cover_em"], -greedy_rows[i]["f1"], i))[:n]
-    chosen = [greedy_rows[i] for i in order]
-    return [candidates[i] for i in order], {
+                   key=lambda i: (-greedy_rows[i]["em"], -greedy_rows[i]["cover_em"], -greedy_rows[i]["f1"], i))
+    solved = [i for i in order if greedy_rows[i]["em"] > 0 or greedy_rows[i]["cover_em"] > 0]
+    keep = order[: max(min(len(solved), n), min(at_least, n))]
+    chosen = [greedy_rows[i] for i in keep]
+    return [candidates[i] for i in keep], {
         "ranked_by": "greedy agent result of the warm-up checkpoint", "candidates": len(candidates),
-        "candidates_em": int(sum(r["em"] for r in greedy_rows)),
+        "candidates_em": int(sum(r["em"] for r in greedy_rows)), "solved": len(solved),
         "chosen_em": int(sum(r["em"] for r in chosen)), "chosen_cover_em": int(sum(r["cover_em"] for r in chosen))}
 
 
@@ -251,7 +255,7 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
 
 
 def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
-              backend: str = "auto", engine=None, method: str = "agent", batch_size: int = 16) -> dict:
+              backend: str = "auto", engine=None, method: str = "agent", batch_size: int = 64) -> dict:
     """Greedy evaluation (``agent``, or ``rag``: the naive-RAG reference); ``engine`` (a shared vLLM
     backend) must already hold ``model``'s weights."""
     from rexrag.eval.evaluate import EvalOptions, run_eval
@@ -363,12 +367,11 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
         assign_group_ids(rl_pool, start=2_000_000)
         _say(f"6/9 choosing RL questions: greedy pass of the warm-up checkpoint over {len(rl_pool)} training questions")
         greedy_rows = _evaluate(model, tokenizer, retriever, p, {"train": (demo_file("train.jsonl"), rl_pool)},
-                                out / "rl_candidates", "warm-up on RL candidates", device, backend, engine,
-                                batch_size=64)["rows"]
+                                out / "rl_candidates", "warm-up on RL candidates", device, backend, engine)["rows"]
     elif p.rl_questions != "all":
         raise UserError(f"demo profile rl_questions={p.rl_questions!r}; choose 'all' or 'solvable'")
     del model
-    rl_qs, rl_info = pick_rl_questions(rl_pool, greedy_rows, n_rl)
+    rl_qs, rl_info = pick_rl_questions(rl_pool, greedy_rows, n_rl, at_least=2 * p.rl_prompts)
     rl_info = {**rl_info, "questions": len(rl_qs), "file": str(write_questions(rl_qs, out / "rl_questions.jsonl"))}
     clock.lap("rl_questions")
     _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
@@ -447,15 +450,16 @@ def headline_md(evals: dict[str, dict], n_boot: int = 10_000) -> tuple[str, dict
     n_by_ds = {d: sum(1 for r in next(iter(rows.values())) if str(r["dataset"]) == d) for d in ds}
     numbers: dict[str, dict] = {}
     lines = [R.interval_table_md(rows), "",
-             "Scores x100 with 95 % intervals: Wilson score interval per dataset; Avg (unweighted mean over datasets) "
-             f"with a stratified bootstrap ({n_boot:,} resamples, seed 0). n per dataset: "
+             "Scores x100 with 95 % Wilson score intervals (per dataset; Avg, the unweighted mean over datasets, is "
+             "the pooled rate when the datasets have equal n, else a stratified bootstrap); differences between rows "
+             f"by a paired bootstrap over the same questions ({n_boot:,} resamples, seed 0). n per dataset: "
              + ", ".join(f"{R.column_title(d)} {n_by_ds[d]}" for d in ds) + ". The same held-out questions in every "
              "row; none of them is used by the warm-up or by RL. EM of the agent rows needs an `<answer>` tag; the "
              "naive-RAG row scores its whole response when it writes none (FlashRAG's rule), so compare it on cover-EM.", ""]
     pairs = [("trained", "warmup", "em", "RL (REX-RAG)", "the warm-up checkpoint", "EM"),
              ("trained", "warmup", "cover_em", "RL (REX-RAG)", "the warm-up checkpoint", "cover-EM"),
-             ("warmup", "untrained", "em", "The format warm-up", "the untrained model", "EM"),
-             ("trained", "rag", "cover_em", "The trained agent", "naive RAG on the same base model", "cover-EM")]
+             ("warmup", "untrained", "em", "the format warm-up", "the untrained model", "EM"),
+             ("trained", "rag", "cover_em", "the trained agent", "naive RAG on the same base model", "cover-EM")]
     for b, a, metric, what, base, title in pairs:
         if a in evals and b in evals:
             d = R.paired_difference(evals[a]["rows"], evals[b]["rows"], metric, n_boot=n_boot)
@@ -521,12 +525,13 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
     ]
     if rl_info:
         text = (f"Training questions: {rl_info.get('questions')} bundled training questions that the warm-up did not use "
-                f"(`{Path(str(rl_info.get('file', ''))).name}`; never a held-out question), `{p.rl_questions}`: ranked by "
-                f"{rl_info.get('ranked_by')}")
+                f"(`{Path(str(rl_info.get('file', ''))).name}`; never a held-out question), `{p.rl_questions}`, "
+                f"chosen by {rl_info.get('ranked_by')}")
         if "candidates" in rl_info:
-            text += (f" -- it answered {rl_info['candidates_em']} of {rl_info['candidates']} candidates exactly; the chosen "
-                     f"ones include {rl_info['chosen_em']} it answered exactly and {rl_info['chosen_cover_em']} whose "
-                     "answer contained the gold")
+            text += (f": of {rl_info['candidates']} candidates it answered {rl_info['candidates_em']} exactly and "
+                     f"{rl_info['solved']} with the gold in its answer; the {rl_info.get('questions')} chosen include "
+                     f"{rl_info['chosen_em']} answered exactly and {rl_info['chosen_cover_em']} containing the gold. "
+                     f"The {p.rl_steps} x {p.rl_prompts} prompt slots cycle through them")
         lines += [text + ".", ""]
     if signal["steps"]:
         lines += [(f"Learning signal: on average {100 * signal['groups_with_signal_mean']:.0f} % of groups had reward "

@@ -229,18 +229,23 @@ def _percentiles(samples: list[float], conf: float = 0.95) -> tuple[float, float
 
 
 def score_intervals(rows: list[dict], metric: str = "em", n_boot: int = 10_000, seed: int = 0) -> dict[str, dict]:
-    """Per dataset ``{n, mean, lo, hi}`` with a 95 % Wilson interval (per-question scores are 0/1), plus
-    ``average``: the unweighted mean over datasets (as ``summarize``) with a 95 % stratified bootstrap
-    interval (each dataset resampled on its own; ``n_boot`` replicates, seeded)."""
+    """Per dataset ``{n, mean, lo, hi, method}`` with a 95 % Wilson interval (per-question scores are
+    0/1), plus ``average``: the unweighted mean over datasets (as ``summarize``). When every dataset
+    has the same n that mean is the pooled proportion and gets a Wilson interval too; otherwise a 95 %
+    stratified bootstrap interval (each dataset resampled on its own; ``n_boot`` replicates, seeded)."""
     by = _by_dataset(rows, metric)
     out = {}
     for ds, values in by.items():
         lo, hi = wilson_interval(sum(values), len(values))
-        out[ds] = {"n": len(values), "mean": _mean(values), "lo": lo, "hi": hi}
+        out[ds] = {"n": len(values), "mean": _mean(values), "lo": lo, "hi": hi, "method": "wilson"}
     if by:
-        lo, hi = _percentiles(_stratified_bootstrap(list(by.values()), n_boot, seed))
-        out[AVERAGE] = {"n": sum(len(v) for v in by.values()), "mean": _mean([_mean(v) for v in by.values()]),
-                        "lo": lo, "hi": hi}
+        n_total = sum(len(v) for v in by.values())
+        if len({len(v) for v in by.values()}) == 1:
+            (lo, hi), method = wilson_interval(sum(sum(v) for v in by.values()), n_total), "wilson"
+        else:
+            (lo, hi), method = _percentiles(_stratified_bootstrap(list(by.values()), n_boot, seed)), "bootstrap"
+        out[AVERAGE] = {"n": n_total, "mean": _mean([_mean(v) for v in by.values()]), "lo": lo, "hi": hi,
+                        "method": method}
     return out
 
 
@@ -269,25 +274,27 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], metric: str = "em"
 
 
 def difference_sentence(d: dict[str, float], what: str, baseline: str, metric: str = "EM") -> str:
-    """One plain sentence about a ``paired_difference`` result, x100 points: is it beyond noise?"""
+    """One plain sentence about a ``paired_difference`` result, x100 points: is it beyond noise?
+    ``what`` is the subject ("RL (REX-RAG)", "the format warm-up"); the sentence starts capitalised."""
     x, lo, hi = 100 * d["diff"], 100 * d["lo"], 100 * d["hi"]
+    subject = what[:1].upper() + what[1:]
     stats = (f"{x:+.1f} {metric} over {baseline} (95% paired-bootstrap CI {lo:+.1f}..{hi:+.1f} on the same "
              f"{int(d['n'])} held-out questions; {int(d['gained'])} newly right, {int(d['lost'])} newly wrong)")
     if d["gained"] == 0 and d["lost"] == 0:
-        return f"{what} changed no held-out answer's {metric}: {stats}; it added nothing measurable."
+        return f"{subject} changed no held-out answer's {metric}: {stats}; it added nothing measurable."
     if lo > 0:
-        return f"{what} added {stats}: a gain beyond noise."
+        return f"{subject} added {stats}: a gain beyond noise."
     if hi < 0:
-        return f"{what} changed the score by {stats}: a loss beyond noise."
-    return (f"{what} changed the score by {stats}: within noise, so {what} added nothing measurable beyond {baseline} "
-            "at this sample size.")
+        return f"{subject} changed the score by {stats}: a loss beyond noise."
+    return (f"{subject} changed the score by {stats}: within noise, so {what} added nothing measurable beyond "
+            f"{baseline} at this sample size.")
 
 
 def interval_table_md(results: dict[str, list[dict]], metrics: tuple[str, ...] = ("em", "cover_em")) -> str:
     """Markdown table, one row per label: per metric, each dataset and Avg as ``mean [lo, hi]`` x100.
 
     ``results`` maps a row label to its per-question rows; the header names n per dataset. Intervals
-    as in ``score_intervals`` (Wilson per dataset, stratified bootstrap for Avg)."""
+    as in ``score_intervals`` (Wilson; Avg by stratified bootstrap when the datasets differ in n)."""
     datasets = ordered_datasets(str(r["dataset"]) for rows in results.values() for r in rows)
     ns = {d: max((sum(1 for r in rows if str(r["dataset"]) == d) for rows in results.values()), default=0) for d in datasets}
     header, cells_by_label = ["Method"], {label: [label] for label in results}
