@@ -340,9 +340,10 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     _say(f"3/9 evaluating the untrained model on {n_eval} held-out questions (agent, then naive RAG)")
     evals["untrained"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", LABELS["untrained"],
                                    device, backend, engine)
+    clock.lap("eval_before")
     evals["rag"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_rag", LABELS["rag"], device, backend,
                              engine, method="rag")
-    clock.lap("eval_before")
+    clock.lap("eval_rag")
 
     warm_qs, rl_pool = split_train_questions(list(load_qa(demo_file("train.jsonl"))), p.warmup_examples, seed)
     _say(f"4/9 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
