@@ -80,12 +80,64 @@ def test_methods_score_scripted_answers(method, smol_tokenizer, tmp_path):
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == ["q1", "q2", "q3"] and preds[0]["golden_answers"] == ["Paris"]
     assert "<answer> Paris </answer>" in preds[0]["response"]
+    assert all(p["answer_source"] == "tags" for p in preds)
     if method == "agent":
         kinds = [k for k, _ in preds[0]["segments"]]
         assert kinds == ["POLICY", "INFO", "POLICY"]
         assert "trajectory" not in preds[0]
     md = (tmp_path / "out" / "metrics.md").read_text()
     assert "| scripted | 66.7 | 66.7 |" in md
+
+
+class PlainBackend:
+    """Replies without any tags, as an untrained small model does."""
+
+    def __init__(self, tokenizer, replies: dict[str, str]):
+        self.tok, self.replies = tokenizer, replies
+
+    def generate(self, prompts, stops, params):
+        outs = []
+        for p in prompts:
+            text = self.tok.decode(p)
+            reply = next(v for k, v in self.replies.items() if k in text)
+            ids = self.tok(reply, add_special_tokens=False)["input_ids"]
+            outs.append(GenOutput(ids, [0.0] * len(ids), "length", None))
+        return outs
+
+
+PLAIN = {"France": "Paris", "ocean": "I think it is the Pacific Ocean, by far.", "Hamlet": "   "}
+
+
+@pytest.mark.parametrize("method", ["direct", "rag"])
+def test_one_shot_baselines_score_the_whole_response_without_tags(method, smol_tokenizer, tmp_path):
+    """FlashRAG's naive-generation rule: no answer span -> the whole response is the prediction."""
+    opts = E.EvalOptions(method=method, batch_size=4, max_new_tokens=32)
+    res = E.run_eval({"demo": (None, _examples())}, None, smol_tokenizer, FakeRetriever(), opts, tmp_path / "o",
+                     "plain", quiet=True, backend=PlainBackend(smol_tokenizer, PLAIN))
+    rows = res["rows"]
+    assert [r["prediction"] for r in rows] == ["Paris", "I think it is the Pacific Ocean, by far.", None]
+    assert [r["answer_source"] for r in rows] == ["response", "response", None]
+    assert [r["em"] for r in rows] == [1.0, 0.0, 0.0]
+    assert [r["cover_em"] for r in rows] == [1.0, 1.0, 0.0]  # gold contained in the normalised response
+    assert not any(r["format_ok"] for r in rows)
+    md = (tmp_path / "o" / "metrics.md").read_text()
+    assert "cover-EM (x100)" in md and "| plain | 66.7 | 66.7 |" in md
+
+
+def test_agent_without_answer_tags_scores_zero(smol_tokenizer):
+    """The agent keeps the strict rule: an untagged response is no answer."""
+    backend = PlainBackend(smol_tokenizer, PLAIN)
+    rows = E.evaluate_examples(_examples(), None, smol_tokenizer, FakeRetriever(),
+                               E.EvalOptions(method="agent", max_turns=1, max_new_tokens=16), backend=backend)
+    assert all(r["prediction"] is None and r["answer_source"] is None for r in rows)
+    assert [r["em"] for r in rows] == [0.0] * 3 and [r["cover_em"] for r in rows] == [0.0] * 3
+
+
+def test_one_shot_prediction_prefers_the_answer_span():
+    assert E.one_shot_prediction("<think> x </think> <answer> Bob </answer>") == ("Bob", "tags")
+    assert E.one_shot_prediction("Bob, obviously.") == ("Bob, obviously.", "response")
+    assert E.one_shot_prediction("<answer></answer>") == ("<answer></answer>", "response")
+    assert E.one_shot_prediction("  \n") == (None, None)
 
 
 def test_rag_puts_passages_in_the_prompt(smol_tokenizer):
@@ -171,6 +223,7 @@ def test_merged_searchr1_parquet_is_scored_per_data_source(smol_tokenizer, tmp_p
     res = E.run_eval(data, None, smol_tokenizer, None, E.EvalOptions(method="direct", batch_size=4), tmp_path / "out",
                      "scripted", quiet=True, backend=backend)
     assert [r["dataset"] for r in res["rows"]] == ["nq"] * 3 + ["hotpotqa"] * 2
+    assert [n for n, _ in backend.calls] == [4, 1]  # batches span datasets
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())["datasets"]
     assert (m["nq"]["n"], m["nq"]["em"]) == (3, 1.0)
     assert (m["hotpotqa"]["n"], m["hotpotqa"]["em"]) == (2, 0.5)  # "Marlowe" is wrong

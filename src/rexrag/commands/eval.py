@@ -8,7 +8,7 @@ from pathlib import Path
 from rexrag.protocol import DEFAULT_TOPK
 
 HELP = """Examples:
-  rexrag eval --model runs/demo/train/checkpoints/step_000004/model --index runs/demo/index \\
+  rexrag eval --model runs/demo/train/checkpoints/step_000006/model --index runs/demo/index \\
               --dataset demo=src/rexrag/resources/demo/eval.jsonl --out runs/eval    # after `rexrag demo`
   rexrag eval --backend hf ...         # the transformers loop instead of vLLM
   rexrag eval --model smollm2-135m --benchmarks nq,hotpotqa,2wikimultihopqa --data-dir data \\

@@ -3,9 +3,15 @@
 All methods decode greedily (temperature 0) in batches, so a run is deterministic for a given model,
 data and retriever. Scores follow Search-R1 / REX-RAG: the prediction is the last complete
 ``<answer>...</answer>`` span of the model's own response, scored by exact match after SQuAD
-normalisation (plus F1 and cover-EM). A response without an answer span scores 0 — unlike FlashRAG's
-direct baselines, which score the raw generation; we keep one rule for all methods so the rows of a
-table are comparable.
+normalisation (plus F1 and cover-EM: a normalised gold answer contained in the normalised prediction).
+
+The one-shot baselines (``direct``, ``rag``) are scored as FlashRAG scores its naive generation when
+the model writes no answer span: the whole response is the prediction (rows carry
+``answer_source = "response"``; ``"tags"`` when an answer span was found). A small base model rarely
+writes tags, so without this rule a baseline row would be 0 whatever the model knew. The ``agent``
+method keeps the strict rule (no answer span scores 0), as Search-R1 and REX-RAG evaluate agents; so
+on the same model a baseline's EM counts an answer anywhere in its text and the agent's does not —
+compare them on cover-EM too, which every table reports.
 
 Benchmark files: ``--benchmarks nq,hotpotqa --data-dir DIR`` looks for FlashRAG-format files in
 ``DIR/<name>/`` (see ``resolve_benchmark``): ``test.jsonl`` / ``dev.jsonl`` / ``val.jsonl`` as
@@ -172,8 +178,20 @@ def _one_shot_prompt(tokenizer, ex: QAExample, passages: list | None) -> list[in
     return build_prompt_ids(tokenizer, text, RAG_TEMPLATE)
 
 
+def one_shot_prediction(response: str) -> tuple[str | None, str | None]:
+    """(prediction, source) of a ``direct`` / ``rag`` response: the last answer span (``"tags"``), else
+    the whole stripped response (``"response"``, FlashRAG's naive-generation rule), else (None, None)."""
+    from rexrag.rewards import extract_answer
+
+    answer = extract_answer(response)
+    if answer is not None:
+        return answer, "tags"
+    text = (response or "").strip()
+    return (text, "response") if text else (None, None)
+
+
 def _run_one_shot(examples, backend, tokenizer, retriever, opts: EvalOptions) -> list[dict]:
-    from rexrag.rewards import extract_answer, format_ok
+    from rexrag.rewards import format_ok
     from rexrag.rollout.engine import SamplingParams
 
     passages = retriever.search([e.question for e in examples], opts.topk) if opts.method == "rag" else None
@@ -183,8 +201,8 @@ def _run_one_shot(examples, backend, tokenizer, retriever, opts: EvalOptions) ->
     rows = []
     for i, out in enumerate(outs):
         text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        answer = extract_answer(text)
-        rows.append({"prediction": answer, "response": text, "n_searches": 1 if passages else 0,
+        answer, source = one_shot_prediction(text)
+        rows.append({"prediction": answer, "answer_source": source, "response": text, "n_searches": 1 if passages else 0,
                      "format_ok": bool(format_ok(text)), "stop_reason": out.finish,
                      "retrieved": [p.id for p in passages[i]] if passages else []})
     return rows
@@ -223,7 +241,9 @@ def _run_agent(examples, agent, tokenizer) -> list[dict]:
     rows = []
     for t in trajs:
         text = response_text(tokenizer, t)
-        rows.append({"prediction": policy_answer(tokenizer, t), "response": text, "n_searches": int(t.n_searches),
+        answer = policy_answer(tokenizer, t)
+        rows.append({"prediction": answer, "answer_source": "tags" if answer is not None else None, "response": text,
+                     "n_searches": int(t.n_searches),
                      "format_ok": bool(format_ok(format_view(tokenizer, t))), "stop_reason": t.stop_reason,
                      "trajectory": t})
     return rows
@@ -305,7 +325,6 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
 
     torch.manual_seed(opts.seed)
     total = sum(len(ex) for _, ex in datasets.values())
-    rows: list[dict] = []
     start = time.perf_counter()  # engine start-up counts in the evaluation's time
     with contextlib.ExitStack() as stack:
         if backend is None:  # one engine for every dataset, closed when done
@@ -314,10 +333,14 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
                 stack.callback(backend.close)
         progress = stack.enter_context(Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
                                                 MofNCompleteColumn(), TimeElapsedColumn(), disable=quiet, transient=False))
-        task = progress.add_task(f"{label} ({opts.method})", total=total)
-        for name, (_, examples) in datasets.items():
-            progress.update(task, description=f"{label} ({opts.method}, {name})")
-            rows += evaluate_examples(examples, model, tokenizer, retriever, opts, name, progress, task, backend)
+        task = progress.add_task(f"{label} ({opts.method}, {', '.join(datasets)})", total=total)
+        # One stream of questions, dataset after dataset, so a batch may span datasets: small per-dataset
+        # sets still fill the batches (a fast backend's throughput grows with the batch).
+        names = [name for name, (_, examples) in datasets.items() for _ in examples]
+        examples = [ex for _, (_, exs) in datasets.items() for ex in exs]
+        rows = evaluate_examples(examples, model, tokenizer, retriever, opts, "", progress, task, backend)
+        for row, name in zip(rows, names, strict=True):
+            row["dataset"] = name
     seconds = time.perf_counter() - start
     summary = report.summarize(rows)
     if out_dir is not None:

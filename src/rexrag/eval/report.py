@@ -181,6 +181,136 @@ def comparison_table_md(before: dict, after: dict, labels: tuple[str, str] = ("b
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- intervals and paired tests
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (rates in [0, 1]; (0, 1) when n = 0).
+
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and is not degenerate at 0 or n
+    successes, which is what small held-out sets give.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _by_dataset(rows: list[dict], metric: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        out[str(r["dataset"])].append(float(r[metric]))
+    return out
+
+
+def _stratified_bootstrap(groups: list[list[float]], n_boot: int, seed: int) -> list[float]:
+    """``n_boot`` bootstrap replicates of the unweighted mean over groups of per-group means
+    (each group resampled with replacement on its own, so every replicate keeps each group's size)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for values in groups:
+        v = np.asarray(values, dtype=np.float64)
+        total += v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    return list(total / len(groups))
+
+
+def _percentiles(samples: list[float], conf: float = 0.95) -> tuple[float, float]:
+    import numpy as np
+
+    a = np.asarray(samples)
+    return float(np.quantile(a, (1 - conf) / 2)), float(np.quantile(a, 1 - (1 - conf) / 2))
+
+
+def score_intervals(rows: list[dict], metric: str = "em", n_boot: int = 10_000, seed: int = 0) -> dict[str, dict]:
+    """Per dataset ``{n, mean, lo, hi, method}`` with a 95 % Wilson interval (per-question scores are
+    0/1), plus ``average``: the unweighted mean over datasets (as ``summarize``). When every dataset
+    has the same n that mean is the pooled proportion and gets a Wilson interval too; otherwise a 95 %
+    stratified bootstrap interval (each dataset resampled on its own; ``n_boot`` replicates, seeded)."""
+    by = _by_dataset(rows, metric)
+    out = {}
+    for ds, values in by.items():
+        lo, hi = wilson_interval(sum(values), len(values))
+        out[ds] = {"n": len(values), "mean": _mean(values), "lo": lo, "hi": hi, "method": "wilson"}
+    if by:
+        n_total = sum(len(v) for v in by.values())
+        if len({len(v) for v in by.values()}) == 1:
+            (lo, hi), method = wilson_interval(sum(sum(v) for v in by.values()), n_total), "wilson"
+        else:
+            (lo, hi), method = _percentiles(_stratified_bootstrap(list(by.values()), n_boot, seed)), "bootstrap"
+        out[AVERAGE] = {"n": n_total, "mean": _mean([_mean(v) for v in by.values()]), "lo": lo, "hi": hi,
+                        "method": method}
+    return out
+
+
+def paired_difference(rows_a: list[dict], rows_b: list[dict], metric: str = "em", n_boot: int = 10_000,
+                      seed: int = 0) -> dict[str, float]:
+    """``b - a`` on the same questions: the difference of the unweighted mean over datasets, a 95 %
+    paired bootstrap interval (questions resampled within each dataset, both scores of a question kept
+    together), and how many questions ``b`` got right that ``a`` got wrong (``gained``) and the reverse
+    (``lost``). Questions are paired by (dataset, id); both sides must hold the same questions."""
+    def key(r: dict, i: int) -> tuple[str, str]:
+        return str(r["dataset"]), str(r.get("id", i))
+
+    a = {key(r, i): float(r[metric]) for i, r in enumerate(rows_a)}
+    b = {key(r, i): float(r[metric]) for i, r in enumerate(rows_b)}
+    if set(a) != set(b):
+        raise ValueError(f"paired_difference needs the same questions on both sides ({len(a)} vs {len(b)}, "
+                         f"{len(set(a) ^ set(b))} unpaired)")
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for k, score_a in a.items():
+        diffs[k[0]].append(b[k] - score_a)
+    if not diffs:
+        return {"n": 0, "diff": 0.0, "lo": 0.0, "hi": 0.0, "gained": 0, "lost": 0}
+    lo, hi = _percentiles(_stratified_bootstrap(list(diffs.values()), n_boot, seed))
+    return {"n": len(a), "diff": _mean([_mean(v) for v in diffs.values()]), "lo": lo, "hi": hi,
+            "gained": sum(1 for k in a if b[k] > a[k]), "lost": sum(1 for k in a if b[k] < a[k])}
+
+
+def difference_sentence(d: dict[str, float], what: str, baseline: str, metric: str = "EM") -> str:
+    """One plain sentence about a ``paired_difference`` result, x100 points: is it beyond noise?
+    ``what`` is the subject ("RL (REX-RAG)", "the format warm-up"); the sentence starts capitalised."""
+    x, lo, hi = 100 * d["diff"], 100 * d["lo"], 100 * d["hi"]
+    subject = what[:1].upper() + what[1:]
+    stats = (f"{x:+.1f} {metric} over {baseline} (95% paired-bootstrap CI {lo:+.1f}..{hi:+.1f} on the same "
+             f"{int(d['n'])} held-out questions; {int(d['gained'])} newly right, {int(d['lost'])} newly wrong)")
+    if d["gained"] == 0 and d["lost"] == 0:
+        return f"{subject} changed no held-out answer's {metric}: {stats}; it added nothing measurable."
+    if lo > 0:
+        return f"{subject} added {stats}: a gain beyond noise."
+    if hi < 0:
+        return f"{subject} changed the score by {stats}: a loss beyond noise."
+    return (f"{subject} changed the score by {stats}: within noise, so {what} added nothing measurable beyond "
+            f"{baseline} at this sample size.")
+
+
+def interval_table_md(results: dict[str, list[dict]], metrics: tuple[str, ...] = ("em", "cover_em")) -> str:
+    """Markdown table, one row per label: per metric, each dataset and Avg as ``mean [lo, hi]`` x100.
+
+    ``results`` maps a row label to its per-question rows; the header names n per dataset. Intervals
+    as in ``score_intervals`` (Wilson; Avg by stratified bootstrap when the datasets differ in n)."""
+    datasets = ordered_datasets(str(r["dataset"]) for rows in results.values() for r in rows)
+    ns = {d: max((sum(1 for r in rows if str(r["dataset"]) == d) for rows in results.values()), default=0) for d in datasets}
+    header, cells_by_label = ["Method"], {label: [label] for label in results}
+    for m in metrics:
+        title = {"em": "EM", "cover_em": "cover-EM", "f1": "F1"}.get(m, m)
+        header += [f"{title} {column_title(d)} (n={ns[d]})" for d in datasets] + [f"{title} Avg"]
+        for label, rows in results.items():
+            iv = score_intervals(rows, m)
+            for d in datasets + [AVERAGE]:
+                c = iv.get(d)
+                cells_by_label[label].append(f"{100 * c['mean']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]" if c else "–")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in cells_by_label.values()]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- plots
 
 # Plot name -> predicate on a metric key. Trainer metric names are matched loosely (substring), so

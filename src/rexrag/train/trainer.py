@@ -160,6 +160,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def groups_with_signal(group_ids: list[int], rewards: list[float], tol: float = 1e-9) -> float:
+    """Share of groups whose rewards are not all equal (0.0 for no groups).
+
+    A group-relative estimator (GRPO, RLOO) gives every member of an all-equal group a zero advantage,
+    so this is the share of groups that carry any learning signal this step.
+    """
+    by_group: dict[int, list[float]] = {}
+    for g, r in zip(group_ids, rewards, strict=True):
+        by_group.setdefault(g, []).append(float(r))
+    if not by_group:
+        return 0.0
+    return sum(1 for rs in by_group.values() if max(rs) - min(rs) > tol) / len(by_group)
+
+
 def _finite(x: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
@@ -308,7 +322,7 @@ class Trainer:
         self.step_idx += 1
         if self.explorer is not None:
             rex_metrics = {**rex_metrics, **self.explorer.end_step()}
-        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics), **upd,
+        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics, trajs[n_orig:]), **upd,
                    **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()},
                    **{f"passes/{k}": float(v) for k, v in self.passes.items()}}
         metrics = self._reduce(metrics)
@@ -585,8 +599,15 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
 
     def _rollout_metrics(self, originals: list[Trajectory], batch: Batch, old_logp: Tensor, advantages: Tensor,
-                         rewards: list[float], agent_metrics: dict) -> dict[str, float]:
+                         rewards: list[float], agent_metrics: dict, probes: list[Trajectory] = ()) -> dict[str, float]:
+        """Per-step rollout metrics. ``rollout/groups_with_signal``: share of groups whose original rollouts'
+        rewards differ (non-zero group-relative advantage); ``..._after_probes``: the same once kept probes
+        have joined their groups; ``rollout/em_rate``: share of originals whose answer is an exact match."""
+        from rexrag.rewards import exact_match
+
         r = torch.tensor(rewards, dtype=torch.float64)
+        gids = [tr.group_id for tr in originals]
+        probe_rewards = [float(tr.meta.get("reward", 0.0)) for tr in probes]
         resp = torch.tensor([len(tr) - tr.prompt_len for tr in originals], dtype=torch.float64)
         policy_tok = torch.tensor([tr.count(Seg.POLICY) for tr in originals], dtype=torch.float64)
         out = {
@@ -598,6 +619,12 @@ class Trainer:
             "rollout/searches_per_traj": float(sum(tr.n_searches for tr in originals) / len(originals)),
             "rollout/answered_rate": float(sum(policy_answer(self.tokenizer, tr) is not None for tr in originals) / len(originals)),
             "rollout/trajectories": float(batch.size),
+            "rollout/groups_with_signal": groups_with_signal(gids, rewards),
+            "rollout/groups_with_signal_after_probes": groups_with_signal(gids + [tr.group_id for tr in probes],
+                                                                           list(rewards) + probe_rewards),
+            "rollout/em_rate": float(sum(exact_match(policy_answer(self.tokenizer, tr),
+                                                     list(getattr(tr.example, "golden_answers", []) or []))
+                                         for tr in originals) / len(originals)),
             "actor/entropy_mc": float(-masked_mean(old_logp, (batch.segments == Seg.POLICY).float())),
             "actor/adv_mean": float(masked_mean(advantages, batch.loss_mask)),
         }
