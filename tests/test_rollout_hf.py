@@ -73,14 +73,13 @@ def test_multi_turn_rescoring_reproduces_policy_logprobs(tiny_model, smol_tokeni
     policy = batch["segments"] == Seg.POLICY
     assert policy.sum() > 10 and (batch["segments"] == Seg.NOTICE).any()  # several turns with inserted text
     with torch.no_grad():
-        if temperature == 1.0:
-            lp = sequence_logprobs(tiny_model, batch["input_ids"], batch["attention_mask"])
-        else:
-            logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            lp = torch.log_softmax(logits / temperature, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-            lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
-    diff = (lp - batch["rollout_logprobs"]).abs()[policy]
-    assert diff.max().item() < 1e-4
+        # the trainer's one log-prob function at the sampling temperature (what pi_old / the reference use)
+        lp = sequence_logprobs(tiny_model, batch["input_ids"], batch["attention_mask"], temperature=temperature)
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        ref = torch.log_softmax(logits / temperature, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        ref = torch.cat([torch.zeros_like(ref[:, :1]), ref], dim=1)
+    assert (lp - batch["rollout_logprobs"]).abs()[policy].max().item() < 1e-4
+    assert (ref - batch["rollout_logprobs"]).abs()[policy].max().item() < 1e-4
     assert agent.backend.stats["reused_tokens"] > 0  # later turns ran only their new tokens
     assert agent.backend.stats["shared_prefix_tokens"] > 0  # the common instruction ran once
 

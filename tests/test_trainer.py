@@ -520,3 +520,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     for n, g in base[0].items():
         torch.testing.assert_close(ckpt_grads[0][n], g, atol=1e-6, rtol=1e-5)
     assert m_ckpt["actor/pg_loss"] == m_base["actor/pg_loss"]
+
+
+@pytest.mark.parametrize("temperature, expected", [(0.7, 0.7), (0.0, 1.0)])
+def test_every_logprob_pass_uses_the_sampling_temperature(tmp_path, monkeypatch, temperature, expected):
+    """pi_old, the reference and the update take log-probs at rollout.temperature (greedy: T=1), so the
+    ratio compares the distribution that sampled the tokens (as verl divides logits by it)."""
+    import rexrag.train.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.sequence_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("temperature", 1.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "sequence_logprobs", spy)
+    tr = make_trainer(tmp_path, f"rollout.temperature={temperature}", "algo.kl_coef=0.01", "trainer.steps=1",
+                      "trainer.reuse_update_forward=false")
+    tr.train()
+    assert len(seen) >= 3 and set(seen) == {expected}  # old log-probs, reference, update

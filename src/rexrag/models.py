@@ -277,10 +277,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
-    """hidden [N, H], targets [N] -> log p(target) [N] in float32 (logit - logsumexp), and with
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                    temperature: float = 1.0):
+    """hidden [N, H], targets [N] -> log p(target) [N] in float32 (logit/T - logsumexp), and with
     ``with_entropy`` also the [N] entropy of each position's distribution (from the same logits)."""
     logits = head(hidden).float()  # [N, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lp = picked - lse
@@ -298,7 +301,7 @@ def _has_plain_head(model) -> bool:
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 512,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, temperature: float = 1.0):
     """Per-token log-probs of the given tokens under ``model`` (the one log-prob function).
 
     input_ids, attention_mask: [B, T] (right or left padding; 1 = real token).
@@ -309,6 +312,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     With ``with_entropy`` returns ``(logprobs, entropy)``, entropy [B, T] float32 the entropy of the
     distribution that predicted token t (same zeros), computed per chunk from the same logits; the
     log-probs are bitwise the ones returned without it.
+
+    ``temperature``: the sampling temperature of the rollouts; logits are divided by it (as verl does)
+    so the ratio compares the policy that sampled the tokens. 1.0 leaves the logits untouched.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]")
@@ -321,7 +327,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     targets = input_ids[:, 1:]
     if not _has_plain_head(model):
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
-        res = _chunk_logprobs(lambda x: x, logits, targets, with_entropy)
+        res = _chunk_logprobs(lambda x: x, logits, targets, with_entropy, temperature)
     else:
         hidden = model.get_decoder()(
             input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
@@ -335,9 +341,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             h, t = flat_h[s : s + chunk_tokens], flat_t[s : s + chunk_tokens]
             if grad:
                 # Keep only the chunk's inputs for backward; its [N, V] logits are recomputed.
-                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, with_entropy, use_reentrant=False))
+                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, with_entropy, temperature, use_reentrant=False))
             else:
-                parts.append(_chunk_logprobs(head, h, t, with_entropy))
+                parts.append(_chunk_logprobs(head, h, t, with_entropy, temperature))
         res = tuple(torch.cat(p).view(B, T - 1) for p in zip(*parts, strict=True)) if with_entropy else torch.cat(parts).view(B, T - 1)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()  # target real and context non-empty
 

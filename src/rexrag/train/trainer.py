@@ -250,6 +250,8 @@ class Trainer:
         self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self.progress = progress
+        # log-probs are taken at the rollouts' sampling temperature (greedy: the T=1 softmax, as the backends)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         # Per-rank sampling seed so processes draw different samples for their prompts.
         seed_everything(self.tc.seed + 1_000_003 * self.rank)
 
@@ -436,7 +438,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            lp = self._no_grad_pass(lambda i, m: sequence_logprobs(model, i, m), ids, am)
+            lp = self._no_grad_pass(lambda i, m: sequence_logprobs(model, i, m, temperature=self.temperature), ids, am)
         finally:
             self.model.train(was_training)
         self.passes[kind] += 1
@@ -572,9 +574,9 @@ class Trainer:
         ids, am, mask = batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.loss_mask[idx, :w]
         with self._autocast():
             if self.algo.entropy_coef > 0:
-                logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True)
+                logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True, temperature=self.temperature)
             else:
-                logp, ent = sequence_logprobs(self.model, ids, am), None
+                logp, ent = sequence_logprobs(self.model, ids, am, temperature=self.temperature), None
         logp = logp.float()
         behaviour, seq_w = self._behaviour(batch, targets, mb, logp, fresh)
         loss, m = policy_loss(logp, behaviour, targets.advantages[idx, :w], mask, self.algo, seq_w, **norm)
