@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
+from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
 
 from rexrag.rollout.engine import HFBackend, SamplingParams
 from rexrag.sharding import is_fsdp_module, make_accelerator
 from rexrag.train.trainer import Trainer
-from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
 
 # rank -> generate() calls -> prompts; rank 0 makes two calls, rank 1 one short one
 PROMPTS = {0: [[[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[3, 3, 3, 3, 3]]], 1: [[[9, 8]]]}

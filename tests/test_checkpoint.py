@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from test_trainer import _params, make_trainer
 
 from rexrag.train import checkpoint as ckpt
-from test_trainer import _params, make_trainer
 
 
 @pytest.fixture(autouse=True)
