@@ -257,7 +257,9 @@ class HFBackend:
         self.model.eval()
         autocast = torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         try:
-            with autocast:
+            # FSDP keeps its gathered-parameter buffers across forwards: tensors made under inference
+            # mode there would break the next training forward, so a sharded model decodes under no_grad
+            with autocast, (torch.no_grad() if self.lockstep is not None else torch.inference_mode()):
                 for start in range(0, len(order), self.max_batch):
                     chunk = order[start : start + self.max_batch]
                     for i, out in zip(chunk, self._generate_chunk([prompts[i] for i in chunk], [stops[i] for i in chunk], params)):
@@ -362,7 +364,6 @@ class HFBackend:
             self._next_bytes += size
 
     # ------------------------------------------------------------------ decoding loop
-    @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         B = len(prompts)
         inp, attn, cache = self._prefill_inputs(prompts)
