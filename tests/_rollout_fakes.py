@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from fake_tokenizer import EOS_TEXT, FakeTokenizer
 
+from rexrag.errors import RetrievalError
 from rexrag.retrieval.base import Passage
 from rexrag.rollout.engine import GenOutput, SamplingParams, first_stop
 
@@ -78,7 +79,7 @@ class FakeRetriever:
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         self.calls.append(list(queries))
         if len(self.calls) <= self.fail_times:
-            raise ConnectionError("retriever is down")
+            raise RetrievalError("retriever is down")
         return [
             [Passage(id=f"{q}-{j}", title=f"T{j}", text=(f"about {q} " * 50)[: self.text_len]) for j in range(k)]
             for q in queries

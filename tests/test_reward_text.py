@@ -116,3 +116,43 @@ def test_agent_rewards_and_eval_ignore_a_passage_that_answers(tmp_path):
     rows = _run_agent(examples, _Replay(), tok)
     assert [r["prediction"] for r in rows] == [None, None, "Real"]
     assert [r["format_ok"] for r in rows] == [False, False, True]
+
+
+class _GoldRetriever:
+    def search(self, queries, k):
+        return [[Passage(id="p", title="Paris", text="Paris is the capital of France.")] for _ in queries]
+
+
+def test_gold_in_text_reward_does_not_pay_for_retrieved_text(tmp_path):
+    """The natural "gold appears in the completion" reward reads only the model's own tokens: a passage
+    holding the gold pays nothing; the model writing it does. Extra keywords reach rewards that name them."""
+    from rexrag.models import tiny_llama
+    from rexrag.train.trainer import Trainer
+
+    tok = FakeTokenizer()
+    script = {"q0": ["<search> capital </search>", "<answer> Lyon </answer>"],
+              "q1": ["<search> capital </search>", "<answer> Paris </answer>"]}
+    cfg = load_config(None, [f"trainer.out_dir={tmp_path}", "trainer.log_tensorboard=false", "data.batch_size=2",
+                             "rollout.n=1", "rollout.max_turns=2", "algo.kl_coef=0.0"])
+    cfg.rollout.template = "Q: {question}\n"
+    agent = SearchAgent(ScriptedBackend(tok, script), tok, _GoldRetriever(), cfg.rollout)
+    examples = [QAExample(id=f"id{i}", question=f"q{i}", golden_answers=["Paris"], group_id=i, data_source="demo",
+                          metadata={"hops": 1}) for i in range(2)]
+    trajs = agent.rollout(examples)
+    assert all("Paris is the capital" in response_text(tok, t) for t in trajs)  # retrieved text is in the record
+    seen = {}
+
+    def gold_in_text(completions, answers):
+        return [float(any(a in c for a in golds)) for c, golds in zip(completions, answers)]
+
+    def spy(completions, answers, questions, metadata, trajectories):
+        seen.update(completions=completions, questions=questions, metadata=metadata, trajectories=trajectories)
+        return [0.0] * len(completions)
+
+    model = tiny_llama(len(tok), hidden=16, layers=1, heads=2, seed=0, pad_token_id=0, eos_token_id=3, bos_token_id=1)
+    trainer = Trainer(cfg, model, tok, examples, agent=agent, reward_fn=gold_in_text, progress=False)
+    assert trainer.compute_rewards(trajs) == [0.0, 1.0]
+    Trainer(cfg, model, tok, examples, agent=agent, reward_fn=spy, progress=False).compute_rewards(trajs)
+    assert seen["completions"][0] == "<search> capital </search><answer> Lyon </answer>"  # no prompt, no INFO
+    assert seen["questions"] == ["q0", "q1"] and seen["trajectories"] == trajs
+    assert seen["metadata"][1] == {"hops": 1, "id": "id1", "data_source": "demo", "group_id": 1}

@@ -218,3 +218,36 @@ def test_registered_reward_is_found_by_name():
         from rexrag import rewards
 
         rewards._REWARDS.remove(name)
+
+
+def test_weighted_reward_specs_and_checks():
+    import math
+
+    import pytest
+
+    from rexrag.config import load_config
+    from rexrag.errors import ConfigError, UserError
+    from rexrag.rewards import build_reward, call_reward, reward_terms
+
+    assert reward_terms("em") == [("em", 1.0)]
+    assert reward_terms("em + 0.1*format") == [("em", 1.0), ("format", 0.1)]
+    assert reward_terms([{"name": "em", "weight": 2}, {"name": "pkg.mod:fn"}]) == [("em", 2.0), ("pkg.mod:fn", 1.0)]
+    for bad in ("", "em + ", "x*em", [{"name": "em", "w": 1}], [{"weight": 1}], 3):
+        with pytest.raises(ConfigError):
+            reward_terms(bad)
+    cfg = load_config(None, ["trainer.reward=em + 0.5*format"])
+    assert cfg.trainer.reward == "em + 0.5*format"
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(None, ["trainer.reward=em + 0.5*nope"])
+    fn = build_reward(cfg.trainer.reward)
+    good = "<think>t</think><answer> Paris </answer>"
+    assert fn([good, "<answer> Lyon </answer>", "no tags"], [["paris"]] * 3) == [1.5, 0.5, 0.0]
+    assert fn.last == {"em": 1 / 3, "format": 2 / 3}
+    # a reward taking only (completions, answers) gets no keywords; a wrong count / non-finite value is named
+    assert call_reward(lambda c, a: [1.0] * len(c), "plain", ["x"], [["y"]], predictions=["y"]) == [1.0]
+    with pytest.raises(UserError, match="reward 'two' returned 1 values for 2 completions"):
+        call_reward(lambda c, a: [1.0], "two", ["x", "y"], [[], []])
+    with pytest.raises(UserError, match="reward 'inf' returned inf"):
+        call_reward(lambda c, a: [math.inf], "inf", ["x"], [[]])
+    with pytest.raises(ZeroDivisionError):  # an error inside a reward propagates as it is
+        call_reward(lambda c, a: [1 / 0], "boom", ["x"], [[]])

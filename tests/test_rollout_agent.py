@@ -9,6 +9,7 @@ from _rollout_fakes import EOS_TEXT, FakeRetriever, ScriptedBackend, scripted_lo
 from fake_tokenizer import FakeTokenizer
 from rexrag.config import RolloutConfig
 from rexrag.data import QAExample
+from rexrag.errors import RetrievalUnavailableError
 from rexrag.prompts import build_prompt_ids
 from rexrag.retrieval import format_information
 from rexrag.protocol import INFO_CLOSE, INFO_OPEN, NOTICES
@@ -21,7 +22,7 @@ TOK = FakeTokenizer()
 def _agent(script, retriever=None, **cfg):
     cfg = {"max_turns": 3, "max_new_tokens_per_turn": 200, "max_obs_tokens": 500, "max_total_tokens": 4000, **cfg}
     backend = ScriptedBackend(TOK, script)
-    agent = SearchAgent(backend, TOK, retriever or FakeRetriever(), RolloutConfig(**cfg), topk=2, retry_wait_s=0.0)
+    agent = SearchAgent(backend, TOK, retriever or FakeRetriever(), RolloutConfig(**cfg), topk=2)
     return agent, backend
 
 
@@ -189,21 +190,52 @@ def test_model_written_information_stays_policy():
     assert t.n_searches == 1
 
 
-def test_retriever_failure_retried_then_notice():
-    script = {"Q?": ["<search> q </search>", "<answer> a </answer>"]}
-    agent, _ = _agent(script, retriever=FakeRetriever(fail_times=1))
-    (t,) = agent.rollout(_examples("Q?"))
-    assert agent.last_metrics["rollout/retrieval_retries"] == 1 and agent.last_metrics["rollout/retrieval_failures"] == 0
-    assert t.n_searches == 1 and len(agent.retriever.calls) == 2
-
+def test_retrieval_error_becomes_a_notice_without_agent_retries():
+    """The agent does not retry (the HTTP client does): one RetrievalError -> one call, a NOTICE per row."""
     script = {"Q?": ["<search> q </search>", "<answer> a </answer>"], "R?": ["<search> r </search>", "<answer> b </answer>"]}
-    agent, _ = _agent(script, retriever=FakeRetriever(fail_times=100))
+    agent, _ = _agent(script, retriever=FakeRetriever(fail_times=1))
     t1, t2 = agent.rollout(_examples("Q?", "R?"))
-    assert len(agent.retriever.calls) == agent.retries + 1
+    assert len(agent.retriever.calls) == 1
     for t in (t1, t2):
         assert _segments_text(t)[1] == (Seg.NOTICE, NOTICES["retrieval_failed"])
         assert t.retrieval_failures == 1 and t.n_searches == 0 and t.stop_reason == "answer"
-    assert agent.last_metrics["rollout/retrieval_failures"] == 2
+    assert agent.last_metrics["rollout/retrieval_failures"] == 2 and agent.failed_turns == 1
+    agent.backend = ScriptedBackend(TOK, script)
+    (t,) = agent.rollout(_examples("Q?"))  # the next call succeeds: the streak resets
+    assert t.n_searches == 1 and agent.failed_turns == 0
+
+
+def test_consecutive_failed_turns_stop_with_a_named_error():
+    script = {"Q?": ["<search> q </search>", "<search> q2 </search>", "<search> q3 </search>", "<answer> a </answer>"]}
+    agent, _ = _agent(script, retriever=FakeRetriever(fail_times=100), max_turns=5)
+    agent.max_failed_turns = 3
+    with pytest.raises(RetrievalUnavailableError, match=r"3 consecutive turns.*FakeRetriever.*retriever is down"):
+        agent.rollout(_examples("Q?"))
+    assert len(agent.retriever.calls) == 3
+    agent, _ = _agent(script, retriever=FakeRetriever(fail_times=100), max_turns=5)
+    agent.max_failed_turns = 0  # never stop: every turn gets a notice
+    (t,) = agent.rollout(_examples("Q?"))
+    assert t.retrieval_failures == 3 and t.stop_reason == "answer"
+
+
+def test_a_bug_in_a_user_retriever_propagates():
+    """Only RetrievalError becomes a notice: a user's bug is raised, not turned into "could not be reached"."""
+
+    class Buggy:
+        def search(self, queries, k):
+            return [len(q) + "passages" for q in queries]  # a bug: int + str
+
+    class Short:
+        def search(self, queries, k):
+            return []
+
+    script = {"Q?": ["<search> q </search>", "<answer> a </answer>"]}
+    agent, _ = _agent(script, retriever=Buggy())
+    with pytest.raises(TypeError, match="unsupported operand"):
+        agent.rollout(_examples("Q?"))
+    agent, _ = _agent(script, retriever=Short())
+    with pytest.raises(TypeError, match=r"Short returned 0 result lists for 1 queries"):
+        agent.rollout(_examples("Q?"))
 
 
 def test_observation_truncated_keeps_closing_tag():

@@ -289,7 +289,7 @@ def test_agent_copes_with_short_and_empty_rows(corpus):
     retriever = BM25Retriever.from_passages(ascii_rows)
     script = {"Q?": ["<search> zzyzx </search>", "<search> Brixham </search>", "<answer> x </answer>"]}
     cfg = RolloutConfig(max_turns=3, max_new_tokens_per_turn=200, max_obs_tokens=500, max_total_tokens=4000)
-    agent = SearchAgent(ScriptedBackend(tok, script), tok, retriever, cfg, topk=3, retry_wait_s=0.0)
+    agent = SearchAgent(ScriptedBackend(tok, script), tok, retriever, cfg, topk=3)
     (t,) = agent.rollout([QAExample(id="0", question="Q?", golden_answers=["x"], group_id=0)])
     runs = itertools.groupby(zip(t.segments, t.token_ids), key=lambda st: st[0])
     infos = [tok.decode([tid for _, tid in run]) for seg, run in runs if seg == Seg.INFO]

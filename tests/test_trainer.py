@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rexrag.errors import UserError
 from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import read_metrics
 from rexrag.train.trainer import PromptSampler, Trainer, warmup_schedule
@@ -85,19 +86,40 @@ def test_ppo_gae_learns_toy_reward(tmp_path):
     assert last > first + 0.3 and last > 0.6, curve
 
 
-def test_nan_reward_skips_update_and_counts(tmp_path):
-    def nan_reward(completions, answers, **kw):
-        return [float("nan")] + [1.0 * (i % 2) for i in range(1, len(completions))]
-
+def test_nan_loss_skips_update_and_counts(tmp_path):
+    """A non-finite loss (here: a NaN advantage in one row) never reaches the weights or Adam's moments."""
     model = toy_model()
     before = _params(model)
-    tr = make_trainer(tmp_path, "trainer.steps=1", "trainer.mini_batch_size=32", model=model, reward=nan_reward)
+    tr = make_trainer(tmp_path, "trainer.steps=1", "trainer.mini_batch_size=32", model=model)
+    estimator = tr.estimator
+
+    def nan_first_row(rewards, mask, *args):
+        adv, ret = estimator(rewards, mask, *args)
+        adv = adv.clone()
+        adv[0] = float("nan")
+        return adv, ret
+
+    tr.estimator = nan_first_row
     m = tr.train()[0]
     assert m["actor/nan_skips"] == 1.0
     after = _params(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
     # the optimizer holds no corrupted moments either
     assert all(torch.isfinite(v).all() for s in tr.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def test_bad_reward_output_is_an_error_naming_the_reward(tmp_path):
+    def nan_reward(completions, answers, **kw):
+        return [float("nan")] + [1.0] * (len(completions) - 1)
+
+    def short_reward(completions, answers):
+        return [1.0]
+
+    for fn, match in ((nan_reward, r"reward '.*nan_reward' returned nan for completion 0"),
+                      (short_reward, r"reward '.*short_reward' returned 1 values for 32 completions")):
+        tr = make_trainer(tmp_path / fn.__name__, "trainer.steps=1", reward=fn)
+        with pytest.raises(UserError, match=match):
+            tr.train()
 
 
 def _comparable(m):
@@ -365,7 +387,7 @@ def _ragged_trainer(tmp_path, *overrides, model=None):
     cfg = toy_config(tmp_path, *overrides)
     model = model if model is not None else toy_model()
     roll = RaggedRollout(model, seed=cfg.trainer.seed)
-    tr = Trainer(cfg, model, CharTokenizer(), toy_examples(), rollout_fn=roll, reward_fn=_varied_reward, progress=False)
+    tr = Trainer(cfg, model, toy_tokenizer(), toy_examples(), rollout_fn=roll, reward_fn=_varied_reward, progress=False)
     roll.trainer = tr
     return tr
 

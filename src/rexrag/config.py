@@ -38,6 +38,8 @@ def _choices(kind: str, value: str, allowed: tuple[str, ...] | list[str], hint: 
 
 @dataclass
 class ModelConfig:
+    """The policy: which model, its dtype, LoRA and memory options (``model.*``)."""
+
     name_or_path: str = doc("Local path, hub id (needs network) or 'smollm2-135m' (offline default).", "smollm2-135m")
     dtype: str = doc("Parameter dtype: float32 | bfloat16 | float16.", "float32")
     lora_rank: int = doc("LoRA rank; 0 trains all parameters.", 0)
@@ -55,17 +57,27 @@ class ModelConfig:
 
 @dataclass
 class RetrievalConfig:
+    """Where passages come from (a local index or a ``/retrieve`` URL) and the failure policy (``retrieval.*``)."""
+
     index: str = doc("Index directory built by `rexrag index` (used when url is empty).", "")
     url: str = doc("Search-R1-compatible /retrieve endpoint; overrides index when set.", "")
     topk: int = doc("Passages returned per search.", DEFAULT_TOPK)
-    timeout_s: float = doc("HTTP timeout per request.", 30.0)
-    retries: int = doc("Bounded retries for a failed retrieval call.", 2)
+    timeout_s: float = doc("HTTP timeout per request attempt.", 30.0)
+    retries: int = doc("HTTP client: extra attempts after a connection error, timeout or 429/502/503/504 "
+                       "(exponential back-off; never after another 4xx or a 500). The only retry layer.", 2)
+    deadline_s: float = doc("HTTP client: bound on one retrieval call, all attempts and back-off included.", 60.0)
+    max_failed_turns: int = doc("Consecutive rollout turns whose retrieval failed (the rows get a notice) before "
+                                "the run stops with an error naming the retriever (0 = never stop).", 3)
     api_key: str = doc("Optional API key sent as X-API-Key to a remote retriever.", "")
     device: str = doc("Device a local dense index encodes queries on (cpu, cuda, ...); BM25 ignores it.", "cpu")
 
     def __post_init__(self):
         if self.topk < 1:
             raise ConfigError("retrieval.topk must be >= 1")
+        if self.retries < 0 or self.max_failed_turns < 0:
+            raise ConfigError("retrieval.retries and retrieval.max_failed_turns must be >= 0")
+        if self.timeout_s <= 0 or self.deadline_s <= 0:
+            raise ConfigError("retrieval.timeout_s and retrieval.deadline_s must be > 0")
         if self.url:
             _check_url("retrieval.url", self.url)
 
@@ -85,6 +97,8 @@ def _check_url(key: str, url: str) -> None:
 
 @dataclass
 class RolloutConfig:
+    """The agent loop: group size, turns, token caps, sampling, template, backend (``rollout.*``)."""
+
     n: int = doc("Rollouts per prompt (GRPO group size G).", 5)
     max_turns: int = doc("Search turns allowed before the final answer-only turn.", 4)
     max_new_tokens_per_turn: int = doc("Tokens the policy may generate in one turn.", 256)
@@ -128,6 +142,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
+    """Advantage estimator, PPO clipping, KL and entropy terms (``algo.*``)."""
+
     adv_estimator: str = doc("Advantage estimator registered in rexrag.algos.advantages (shipped: grpo | rloo | reinforce_pp | gae).", "grpo")
     norm_adv_by_std: bool = doc("GRPO: divide by group std (False = Dr. GRPO).", True)
     gamma: float = doc("GAE discount.", 1.0)
@@ -156,6 +172,8 @@ class AlgoConfig:
 
 @dataclass
 class RexConfig:
+    """REX-RAG probe exploration and policy correction (``rex.*``)."""
+
     enabled: bool = doc("Turn REX-RAG mixed sampling on.", False)
     trigger: str = doc("per_trajectory (public code) | dead_end_group (paper framing).", "per_trajectory")
     probe_prob: float = doc("p: chance a wrong original is probed (per_trajectory).", 0.2)
@@ -187,6 +205,8 @@ class RexConfig:
 
 @dataclass
 class DataConfig:
+    """Training questions and batch size (``data.*``)."""
+
     train_files: list[str] = doc("Training QA files (FlashRAG jsonl or Search-R1 parquet).", factory=list)
     batch_size: int = doc("Prompts per step (B).", 8)
     shuffle: bool = doc("Shuffle the training examples each epoch.", True)
@@ -196,6 +216,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
+    """Optimisation, reward, run directory, checkpoints and logging (``trainer.*``)."""
+
     steps: int = doc("Optimizer steps (each = one rollout batch).", 10)
     lr: float = doc("Learning rate.", 1e-6)
     critic_lr: float = doc("Value-model learning rate for algo.adv_estimator=gae (0 = same as lr).", 0.0)
@@ -209,7 +231,9 @@ class TrainerConfig:
     reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
                                      "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
-    reward: str = doc("Reward registered in rexrag.rewards (shipped: em | f1 | cover_em | format | em_format) or a dotted path 'pkg.module:fn'.", "em")
+    reward: str | list[dict[str, Any]] = doc(
+        "Reward registered in rexrag.rewards (shipped: em | f1 | cover_em | format | em_format) or a dotted path "
+        "'pkg.module:fn'; a weighted sum as 'em + 0.1*format' or a YAML list [{name: em, weight: 1.0}, ...].", "em")
     seed: int = doc("Random seed.", 0)
     out_dir: str = doc("Run directory (metrics, checkpoints, plots).", "runs/default")
     save_every: int = doc("Checkpoint every N steps (0 = only at the end).", 0)
@@ -219,16 +243,19 @@ class TrainerConfig:
     wandb_project: str = doc("Log to wandb when set and installed.", "")
 
     def __post_init__(self):
-        from rexrag.rewards import available_rewards, is_reward_path
+        from rexrag.rewards import available_rewards, is_reward_path, reward_terms
 
-        if not is_reward_path(self.reward):
-            _choices("trainer.reward", self.reward, available_rewards(), " or a dotted path 'pkg.module:fn'")
+        for name, _ in reward_terms(self.reward):  # raises ConfigError on a malformed spec
+            if not is_reward_path(name):
+                _choices("trainer.reward", name, available_rewards(), " or a dotted path 'pkg.module:fn'")
         if self.micro_batch_size > self.mini_batch_size:
             raise ConfigError("trainer.micro_batch_size must be <= trainer.mini_batch_size")
 
 
 @dataclass
 class Config:
+    """The whole run: one section per component; build it with ``load_config`` (YAML + ``key=value``)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -397,6 +424,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
+    """The inverse of ``config_to_dict``, with the same checks as ``load_config``."""
+    return _build(cls, data, "")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QAExample:
+    """One question with its gold answers. ``group_id`` keys the group of its rollouts (GRPO baselines,
+    REX probes): unique per run (``load_qa`` / ``load_qa_files`` / ``assign_group_ids`` set it)."""
+
     id: str  # id in its source file ("test_0"); not necessarily unique across files
     question: str
     golden_answers: list[str]

@@ -249,6 +249,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     from rexrag.models import load_model
     from rexrag.train.build import build_trainer
     from rexrag.train.checkpoint import latest_checkpoint
+    from rexrag.train.rundir import clear_run
     from rexrag.warmup import WarmupConfig, run_warmup
 
     datasets = load_demo_eval(p.eval_per_dataset)
@@ -267,6 +268,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
 
     _say(f"5/6 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts")
     cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device)
+    clear_run(out / "train")  # the demo starts over each time (a previous demo's run is replaced)
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()

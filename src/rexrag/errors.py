@@ -15,3 +15,15 @@ class DataError(UserError):
 class IndexMismatchError(UserError):
     """An index on disk is not what was asked for, or is incomplete."""
 
+
+
+class RetrievalError(RuntimeError):
+    """The retrieval service failed (network, timeout, overload, a server error) or answered something
+    that is not Search-R1's format. The only retriever error the agent turns into a notice for the
+    model; any other exception from a retriever is a bug and propagates. A user's own retriever raises
+    it for transient trouble it wants treated the same way."""
+
+
+class RetrievalUnavailableError(UserError):
+    """Retrieval failed on too many consecutive turns (``retrieval.max_failed_turns``): the service is
+    down or misconfigured. The message names the retriever and its last error."""

@@ -20,24 +20,32 @@ and pass it to rewards as ``predictions``; ``extract_answer`` on text only drops
 ``</information><answer>X</answer>`` defeats. Use it for text with no inserted blocks.
 
 A reward function has one signature, ``fn(completions, answers, **kw) -> list[float]``, where
-``completions[i]`` is a response text and ``answers[i]`` its list of gold answers; rewards are found by
-registered name or by dotted path ``"pkg.module:fn"`` / ``"pkg.module.fn"``. The trainer also passes
-``predictions`` (``predictions[i]``: the model's answer read from its own tokens, None when there is
-none) and ``formatted`` (``formatted[i]``: ``format_ok`` of the response with every retrieved block
-emptied, ``rexrag.rollout.agent.format_view``); the built-in rewards use them when given and fall
-back to reading ``completions`` otherwise. Custom rewards should do the same.
+``completions[i]`` is the model's own response text (its POLICY and PROBE tokens only: no prompt, no
+retrieved ``<information>`` text, no notices of ours) and ``answers[i]`` its list of gold answers;
+rewards are found by registered name or by dotted path ``"pkg.module:fn"`` / ``"pkg.module.fn"``. The
+trainer also passes, as keywords, ``predictions`` (``predictions[i]``: the model's answer read from
+its own tokens, None when there is none), ``formatted`` (``format_ok`` of the response with every
+retrieved block emptied, ``rexrag.rollout.agent.format_view``), ``questions``, ``metadata``
+(``metadata[i]``: the example's metadata plus ``id``, ``data_source`` and ``group_id``) and
+``trajectories`` (the token-exact ``Trajectory`` records); a function gets only the keywords it names
+unless it takes ``**kw``, so ``fn(completions, answers)`` still works. The built-in rewards use
+``predictions`` / ``formatted`` when given and fall back to reading ``completions`` otherwise.
+``trainer.reward`` may be a weighted sum (``"em + 0.1*format"`` or a YAML list of ``{name, weight}``);
+every term must return one finite number per completion (``call_reward`` checks, naming the reward).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import re
 import string
 import unicodedata
 from collections import Counter
 from typing import Callable, Iterable
 
-from rexrag.errors import UserError
+from rexrag.errors import ConfigError, UserError
 from rexrag.protocol import ANSWER, INFORMATION, INFORMATION_CLOSE, INFORMATION_OPEN, SEARCH, TAGS, last_answer_span
 from rexrag.registry import Registry
 
@@ -197,6 +205,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def available_rewards() -> list[str]:
+    """Names of the registered rewards."""
     return _REWARDS.names()
 
 
@@ -218,6 +227,86 @@ def get_reward(name: str) -> RewardFn:
     if not callable(fn):
         raise UserError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def reward_terms(spec: str | list) -> list[tuple[str, float]]:
+    """``trainer.reward`` as ``[(name, weight), ...]``: ``"em"``, ``"em + 0.1*format"`` (terms joined
+    by ``+``, each ``[weight*]name``) or a list of ``{"name": ..., "weight": ...}`` (weight default 1)."""
+    if isinstance(spec, str):
+        items = []
+        for term in spec.split("+"):
+            weight, _, name = term.rpartition("*")
+            items.append({"name": name.strip(), "weight": weight.strip() or 1.0})
+    elif isinstance(spec, (list, tuple)):
+        items = [{"name": x} if isinstance(x, str) else x for x in spec]
+    else:
+        raise ConfigError(f"trainer.reward must be a name, 'em + 0.1*format' or a list of {{name, weight}}; got {spec!r}")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) - {"name", "weight"} or not isinstance(item.get("name"), str):
+            raise ConfigError(f"trainer.reward entry {item!r} must be {{name: <reward>, weight: <number>}}")
+        try:
+            weight = float(item.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not item["name"] or not math.isfinite(weight):
+            raise ConfigError(f"trainer.reward term {item!r} needs a reward name and a finite weight (spec {spec!r})")
+        out.append((item["name"], weight))
+    if not out:
+        raise ConfigError("trainer.reward names no reward")
+    return out
+
+
+def _accepted_keywords(fn: Callable) -> set[str] | None:
+    """Keyword names ``fn`` takes after ``(completions, answers)``; None when it takes ``**kw``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params[2:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def call_reward(fn: RewardFn, name: str, completions: list[str], answers: list, **kw) -> list[float]:
+    """``fn(completions, answers, **kw)`` with the keywords ``fn`` accepts; the result must hold one
+    finite number per completion, else a ``UserError`` naming ``name``. Exceptions ``fn`` raises propagate."""
+    accepted = _accepted_keywords(fn)
+    out = fn(completions, answers, **(kw if accepted is None else {k: v for k, v in kw.items() if k in accepted}))
+    try:
+        values = [float(r) for r in out]
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"reward {name!r} must return a list of numbers, got {str(out)[:100]} ({exc})") from None
+    if len(values) != len(completions):
+        raise UserError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+    bad = [i for i, r in enumerate(values) if not math.isfinite(r)]
+    if bad:
+        raise UserError(f"reward {name!r} returned {values[bad[0]]} for completion {bad[0]} ({len(bad)} of "
+                        f"{len(values)} non-finite); rewards must be finite numbers")
+    return values
+
+
+class WeightedReward:
+    """``sum_i weight_i * reward_i(completions, answers, **kw)``, each term checked by ``call_reward``
+    under its own name. ``name`` is the spec as text; ``last`` holds each term's mean of the last call."""
+
+    def __init__(self, terms: list[tuple[str, RewardFn, float]]):
+        self.terms = terms
+        self.name = " + ".join(n if w == 1.0 else f"{w:g}*{n}" for n, _, w in terms)
+        self.last: dict[str, float] = {}
+
+    def __call__(self, completions: list[str], answers: list, **kw) -> list[float]:
+        total = [0.0] * len(completions)
+        for name, fn, weight in self.terms:
+            values = call_reward(fn, name, completions, answers, **kw)
+            self.last[name] = sum(values) / len(values) if values else 0.0
+            total = [t + weight * v for t, v in zip(total, values)]
+        return total
+
+
+def build_reward(spec: str | list) -> WeightedReward:
+    """The reward ``trainer.reward`` names (see ``reward_terms``), as one callable."""
+    return WeightedReward([(name, get_reward(name), weight) for name, weight in reward_terms(spec)])
 
 
 def _check(completions: list[str], answers: list) -> None:

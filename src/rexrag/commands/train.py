@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from rexrag.train.build import build_trainer
 
 HELP = """Examples:
   rexrag train --config configs/demo_cpu.yaml
   rexrag train --config configs/demo_cpu.yaml model.name_or_path=runs/warmup trainer.steps=20 rex.enabled=true
-  rexrag train --config configs/demo_cpu.yaml --resume
+  rexrag train --resume trainer.out_dir=runs/demo_cpu        # continue with the run's saved config.yaml
+  rexrag train --resume trainer.out_dir=runs/demo_cpu trainer.steps=20   # ... and train further
+  rexrag train --config configs/demo_cpu.yaml --overwrite   # start over in an out_dir that holds a run
   accelerate launch --config_file configs/accelerate/ddp.yaml -m rexrag.cli train --config configs/rexrag_grpo_3b.yaml
   rexrag train --help-config            # every key with its default and meaning
 
 With neither retrieval.index nor retrieval.url set, a BM25 index over the bundled demo corpus is
 built once into <trainer.out_dir>/index. With no data.train_files the bundled demo questions are used.
+
+The resolved config is saved as <trainer.out_dir>/config.yaml. --resume reads it: keys the command
+line sets to other values are an error (naming them) unless --allow-override; trainer.steps,
+save_every, keep_last, log_tensorboard and wandb_project may change. A fresh run refuses an out_dir
+holding another run; --overwrite removes config.yaml, metrics.jsonl, checkpoints/ and tensorboard/
+there (nothing else: a demo index/ is kept).
 """
 
 
@@ -23,7 +32,13 @@ def add_parser(sub) -> None:
                        description=__doc__, epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.steps=20")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.out_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in trainer.out_dir, with the run's saved config.yaml")
+    p.add_argument("--allow-override", action="store_true",
+                   help="with --resume: let command-line keys replace the run's saved values")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even if trainer.out_dir holds one (removes its config.yaml, metrics.jsonl, "
+                        "checkpoints/, tensorboard/)")
     p.add_argument("--help-config", action="store_true", help="list every config key with default and doc, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.set_defaults(func=run)
@@ -36,15 +51,32 @@ def _print_config_help() -> None:
         print(f"{key:40s} {default!r:28s} {text}")
 
 
-def run(args) -> int:
+def _resolve_config(args):
+    """The command line's config; on resume the run's saved one (``rexrag.train.rundir``)."""
     from rexrag.config import load_config
+    from rexrag.errors import UserError
+    from rexrag.train import rundir
 
+    cfg = load_config(args.config or None, args.overrides)
+    resume = args.resume or cfg.trainer.resume
+    if resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if args.allow_override and not resume:
+        raise UserError("--allow-override applies to --resume only")
+    if resume:
+        keys = rundir.explicit_keys(args.config or None, args.overrides)
+        return rundir.resume_config(cfg, keys, allow_override=args.allow_override)
+    if args.overwrite and int(os.environ.get("RANK", "0")) == 0:  # one process clears (accelerate sets RANK)
+        for path in rundir.clear_run(cfg.trainer.out_dir):
+            print(f"--overwrite: removed {path}")
+    return cfg
+
+
+def run(args) -> int:
     if args.help_config:
         _print_config_help()
         return 0
-    cfg = load_config(args.config or None, args.overrides)
-    if args.resume:
-        cfg.trainer.resume = True
+    cfg = _resolve_config(args)
     trainer = build_trainer(cfg, progress=not args.no_progress)
     history = trainer.train()
     if trainer.acc.is_main_process:

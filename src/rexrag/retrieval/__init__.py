@@ -39,7 +39,8 @@ def load_retriever(cfg) -> Retriever:
     from rexrag.errors import ConfigError
 
     if cfg.url:
-        return HTTPRetriever(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key)
+        return HTTPRetriever(cfg.url, timeout_s=cfg.timeout_s, retries=cfg.retries, deadline_s=cfg.deadline_s,
+                             api_key=cfg.api_key)
     if cfg.index:
         return load_index(cfg.index, device=cfg.device)
     raise ConfigError("set retrieval.index (an index dir from `rexrag index`) or retrieval.url (a /retrieve endpoint)")

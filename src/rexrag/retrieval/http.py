@@ -1,9 +1,13 @@
 """Client for any Search-R1-compatible ``POST /retrieve`` endpoint (ours or Search-R1's own).
 
-One request per ``search`` batch, with a timeout and a bounded number of retries (exponential
-backoff) on connection errors, timeouts, 429 and 5xx. Other 4xx answers are not retried: they mean
-the request itself is wrong. Search-R1's clients call ``requests.post`` once with no timeout or
-retry; a stalled retriever would hang training there.
+This client is the one retry layer of the project (the agent does not retry). One request per
+``search`` batch; a failed attempt is retried only when retrying can help: connection errors,
+timeouts and HTTP 429 / 502 / 503 / 504 (a ``Retry-After`` header is honoured). Any other 4xx, a 500
+or a 501 means the request or the server is wrong and fails at once. Attempts are bounded
+(``retries + 1``), spaced by exponential back-off (``backoff_s * 2**i``), and all of them together
+stay within ``deadline_s``: each attempt's timeout is cut to the time left. Every failure is a
+``RetrievalError`` naming the URL and the last cause. Search-R1's clients call ``requests.post`` once
+with no timeout or retry; a stalled retriever would hang training there.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ from typing import Any
 
 import httpx
 
+from rexrag.errors import RetrievalError
 from rexrag.retrieval.base import Passage
 
-
-class RetrievalError(RuntimeError):
-    """The retrieval service failed or answered something that is not Search-R1's format."""
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 
 
 def _passage(item: Any) -> Passage:
@@ -40,43 +43,66 @@ def _passage(item: Any) -> Passage:
 
 
 class HTTPRetriever:
-    """``search(queries, k)`` against ``url`` (e.g. ``http://127.0.0.1:8000/retrieve``)."""
+    """``search(queries, k)`` against ``url`` (e.g. ``http://127.0.0.1:8000/retrieve``).
+
+    ``timeout_s``: per attempt; ``retries``: extra attempts after a retryable failure; ``backoff_s``:
+    first back-off (doubled each time); ``deadline_s``: bound on one ``search`` call, retries, waits
+    and back-off included."""
 
     kind = "http"
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, backoff_s: float = 0.5,
-                 api_key: str = "", api_key_header: str = "X-API-Key", transport: httpx.BaseTransport | None = None):
+                 deadline_s: float = 60.0, api_key: str = "", api_key_header: str = "X-API-Key",
+                 transport: httpx.BaseTransport | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"retrieval url {url!r} must start with http:// or https://")
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if timeout_s <= 0 or deadline_s <= 0 or backoff_s < 0:
+            raise ValueError("timeout_s and deadline_s must be > 0 and backoff_s >= 0")
         self.url = url
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.retries, self.backoff_s, self.deadline_s, self.timeout_s = retries, backoff_s, deadline_s, timeout_s
         headers = {api_key_header: api_key} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
         self.manifest: dict = {}
 
+    def _wait(self, attempt: int, resp: httpx.Response | None) -> float:
+        """Back-off before attempt ``attempt`` (>= 1): exponential, or the server's ``Retry-After``."""
+        wait = self.backoff_s * 2 ** (attempt - 1)
+        try:
+            wait = max(wait, float(resp.headers.get("retry-after", "")))
+        except (AttributeError, ValueError):
+            pass
+        return wait
+
     def _post(self, payload: dict) -> dict:
-        last = ""
+        end = time.monotonic() + self.deadline_s
+        last, resp, attempts = "", None, 0
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                wait = self._wait(attempt, resp)
+                if time.monotonic() + wait >= end:
+                    last += f" (no time left for another attempt within deadline_s={self.deadline_s:g})"
+                    break
+                time.sleep(wait)
+            left = end - time.monotonic()
+            attempts += 1
             try:
-                resp = self.client.post(self.url, json=payload)
-            except httpx.TransportError as exc:  # connect errors and timeouts
-                last = f"{type(exc).__name__}: {exc}"
+                resp = self.client.post(self.url, json=payload, timeout=min(self.timeout_s, max(left, 0.001)))
+            except httpx.TransportError as exc:  # connect errors, timeouts, a dropped connection
+                last, resp = f"{type(exc).__name__}: {exc}", None
                 continue
-            if resp.status_code == 429 or resp.status_code >= 500:
+            if resp.status_code in RETRYABLE_STATUS:
                 last = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 continue
             if resp.status_code >= 400:
-                raise RetrievalError(f"{self.url} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}")
+                what = "rejected the request" if resp.status_code < 500 else "failed"
+                raise RetrievalError(f"{self.url} {what}: HTTP {resp.status_code}: {resp.text[:300]}")
             try:
                 return resp.json()
             except ValueError:
                 raise RetrievalError(f"{self.url} answered non-JSON: {resp.text[:200]!r}") from None
-        raise RetrievalError(f"{self.url} failed after {self.retries + 1} attempt(s): {last}")
+        raise RetrievalError(f"{self.url} failed after {attempts} attempt(s): {last}")
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         if not queries:

@@ -27,8 +27,11 @@ Choices where the public code is silent or different:
   longer than ``cfg.max_query_chars`` is cut before retrieval.
 * The model writing ``<information>`` itself is ordinary POLICY text: INFO tokens come only from
   the retriever's passages.
-* A retriever error is retried ``retries`` times (whole batch); if it still fails, every searching
-  row of that turn gets a NOTICE, the failure is counted, and the rollout goes on.
+* Failure policy: the agent does not retry (the HTTP client is the one retry layer). A
+  ``RetrievalError`` (network or server trouble) gives every searching row of that turn a NOTICE,
+  is counted, and the rollout goes on; ``max_failed_turns`` such turns in a row (across calls)
+  raise ``RetrievalUnavailableError`` naming the retriever and its last error. Any other exception
+  from the retriever (a bug in user code, e.g. a ``TypeError``) propagates unchanged.
 * EOS ends a row (no NOTICE): the model declared it is done.
 * An empty ``<answer></answer>`` ends the row (stop reason ``answer``) but is no answer:
   ``traj.answer`` stays None.
@@ -48,6 +51,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from rexrag.errors import RetrievalError, RetrievalUnavailableError
 from rexrag.prompts import build_prompt_ids
 from rexrag.protocol import (
     ANSWER,
@@ -96,6 +100,14 @@ def response_text(tokenizer, traj: Trajectory, include_notices: bool = False) ->
     drop = {Seg.PROMPT} if include_notices else {Seg.PROMPT, Seg.NOTICE}
     ids = [t for t, s in zip(traj.token_ids, traj.segments) if s not in drop]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def policy_text(tokenizer, traj: Trajectory) -> str:
+    """The model's own response text, what rewards read: its POLICY and PROBE runs, each decoded on its
+    own and joined. No prompt, no retrieved INFO text and no NOTICE, so a reward that looks for the gold
+    answer in the text cannot be paid by a passage the retriever found."""
+    return "".join(tokenizer.decode(ids, skip_special_tokens=True) for seg, ids in _runs(traj)
+                   if seg in (Seg.POLICY, Seg.PROBE))
 
 
 def _runs(traj: Trajectory) -> list[tuple[int, list[int]]]:
@@ -164,12 +176,20 @@ def char_to_token(tokenizer, ids: list[int], char_pos: int) -> int:
     return lo - 1
 
 
+def describe_retriever(retriever) -> str:
+    """``HTTPRetriever(http://...)``-style name for errors: the class and, when it has one, its URL or path."""
+    where = getattr(retriever, "url", None) or getattr(retriever, "path", None) or getattr(retriever, "index_dir", None)
+    return f"{type(retriever).__name__}({where})" if where else type(retriever).__name__
+
+
 class SearchAgent:
     """Batched, token-exact multi-turn search rollouts.
 
     ``backend`` generates (``GenerationBackend``), ``retriever`` answers ``search(queries, k)``,
     ``cfg`` sets turns, token caps and sampling. ``format_fn`` turns passages into the text inside
-    ``<information>`` (default: ``rexrag.protocol.format_information``).
+    ``<information>`` (default: ``rexrag.protocol.format_information``). ``max_failed_turns``: turns in
+    a row whose retrieval raised ``RetrievalError`` before ``RetrievalUnavailableError`` stops the
+    caller (0 = never).
     """
 
     def __init__(
@@ -180,12 +200,12 @@ class SearchAgent:
         cfg: RolloutConfig,
         topk: int = DEFAULT_TOPK,
         *,
-        retries: int = 2,
-        retry_wait_s: float = 0.5,
+        max_failed_turns: int = 3,
         format_fn: Callable | None = None,
     ):
         self.backend, self.tokenizer, self.retriever, self.cfg = backend, tokenizer, retriever, cfg
-        self.topk, self.retries, self.retry_wait_s = topk, retries, retry_wait_s
+        self.topk, self.max_failed_turns = topk, max_failed_turns
+        self.failed_turns = 0  # consecutive turns whose retrieval failed, across calls
         self.max_query_chars = cfg.max_query_chars
         self.format_fn = format_fn if format_fn is not None else format_information
         self._encode_cache: dict[str, list[int]] = {}
@@ -316,7 +336,7 @@ class SearchAgent:
         """One retriever call for every searching row; INFO on success, NOTICE on failure."""
         queries = [q for _, q in searching]
         t0 = time.perf_counter()
-        results = self._search_with_retries(queries, counts)
+        results = self._search(queries)
         counts["time_retrieval_s"] += time.perf_counter() - t0
         counts["retrieval_calls"] += 1
         for i, (r, _) in enumerate(searching):
@@ -335,20 +355,26 @@ class SearchAgent:
             r.traj.n_searches += 1
             counts["searches"] += 1
 
-    def _search_with_retries(self, queries: list[str], counts: Counter):
-        """``retriever.search`` with ``retries`` bounded retries; None when every attempt failed."""
-        for attempt in range(self.retries + 1):
-            try:
-                results = self.retriever.search(queries, self.topk)
-                if len(results) != len(queries):
-                    raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
-                return results
-            except Exception as exc:  # any retriever failure is survivable: the rows get a NOTICE
-                log.warning("retrieval attempt %d/%d failed: %s", attempt + 1, self.retries + 1, exc)
-                if attempt < self.retries:
-                    counts["retrieval_retries"] += 1
-                    time.sleep(self.retry_wait_s * (2**attempt))
-        return None
+    def _search(self, queries: list[str]):
+        """``retriever.search``; None on a ``RetrievalError`` (the rows get a NOTICE). Anything else the
+        retriever raises propagates; ``max_failed_turns`` failures in a row raise."""
+        try:
+            results = self.retriever.search(queries, self.topk)
+        except RetrievalError as exc:
+            self.failed_turns += 1
+            log.warning("retrieval failed (%d turn(s) in a row): %s", self.failed_turns, exc)
+            if self.max_failed_turns and self.failed_turns >= self.max_failed_turns:
+                raise RetrievalUnavailableError(
+                    f"retrieval failed on {self.failed_turns} consecutive turns (retrieval.max_failed_turns="
+                    f"{self.max_failed_turns}); retriever: {describe_retriever(self.retriever)}; last error: {exc}"
+                ) from exc
+            return None
+        n = len(results) if hasattr(results, "__len__") else type(results).__name__
+        if n != len(queries):
+            raise TypeError(f"retriever {describe_retriever(self.retriever)} returned {n} result lists for "
+                            f"{len(queries)} queries; search(queries, k) must return one list per query")
+        self.failed_turns = 0
+        return results
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:

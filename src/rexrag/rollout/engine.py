@@ -68,6 +68,9 @@ class GenOutput:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
+    """What the agent generates with: ``HFBackend`` (our transformers loop) or ``VLLMBackend``; build one
+    by name with ``rexrag.rollout.backends.build_backend``. Token-exact: ids as sampled, one log-prob each."""
+
     def generate(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         """Continue each prompt; ``stops[i]`` are row i's stop strings (may be empty)."""
         ...

@@ -45,11 +45,14 @@ def _backend_name(name: str, world: int) -> str:
     return "hf" if world > 1 and name == "auto" else name
 
 
-def build_trainer(cfg, *, progress: bool = True, backend=None):
+def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, examples=None, reward_fn=None):
     """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer.
 
     ``backend``: an existing generation backend to reuse (the demo keeps one vLLM engine for all its
-    phases); its weights are replaced by the policy's before the first rollout."""
+    phases); its weights are replaced by the policy's before the first rollout. ``retriever`` (any
+    object with ``search(queries, k) -> list[list[Passage]]``), ``examples`` (``QAExample`` records
+    with unique ``group_id``) and ``reward_fn`` replace what ``cfg.retrieval`` / ``cfg.data`` /
+    ``cfg.trainer.reward`` would give."""
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
@@ -58,7 +61,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
     from rexrag.train.trainer import Trainer, seed_everything
 
     acc = make_accelerator()  # an FSDP launch on a CUDA-less machine is really FSDP (rexrag.sharding)
-    if not (cfg.retrieval.index or cfg.retrieval.url):
+    if retriever is None and not (cfg.retrieval.index or cfg.retrieval.url):
         if acc.is_main_process:
             cfg.retrieval.index = _demo_retriever_index(cfg.trainer.out_dir)
         acc.wait_for_everyone()
@@ -71,15 +74,15 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device=acc.device)
     model.train()
-    retriever = load_retriever(cfg.retrieval)
+    if retriever is None:
+        retriever = load_retriever(cfg.retrieval)
     seed = cfg.trainer.seed + 7919 * acc.process_index
     if backend is None:
         backend = build_backend(backend_name, model, tokenizer, cfg.rollout, device=acc.device, seed=seed)
     elif hasattr(backend, "generator"):
         backend.generator.manual_seed(seed)
-    agent = SearchAgent(
-        backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk, retries=cfg.retrieval.retries
-    )
+    agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk,
+                        max_failed_turns=cfg.retrieval.max_failed_turns)
     explorer = None
     if cfg.rex.enabled:
         from rexrag.rex.explorer import RexExplorer
@@ -91,6 +94,6 @@ def build_trainer(cfg, *, progress: bool = True, backend=None):
             seed=cfg.trainer.seed + acc.process_index,
             clip_range=(cfg.algo.clip_low, cfg.algo.clip_high),
         )
-    return Trainer(
-        cfg, model, tokenizer, _examples(cfg), agent=agent, explorer=explorer, accelerator=acc, progress=progress
-    )
+    examples = _examples(cfg) if examples is None else list(examples)
+    return Trainer(cfg, model, tokenizer, examples, agent=agent, explorer=explorer, reward_fn=reward_fn,
+                   accelerator=acc, progress=progress)

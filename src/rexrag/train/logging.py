@@ -2,18 +2,23 @@
 
 Metric names are namespaced: ``rollout/``, ``reward/``, ``actor/``, ``critic/``, ``timing/``,
 ``memory/`` and ``rex/``. Only the main process writes. On resume, lines of ``metrics.jsonl`` for
-steps after the checkpoint are dropped first (they belong to the part of the run that is redone).
+steps after the checkpoint are dropped first (they belong to the part of the run that is redone),
+and so is a torn last line (a crash in the middle of writing it), with a warning; any other line
+that is not JSON is an error naming it.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from rexrag.errors import DataError
 from rexrag.fsutil import atomic_write_text
 
 NAMESPACES = ("rollout", "reward", "actor", "critic", "timing", "memory", "rex")
@@ -35,12 +40,35 @@ def memory_metrics() -> dict[str, float]:
     return out
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only records with ``step <= last_step`` (atomic rewrite)."""
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict]], str]:
+    """([(line, record)], torn last line or "") of a ``metrics.jsonl`` file. Only the last line may be torn."""
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            if i == len(lines) - 1:
+                return records, line
+            raise DataError(f"{path}:{i + 1}: not a JSON record ({line[:60]!r}); only a torn last line is tolerated")
+        records.append((line, rec))
+    return records, ""
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep only records with ``step <= last_step`` (atomic rewrite); a torn last line is dropped with a
+    warning. Returns the number of records dropped (the torn line included)."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        return 0
+    records, torn = _read_jsonl(path)
+    if torn:
+        print(f"warning: {path}: dropped a torn last line ({len(torn)} characters, left by an interrupted run): "
+              f"{torn[:80]!r}", file=sys.stderr)
+    keep = [line for line, rec in records if rec.get("step", 0) <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return len(records) - len(keep) + bool(torn)
 
 
 class MetricsLogger:
@@ -52,7 +80,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
-        self._tb = self._wandb = self._progress = None
+        self._tb = self._wandb = self._progress = self._plain = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,8 +103,12 @@ class MetricsLogger:
             self._start_progress(total_steps, resume_step or 0)
 
     def _start_progress(self, total: int, done: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        if not Console().is_terminal:  # a log file gets one plain line per step, with count and ETA
+            self._plain = (total, done, time.monotonic())
+            return
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), transient=False,
@@ -98,9 +130,11 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics)
         if self._progress is not None:
-            info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics)
             self._progress.update(self._task, completed=step, info=info)
+        elif self._plain is not None:
+            print(plain_progress_line(step, *self._plain, time.monotonic(), info), flush=True)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -114,6 +148,14 @@ class MetricsLogger:
             self._wandb = None
 
 
+def plain_progress_line(step: int, total: int, first: int, started: float, now: float, info: str) -> str:
+    """``train 3/10  eta 0:01:10  reward=..``: the ETA extrapolates the steps done since ``first``."""
+    done = step - first
+    eta = (now - started) / done * (total - step) if done > 0 else float("nan")
+    eta_text = str(_dt.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
+    return f"train {step}/{total}  eta {eta_text}  {info}".rstrip()
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
@@ -121,5 +163,5 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Records of a ``metrics.jsonl`` file, in order (a torn last line, from a crash, is left out)."""
+    return [rec for _, rec in _read_jsonl(Path(path))[0]]

@@ -54,6 +54,7 @@ import contextlib
 import copy
 import random
 import time
+from collections import Counter
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -65,11 +66,12 @@ from rexrag.algos.losses import entropy_loss, kl_loss, kl_penalty, masked_mean, 
 from rexrag.config import Config, ConfigError, config_to_dict
 from rexrag.errors import UserError
 from rexrag.models import enable_gradient_checkpointing, position_ids, sequence_logprobs
-from rexrag.rewards import format_ok
-from rexrag.rollout.agent import format_view, policy_answer, response_text
+from rexrag.rewards import build_reward, call_reward, format_ok
+from rexrag.rollout.agent import format_view, policy_answer, policy_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 from rexrag.sharding import drain, is_sharded, make_accelerator, module_bytes
 from rexrag.train import checkpoint as ckpt
+from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
 from rexrag.train.logging import MetricsLogger, memory_metrics
 
@@ -163,6 +165,21 @@ def _finite(x: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
+def check_group_ids(examples: list) -> None:
+    """Rollouts of one example form one group (GRPO / RLOO baselines, REX probes), keyed by
+    ``example.group_id``: every example needs its own non-negative integer id."""
+    ids = [getattr(ex, "group_id", None) for ex in examples]
+    fix = ("each training example needs a unique group_id >= 0 (its rollouts are grouped by it); load data with "
+           "rexrag.data.load_qa / load_qa_files, or call rexrag.data.assign_group_ids(examples)")
+    for i, g in enumerate(ids):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise UserError(f"example {i} ({getattr(examples[i], 'id', '?')!r}) has group_id={g!r}: {fix}")
+    shared = [(g, n) for g, n in Counter(ids).items() if n > 1]
+    if shared:
+        g, n = shared[0]
+        raise UserError(f"group_id {g} is shared by {n} examples ({len(shared)} id(s) repeated): {fix}")
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -178,9 +195,8 @@ class Trainer:
             defaults to ``agent.rollout``.
         agent: the ``SearchAgent`` (needed by the explorer to continue probes).
         explorer: REX-RAG hook object (explore / correct / end_step), or None.
-        reward_fn: callable ``fn(completions, answers, **kw) -> list[float]`` (``kw`` holds
-            ``predictions`` and ``formatted``, see ``compute_rewards``); default
-            ``rexrag.rewards.get_reward(cfg.trainer.reward)``.
+        reward_fn: callable ``fn(completions, answers, **kw) -> list[float]`` (see ``compute_rewards``
+            for what it gets); default ``rexrag.rewards.build_reward(cfg.trainer.reward)``.
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         reference: frozen reference model; default ``rexrag.models.make_reference`` (None with LoRA:
             adapters are disabled instead). Not built, and no reference pass runs, when ``algo.kl_coef == 0``.
@@ -198,8 +214,10 @@ class Trainer:
         if rollout_fn is None and agent is None:
             raise UserError("Trainer needs a rollout_fn or a SearchAgent")
         self.rollout_fn = rollout_fn or agent.rollout
+        check_group_ids(examples)
         self.agent, self.explorer, self.tokenizer, self.examples = agent, explorer, tokenizer, examples
-        self.reward_fn = reward_fn or self._named_reward(self.tc.reward)
+        self.reward_fn = reward_fn or build_reward(self.tc.reward)
+        self.reward_name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
         self.estimator = get_adv_estimator(self.algo.adv_estimator)
         seed_everything(self.tc.seed)
         self.sampler = PromptSampler(len(examples), cfg.data.batch_size, self.tc.seed, cfg.data.shuffle)
@@ -222,12 +240,6 @@ class Trainer:
         self.progress = progress
         # Per-rank sampling seed so processes draw different samples for their prompts.
         seed_everything(self.tc.seed + 1_000_003 * self.rank)
-
-    @staticmethod
-    def _named_reward(name: str):
-        from rexrag.rewards import get_reward
-
-        return get_reward(name)
 
     def _prepare(self, model):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.tc.lr}]
@@ -363,8 +375,9 @@ class Trainer:
     # ------------------------------------------------------------------ rewards and scoring
 
     def completion_text(self, traj: Trajectory) -> str:
-        """Decoded response used by reward functions (the model's and the retriever's text, no notices)."""
-        return response_text(self.tokenizer, traj)
+        """The model's own response text that rewards read (POLICY and PROBE tokens: no prompt, no
+        retrieved passages, no notices; ``rexrag.rollout.agent.policy_text``)."""
+        return policy_text(self.tokenizer, traj)
 
     def format_ok(self, traj: Trajectory) -> bool:
         """``format_ok`` of the response with every retrieved block emptied (``format_view``)."""
@@ -373,19 +386,24 @@ class Trainer:
     def compute_rewards(self, trajs: list[Trajectory]) -> list[float]:
         """Reward of each trajectory (also stored in ``traj.meta['reward']``).
 
-        The reward function gets the response texts, the gold answers and, as keywords,
-        ``predictions`` (the model's answer read from its own tokens, ``policy_answer``) and
-        ``formatted`` (``self.format_ok``), so a retrieved passage cannot answer for the model.
+        The reward function gets ``completions`` (the model's own text, ``completion_text``) and the
+        gold answers, and as keywords (those it names, or all with ``**kw``): ``predictions`` (the
+        model's answer read from its own tokens, ``policy_answer``), ``formatted`` (``self.format_ok``),
+        ``questions``, ``metadata`` (the example's metadata plus ``id``, ``data_source``, ``group_id``)
+        and ``trajectories``. A wrong count or a non-finite value is an error naming the reward.
         """
         if not trajs:
             return []
-        answers = [list(getattr(tr.example, "golden_answers", []) or []) for tr in trajs]
-        out = [float(r) for r in self.reward_fn(
-            [self.completion_text(tr) for tr in trajs], answers,
+        exs = [tr.example for tr in trajs]
+        answers = [list(getattr(ex, "golden_answers", []) or []) for ex in exs]
+        out = call_reward(
+            self.reward_fn, self.reward_name, [self.completion_text(tr) for tr in trajs], answers,
             predictions=[policy_answer(self.tokenizer, tr) for tr in trajs],
-            formatted=[self.format_ok(tr) for tr in trajs])]
-        if len(out) != len(trajs):
-            raise UserError(f"reward function returned {len(out)} rewards for {len(trajs)} completions")
+            formatted=[self.format_ok(tr) for tr in trajs],
+            questions=[getattr(ex, "question", "") for ex in exs],
+            metadata=[{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
+                       "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)],
+            trajectories=trajs)
         for tr, r in zip(trajs, out):
             tr.meta["reward"] = r
         return out
@@ -675,8 +693,16 @@ class Trainer:
         return True
 
     def train(self) -> list[dict[str, float]]:
-        """Run (or resume) to ``trainer.steps``; checkpoints every ``save_every`` steps and at the end."""
+        """Run (or resume) to ``trainer.steps``; checkpoints every ``save_every`` steps and at the end.
+
+        A fresh run refuses an ``out_dir`` that holds another run (``rundir.check_fresh``); the
+        resolved config is written to ``<out_dir>/config.yaml`` first."""
+        if not self.tc.resume:
+            rundir.check_fresh(self.tc.out_dir)
+        self.acc.wait_for_everyone()  # every process has checked before the main one writes
         resumed = self.resume() if self.tc.resume else False
+        if self.acc.is_main_process:
+            rundir.save_config(self.tc.out_dir, self.cfg)
         logger = MetricsLogger(self.tc.out_dir, enabled=self.acc.is_main_process, tensorboard=self.tc.log_tensorboard,
                                wandb_project=self.tc.wandb_project, config=config_to_dict(self.cfg),
                                resume_step=self.step_idx if resumed else None, total_steps=self.tc.steps,
