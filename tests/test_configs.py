@@ -60,3 +60,27 @@ def test_accelerate_configs_parse(path):
 def test_override_beats_recipe():
     cfg = load_config(CONFIGS / "demo_cpu.yaml", ["trainer.steps=3", "algo.adv_estimator=rloo"])
     assert cfg.trainer.steps == 3 and cfg.algo.adv_estimator == "rloo"
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "cpu_fsdp.yaml"])
+def test_fsdp_configs_resolve_to_full_shard_fsdp2_with_sharded_state(name, monkeypatch):
+    """What `accelerate launch --config_file <name>` hands the FSDP plugin (accelerate's own parsing)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp import StateDictType
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "accelerate" / name), "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    for k, v in prepare_multi_gpu_env(args).items():
+        if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP":
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # FULL_SHARD
+    assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+    assert plugin.auto_wrap_policy is not None
+    if name == "fsdp.yaml":  # the 3B/7B recipes' models
+        assert plugin.transformer_cls_names_to_wrap == ["Qwen2DecoderLayer"] and args.num_processes == 8
+    for recipe in ("rexrag_grpo_3b.yaml", "rexrag_grpo_7b.yaml", "search_r1_grpo_3b.yaml", "search_r1_ppo_3b.yaml"):
+        named = [w for w in (CONFIGS / recipe).read_text().split() if w.startswith("configs/accelerate/")]
+        assert named and all((CONFIGS.parent / w).is_file() for w in named), recipe

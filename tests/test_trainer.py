@@ -164,8 +164,11 @@ def test_checkpoints_pruned_and_atomic(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000002", "step_000003"]
     last = tmp_path / "checkpoints" / "step_000003"
-    for f in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_0.pt", "model/model.safetensors"):
+    for f in ("trainer_state.json", "manifest.json", "state/optimizer.bin", "state/pytorch_model.bin",
+              "state/random_states_0.pkl", "state/custom_checkpoint_0.pkl", "model/model.safetensors"):
         assert (last / f).is_file(), f
+    assert ckpt.check_checkpoint(last) is None
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
 def test_lora_trains_only_adapters_with_disabled_adapter_reference(tmp_path):
@@ -297,8 +300,9 @@ def test_explorer_hook_call_order_and_checkpoint(tmp_path):
     assert 0.0 <= m["rollout/groups_with_signal"] <= m["rollout/groups_with_signal_after_probes"] <= 1.0
     # the probe's ratio starts at 2 (outside the clip range), so some tokens are clipped at once
     assert hist[0]["actor/clip_frac"] > 0
-    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "explorer.pt")
-    assert math.isclose(state["rho"], 0.5 * 0.81)
+    # registered for accelerate's save_state after the scheduler and the sampler, one state per process
+    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "state" / "custom_checkpoint_2.pkl", weights_only=False)
+    assert math.isclose(state["per_process"][0]["rho"], 0.5 * 0.81)
 
 
 def test_bf16_autocast_trains(tmp_path):

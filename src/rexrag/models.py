@@ -241,16 +241,23 @@ def is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def make_reference(model, cfg: ModelConfig | None = None):
+def make_reference(model, cfg: ModelConfig | None = None, device: str | torch.device | None = None):
     """Frozen eval-mode copy of ``model`` for the KL term, or None for LoRA models.
 
     With LoRA the base weights are the reference: use ``reference_logprobs_context(model)``.
+    The copy is bf16 where bf16 matmuls are fast on ``device`` (``rexrag.hardware.has_fast_bf16``:
+    GPUs, AMX CPUs), else it keeps the policy's dtype (fp32 on a CPU without fast bf16). Under FSDP
+    the trainer shards it like the policy (``rexrag.sharding.shard_like_policy``).
     """
     if is_peft(model) or (cfg is not None and cfg.lora_rank > 0):
         return None
+    from rexrag.hardware import has_fast_bf16
+
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
+    if device is not None and has_fast_bf16(device) and next(ref.parameters()).is_floating_point():
+        ref.to(torch.bfloat16)
     return ref
 
 
@@ -296,6 +303,10 @@ def _has_plain_head(model) -> bool:
     """True when logits are exactly ``head(decoder(x))`` (no softcapping / logit scaling)."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    from rexrag.sharding import is_fsdp_module
+
+    if is_fsdp_module(model):  # FSDP2 gathers the root's weights (embeddings, head) only in its own forward
         return False
     return callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
 

@@ -18,6 +18,12 @@ Benchmark files: ``--benchmarks nq,hotpotqa --data-dir DIR`` looks for FlashRAG-
 FlashRAG ships them, else ``*test*`` then ``*dev*`` then ``*val*`` files (``.jsonl`` or Search-R1
 ``.parquet``), preferring names containing ``flashrag`` and then the largest file.
 
+Data parallel: under ``accelerate launch`` (several processes, one per GPU or CPU worker) each process
+takes a strided shard of every dataset (questions ``rank, rank + W, ...``), and the main process
+gathers the per-question rows and puts them back in the original order before scoring and writing,
+so the report is the one a single process writes (greedy decoding; with ``--batch-size 1`` the rows
+are bitwise the same, larger batches pad questions with different neighbours).
+
 A Search-R1 parquet whose rows carry several ``data_source`` values (Search-R1's merged
 ``test.parquet``) is scored per source, as Search-R1 and verl report validation scores: each source
 becomes its own dataset (named by ``data_source``), and the report's average is the unweighted mean
@@ -319,11 +325,18 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
              backend=None) -> dict:
     """Evaluate every dataset; write metrics.json, metrics.md and predictions.jsonl into ``out_dir``.
 
-    Returns ``{"summary": report.summarize(...), "rows": [...], "seconds": float}``.
+    Returns ``{"summary": report.summarize(...), "rows": [...], "seconds": float}``. Data parallel
+    (``torch.distributed`` running with W > 1 processes): each process evaluates ``examples[rank::W]``;
+    the main process returns the merged rows (JSON-ready: trajectories as decoded ``segments``) and
+    writes the files, the others return ``{"summary": None, "rows": [], "seconds": ...}``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     torch.manual_seed(opts.seed)
+    rank, world = data_parallel_rank()
+    if world > 1:
+        datasets = {n: (p, list(ex)[rank::world]) for n, (p, ex) in datasets.items()}
+        quiet = quiet or rank != 0
     total = sum(len(ex) for _, ex in datasets.values())
     start = time.perf_counter()  # engine start-up counts in the evaluation's time
     with contextlib.ExitStack() as stack:
@@ -342,6 +355,10 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
         for row, name in zip(rows, names, strict=True):
             row["dataset"] = name
     seconds = time.perf_counter() - start
+    if world > 1:
+        rows = merge_shards(rows, tokenizer, rank, world, list(datasets))
+        if rank != 0:
+            return {"summary": None, "rows": [], "seconds": seconds}
     summary = report.summarize(rows)
     if out_dir is not None:
         out = Path(out_dir)
@@ -351,3 +368,35 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
         report.atomic_write_text(out / "metrics.md", report.metrics_markdown(label, summary, info))
         report.write_predictions_jsonl(out / "predictions.jsonl", (_jsonable(r, tokenizer) for r in rows))
     return {"summary": summary, "rows": rows, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of the running ``torch.distributed`` group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def merge_shards(rows: list[dict], tokenizer, rank: int, world: int, names: list[str]) -> list[dict]:
+    """Gather every process's rows on all processes and restore the single-process order.
+
+    Process ``r`` evaluated questions ``r, r + W, ...`` of each dataset (``names``, in report order),
+    so its ``i``-th row of a dataset is question ``r + i * W``. Rows are made JSON-ready
+    (``_jsonable``) before they travel. Deterministic: the order depends only on the positions."""
+    import torch.distributed as dist
+
+    local, seen = [], {}
+    for row in rows:
+        i = seen.get(row["dataset"], 0)
+        seen[row["dataset"]] = i + 1
+        local.append((row["dataset"], rank + i * world, _jsonable(row, tokenizer)))
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    order = {name: k for k, name in enumerate(names)}
+    merged = sorted((item for part in parts for item in part), key=lambda t: (order[t[0]], t[1]))
+    return [row for _, _, row in merged]

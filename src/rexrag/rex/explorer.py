@@ -22,9 +22,11 @@ import torch
 
 from rexrag.config import RexConfig, RolloutConfig
 from rexrag.rex import probe as P
+from rexrag.rex.comm import LocalComm
 from rexrag.rex.correction import behaviour_logprobs
 from rexrag.rex.pool import Pool
 from rexrag.rollout.trajectory import Seg, Trajectory
+from rexrag.sharding import drain
 
 _SEG_NAMES = {Seg.PROMPT: "prompt", Seg.POLICY: "policy", Seg.INFO: "info", Seg.NOTICE: "notice", Seg.PROBE: "probe"}
 
@@ -83,7 +85,9 @@ class RexExplorer:
             return []
         if k >= n_candidates:
             return candidates  # nothing to rank away; skip the scoring forward pass
-        local = P.probe_scores(candidates, score_fn(candidates)) if candidates else []
+        # Under several processes every one scores (maybe nothing): with a sharded policy the scoring
+        # forward is collective (rexrag.sharding.Lockstep), so no process may skip it.
+        local = P.probe_scores(candidates, score_fn(candidates)) if candidates or not isinstance(self.comm, LocalComm) else []
         parts = self.comm.gather(local)  # every process's scores, in rank order (ties: lower rank first)
         offset = sum(len(p) for p in parts[: self.comm.rank])
         kept = P.top_k([s for part in parts for s in part], k)
@@ -129,6 +133,7 @@ class RexExplorer:
         n_orig, n_failed, n_cand = self.comm.sum([len(originals), sum(failed), len(candidates)])
         kept = self._filter(candidates, int(n_orig), int(n_cand), score_fn)
         probes = self._continue(kept, agent) if kept else []
+        drain(getattr(agent, "backend", None))  # sharded policy: wait for the other processes' probes
         probe_rewards = [float(r) for r in reward_fn(probes)] if probes else []
         for t, r in zip(probes, probe_rewards, strict=True):
             t.meta["reward"] = r

@@ -192,6 +192,10 @@ class HFBackend:
     model. The kept entries are dropped when a new call starts them over, and all of them when the
     model's parameters change (an optimizer step bumps their version counters). On a first turn
     the prefix shared by all rows of a chunk (system prompt + instruction) runs once.
+
+    Sharded models (FSDP): ``lockstep`` (a ``rexrag.sharding.Lockstep``) is ticked before every
+    forward, so processes whose rows finished keep serving the others' all-gathers once they
+    ``drain``; ``model`` must then be the prepared (sharded) model. None = no synchronisation.
     """
 
     def __init__(
@@ -228,7 +232,17 @@ class HFBackend:
         self._next_store: list = []
         self._next_bytes = 0
         self._weights_version = -1
+        self.lockstep = None  # rexrag.sharding.Lockstep under FSDP
         self.stats = {"forward_calls": 0, "generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "shared_prefix_tokens": 0}
+
+    def _tick(self) -> None:
+        if self.lockstep is not None:
+            self.lockstep.tick()
+
+    def drain(self) -> None:
+        """Under a lockstep: serve the other processes' forwards until every one is done (a no-op otherwise)."""
+        if self.lockstep is not None:
+            self.lockstep.drain()
 
     def reset_cache(self) -> None:
         """Forget every kept prefix (call after changing the model's weights by other means than in place)."""
@@ -246,7 +260,9 @@ class HFBackend:
         self.model.eval()
         autocast = torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         try:
-            with autocast:
+            # FSDP keeps its gathered-parameter buffers across forwards: tensors made under inference
+            # mode there would break the next training forward, so a sharded model decodes under no_grad
+            with autocast, (torch.no_grad() if self.lockstep is not None else torch.inference_mode()):
                 for start in range(0, len(order), self.max_batch):
                     chunk = order[start : start + self.max_batch]
                     for i, out in zip(chunk, self._generate_chunk([prompts[i] for i in chunk], [stops[i] for i in chunk], params)):
@@ -324,6 +340,7 @@ class HFBackend:
             return [(0, None)] * len(prompts)
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([first[:C]], device=self.device)
+        self._tick()
         self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(C, device=self.device)[None],
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -350,7 +367,6 @@ class HFBackend:
             self._next_bytes += size
 
     # ------------------------------------------------------------------ decoding loop
-    @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], stops: list[list[str]], params: SamplingParams) -> list[GenOutput]:
         B = len(prompts)
         inp, attn, cache = self._prefill_inputs(prompts)
@@ -362,6 +378,7 @@ class HFBackend:
         stop_str: list[str | None] = [None] * B
         rows = list(range(B))  # original row of each batch position
         for _ in range(params.max_new_tokens):
+            self._tick()
             logits = self.model(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             self.stats["forward_calls"] += 1
             lps = sampling_logprobs(logits, params)

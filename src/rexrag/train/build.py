@@ -34,7 +34,10 @@ def _examples(cfg):
 
 def _backend_name(name: str, world: int) -> str:
     """Under several processes the in-process vLLM engine would start its own distributed world
-    inside accelerate's, so ``auto`` means hf there and an explicit ``vllm`` is refused."""
+    inside accelerate's, so ``auto`` means hf there and an explicit ``vllm`` is refused. (Under FSDP
+    a colocated engine would also need the full weights gathered shard by shard from the sharded
+    policy and pushed in after every update; that path is not built yet. The HF backend generates
+    with the sharded model itself, its decode steps in lockstep across processes.)"""
     from rexrag.errors import UserError
 
     if world > 1 and name == "vllm":
@@ -50,16 +53,14 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     object with ``search(queries, k) -> list[list[Passage]]``), ``examples`` (``QAExample`` records
     with unique ``group_id``) and ``reward_fn`` replace what ``cfg.retrieval`` / ``cfg.data`` /
     ``cfg.trainer.reward`` would give."""
-    import torch
-    from accelerate import Accelerator
-
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
     from rexrag.rollout.backends import build_backend, resolve_backend_name
+    from rexrag.sharding import make_accelerator
     from rexrag.train.trainer import Trainer, seed_everything
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = make_accelerator()  # an FSDP launch on a CUDA-less machine is really FSDP (rexrag.sharding)
     if retriever is None and not (cfg.retrieval.index or cfg.retrieval.url):
         if acc.is_main_process:
             cfg.retrieval.index = _demo_retriever_index(cfg.trainer.out_dir)

@@ -1,22 +1,38 @@
-"""Atomic training checkpoints: write into a temp dir, then rename; prune to ``keep_last``.
+"""Training checkpoints through ``accelerator.save_state`` / ``load_state``, recognised by a manifest.
 
 Layout of ``<out_dir>/checkpoints/step_000123/``:
 
-- ``model/``: ``save_pretrained`` of the policy (full weights, or only the LoRA adapters) plus the
-  tokenizer, so ``rexrag eval`` / ``load_model`` can use the directory directly;
-- ``critic.pt`` (value model, ``gae`` only), ``optimizer.pt``, ``scheduler.pt``;
-- ``rng_<rank>.pt``: python, numpy and torch (and CUDA) RNG states of each process;
-- ``explorer.pt``: the REX explorer's ``state_dict()`` when it has one;
-- ``trainer_state.json``: step, data position, counters (written last: its presence marks a
-  complete checkpoint, and the directory only gets its final name after it is written).
+- ``state/``: ``accelerator.save_state``: the prepared model(s) (policy, and the critic for ``gae``)
+  and optimizer -- sharded per process under FSDP (``SHARDED_STATE_DICT``, torch DCP files), whole
+  otherwise -- each process's RNG states (``random_states_<rank>.pkl``), and the objects registered
+  with :func:`register_state` (``custom_checkpoint_<i>.pkl``: LR scheduler, prompt sampler, the REX
+  explorer with one state per process);
+- ``model/``: the consolidated export for evaluation: ``save_pretrained`` of the policy (full weights
+  gathered on the main process, or only the LoRA adapters) plus the tokenizer, so ``rexrag eval`` /
+  ``load_model`` can use the directory directly;
+- ``trainer_state.json``: step, data position, counters;
+- ``manifest.json``: written last: every other file with its size, the step, when it was saved and by
+  which run. Only a directory with a manifest whose files are all present at their recorded sizes is
+  a checkpoint. The directory is filled under a hidden temp name and renamed into place after the
+  manifest is written (``rexrag.fsutil``).
+
+Resuming picks the newest *intact* checkpoint: a damaged newer one (a missing or truncated file, a
+missing or unreadable manifest) is skipped with a warning that names what is wrong. "Newest" is by
+save time, not step number, so a fresh run in an old run's directory resumes from its own work.
+Pruning (``keep_last``) keeps the ``keep_last`` newest intact checkpoints, never the only intact one
+and never an older run's checkpoint in place of a newer run's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
+import time
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +40,114 @@ import numpy as np
 import torch
 
 from rexrag.errors import UserError
-from rexrag.fsutil import replace_dir
+from rexrag.fsutil import atomic_write_text, replace_dir
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+_RUN_ID = uuid.uuid4().hex  # this process's run: written into every manifest it saves
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+# --------------------------------------------------------------------------- manifest
+
+
+def write_manifest(ckpt_dir: Path, step: int) -> dict:
+    """List every file under ``ckpt_dir`` with its size; write ``manifest.json`` atomically, last."""
+    files = {str(p.relative_to(ckpt_dir)): p.stat().st_size for p in sorted(ckpt_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {"step": step, "saved_at": time.time(), "run_id": _RUN_ID, "files": files}
+    atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+
+
+def check_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """None when ``ckpt_dir`` is an intact checkpoint, else what is wrong with it (one line)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MANIFEST).is_file():
+        return f"{ckpt_dir}: no {MANIFEST} (interrupted save, or written by an older rexrag)"
+    try:
+        manifest = read_manifest(ckpt_dir)
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{ckpt_dir}: unreadable {MANIFEST} ({e})"
+    for rel, size in files.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"{ckpt_dir}: {rel} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{ckpt_dir}: {rel} has {actual} bytes, the manifest says {size}"
+    return None
+
+
+def _candidates(out_dir: str | Path) -> list[Path]:
     root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)] if root.is_dir() else []
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(out_dir)
+def _order_key(path: Path) -> tuple[float, int]:
+    """Save time (then step) of a checkpoint; a damaged manifest sorts by the directory's mtime."""
+    step = int(_STEP_DIR.match(path.name).group(1))
+    try:
+        return float(read_manifest(path)["saved_at"]), step
+    except (OSError, ValueError, KeyError, TypeError):
+        return path.stat().st_mtime, step
+
+
+def list_checkpoints(out_dir: str | Path, *, warn: bool = False) -> list[Path]:
+    """Intact checkpoints, oldest first (by save time). ``warn``: say loudly which newer ones are damaged."""
+    found = sorted(_candidates(out_dir), key=_order_key)
+    intact = [p for p in found if check_checkpoint(p) is None]
+    if warn and found:
+        newest_ok = _order_key(intact[-1]) if intact else None
+        for p in found:
+            problem = check_checkpoint(p)
+            if problem is not None and (newest_ok is None or _order_key(p) > newest_ok):
+                fallback = f"falling back to {intact[-1].name}" if intact else "no intact checkpoint to resume from"
+                msg = f"damaged checkpoint skipped: {problem}; {fallback}"
+                log.warning(msg)
+                warnings.warn(msg, stacklevel=3)
+    return intact
+
+
+def latest_checkpoint(out_dir: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint (warning about every newer damaged one), or None."""
+    ckpts = list_checkpoints(out_dir, warn=warn)
     return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep_last`` newest intact checkpoints (by save time, so an older run's
+    checkpoints go before a newer run's whatever their steps). Damaged ones older than the oldest
+    kept are deleted too. ``protect`` (the one just written) and the newest intact one are never
+    deleted. Returns what was deleted."""
+    if keep_last <= 0:
+        return []
+    intact = list_checkpoints(out_dir)
+    if not intact:
+        return []
+    keep = set(intact[-keep_last:]) | {intact[-1]} | ({Path(protect)} if protect is not None else set())
+    oldest_kept = min(_order_key(p) for p in keep if p.exists())
+    gone = []
+    for p in _candidates(out_dir):
+        if p in keep:
+            continue
+        if check_checkpoint(p) is None or _order_key(p) < oldest_kept:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+# --------------------------------------------------------------------------- state
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,6 +163,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PerProcessState:
+    """Checkpoint ``obj`` (with ``state_dict`` / ``load_state_dict``) once per process.
+
+    accelerate writes a registered object from the main process only; an object whose state differs
+    by process (the REX explorer's random generator is seeded per rank) gathers every process's state
+    into that one file and each process takes its own back."""
+
+    def __init__(self, obj, accelerator):
+        self.obj, self.acc = obj, accelerator
+
+    def state_dict(self) -> dict:
+        local = self.obj.state_dict()
+        if self.acc.num_processes == 1:
+            return {"per_process": [local]}
+        from accelerate.utils import gather_object
+
+        return {"per_process": gather_object([local])}
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = state["per_process"]
+        if len(parts) != self.acc.num_processes:
+            raise UserError(f"this checkpoint was written by {len(parts)} processes; resume it with as many (this run has {self.acc.num_processes})")
+        self.obj.load_state_dict(parts[self.acc.process_index])
+
+
+def register_state(accelerator, *, scheduler, sampler, explorer=None) -> None:
+    """Register what ``save_state`` / ``load_state`` carry besides models, optimizers and RNG: the LR
+    scheduler, the prompt sampler and (when it has state) the explorer, per process. Call once,
+    in the same order in every run (accelerate stores them by position)."""
+    objs = [scheduler, sampler]
+    if explorer is not None and hasattr(explorer, "state_dict") and hasattr(explorer, "load_state_dict"):
+        objs.append(PerProcessState(explorer, accelerator))
+    accelerator.register_for_checkpointing(*objs)
+
+
+# --------------------------------------------------------------------------- consolidated weights
 
 
 def _model_state_from_dir(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +220,7 @@ def _model_state_from_dir(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(model, model_dir: Path) -> None:
-    """Load weights written by ``save_pretrained`` into an existing (unwrapped) model."""
+    """Load weights written by ``save_pretrained`` into an existing (unwrapped, unsharded) model."""
     from rexrag.models import is_peft
 
     state = _model_state_from_dir(model_dir)
@@ -94,9 +235,39 @@ def load_model_weights(model, model_dir: Path) -> None:
         raise UserError(f"{model_dir}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
 
 
-def save_checkpoint(out_dir: str | Path, step: int, *, accelerator, model, tokenizer, optimizer, scheduler,
-                    trainer_state: dict, critic=None, explorer=None, keep_last: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically from all processes (collective: every rank calls it)."""
+def export_model(accelerator, model, tokenizer, target: Path) -> None:
+    """``save_pretrained`` of the full policy into ``target`` from the main process (collective: the
+    weights of a sharded model are gathered shard by shard onto the main process's CPU)."""
+    state = accelerator.get_state_dict(model)  # collective for FSDP/DeepSpeed; full only on the main process
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
+    _plain_architectures(target)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+
+
+def _plain_architectures(target: Path) -> None:
+    """FSDP2 swaps a sharded module's class for ``FSDP<Name>``; the export names the real class."""
+    cfg = target / "config.json"
+    if not cfg.is_file():
+        return
+    data = json.loads(cfg.read_text())
+    archs = data.get("architectures") or []
+    fixed = [a.removeprefix("FSDP") for a in archs]
+    if fixed != archs:
+        data["architectures"] = fixed
+        atomic_write_text(cfg, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, accelerator, model, tokenizer, trainer_state: dict,
+                    keep_last: int = 2) -> Path:
+    """Write checkpoint ``step`` (collective: every process calls it). Models, optimizers, RNG and the
+    registered objects go through ``accelerator.save_state``; see the module docstring."""
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -105,42 +276,23 @@ def save_checkpoint(out_dir: str | Path, step: int, *, accelerator, model, token
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model)  # collective for FSDP/DeepSpeed
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(tmp / "model", state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if critic is not None:
-            torch.save(accelerator.unwrap_model(critic).state_dict(), tmp / "critic.pt")
-        if explorer is not None and hasattr(explorer, "state_dict"):
-            torch.save(explorer.state_dict(), tmp / "explorer.pt")
-    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"), safe_serialization=False)
+    export_model(accelerator, model, tokenizer, tmp / "model")
+    accelerator.wait_for_everyone()  # every process's shards are on disk
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        write_manifest(tmp, step)
         replace_dir(tmp, final)
-        for old in list_checkpoints(out_dir)[: -keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out_dir, keep_last, protect=final)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler, critic=None, explorer=None) -> dict:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state dict (step, data position...)."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    load_model_weights(accelerator.unwrap_model(model), path / "model")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if critic is not None:
-        if not (path / "critic.pt").is_file():
-            raise UserError(f"{path}: no critic.pt, but this run trains a value model (algo.adv_estimator=gae)")
-        accelerator.unwrap_model(critic).load_state_dict(torch.load(path / "critic.pt", map_location="cpu"))
-    if explorer is not None and hasattr(explorer, "load_state_dict") and (path / "explorer.pt").is_file():
-        explorer.load_state_dict(torch.load(path / "explorer.pt", weights_only=False))
-    rng_file = path / f"rng_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+def load_checkpoint(path: Path, *, accelerator) -> dict:
+    """Restore what ``save_checkpoint`` wrote (models, optimizers, RNG, registered objects) through
+    ``accelerator.load_state``; returns the trainer state dict (step, data position, counters)."""
+    problem = check_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"cannot resume: {problem}")
+    accelerator.load_state(str(Path(path) / "state"))
+    return json.loads((Path(path) / "trainer_state.json").read_text())

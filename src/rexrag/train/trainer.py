@@ -69,6 +69,7 @@ from rexrag.models import enable_gradient_checkpointing, position_ids, sequence_
 from rexrag.rewards import build_reward, call_reward, format_ok
 from rexrag.rollout.agent import format_view, policy_answer, policy_text
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
+from rexrag.sharding import drain, is_sharded, make_accelerator, module_bytes
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
@@ -218,11 +219,10 @@ class Trainer:
     def __init__(self, cfg: Config, model, tokenizer, examples: list, *, rollout_fn: RolloutFn | None = None,
                  agent=None, explorer: Explorer | None = None, reward_fn: Callable | None = None,
                  accelerator=None, reference: Any = "auto", progress: bool = True):
-        from accelerate import Accelerator
-
         self.cfg, self.tc, self.algo = cfg, cfg.trainer, cfg.algo
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator()
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.sharded = is_sharded(self.acc)  # FSDP: forwards are collective (rexrag.sharding)
         if cfg.data.batch_size % self.world:
             raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the number of processes ({self.world})")
         if rollout_fn is None and agent is None:
@@ -240,15 +240,17 @@ class Trainer:
         if self.algo.kl_coef > 0:
             from rexrag.models import make_reference
 
-            self.reference = make_reference(model, cfg.model) if reference == "auto" else reference
+            self.reference = make_reference(model, cfg.model, self.acc.device) if reference == "auto" else reference
         if self.tc.micro_batch_tokens < 0:
             raise ConfigError(f"trainer.micro_batch_tokens must be >= 0 (0 = split by micro_batch_size), got {self.tc.micro_batch_tokens}")
         if cfg.model.gradient_checkpointing:  # load_model enables it too; a model built elsewhere gets it here
             enable_gradient_checkpointing(model)
         self.model, self.optimizer, self.scheduler = self._prepare(model)
+        ckpt.register_state(self.acc, scheduler=self.scheduler, sampler=self.sampler, explorer=explorer)
         self.step_idx, self.nan_skips = 0, 0
         self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        self._bind_rollout_backend()
         self.progress = progress
         # log-probs are taken at the rollouts' sampling temperature (greedy: the T=1 softmax, as the backends)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
@@ -272,8 +274,25 @@ class Trainer:
             model, opt = prepared
         if self.reference is not None:
             self.reference.to(self.acc.device)
+            if self.sharded:
+                from rexrag.sharding import shard_like_policy
+
+                shard_like_policy(self.reference, self.acc)
         model.train()
         return model, opt, sched
+
+    def _bind_rollout_backend(self) -> None:
+        """Under FSDP the HF backend must generate with the prepared (sharded) model, its forwards in
+        lockstep across processes (``rexrag.sharding.Lockstep``); the model it was built with is the
+        unsharded original. Elsewhere nothing changes (DDP generates with the unwrapped module)."""
+        backend = getattr(self.agent, "backend", None)
+        if not self.sharded or backend is None or not hasattr(backend, "lockstep"):
+            return
+        from rexrag.sharding import Lockstep, dummy_forward
+
+        backend.model = self.model
+        backend.reset_cache()
+        backend.lockstep = Lockstep(dummy_forward(self.model, self.acc.device, self.pad_id), self.acc.device)
 
     # ------------------------------------------------------------------ the step
 
@@ -289,6 +308,7 @@ class Trainer:
         with self._timed(t, "gen"):
             self.model.eval()
             trajs = self.rollout_fn(examples, self.cfg.rollout.n)
+            drain(getattr(self.agent, "backend", None))  # FSDP: until every process's rows are done
             self.model.train()
         # copy now: probe continuations below run the same agent and overwrite its last_metrics
         agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
@@ -332,6 +352,8 @@ class Trainer:
         n_tok = float(batch.attention_mask.sum()) * self.world
         metrics.update({f"timing/{k}_s": v for k, v in t.items() if k != "start"})
         metrics.update({"timing/step_s": t_total, "timing/tokens_per_s": n_tok / max(t_total, 1e-9), **memory_metrics()})
+        if self.reference is not None:  # this process's part of the frozen reference (a shard under FSDP)
+            metrics["memory/reference_gib"] = module_bytes(self.reference) / 2**30
         return metrics
 
     def _reuse_update_forward(self, n_mini: int) -> bool:
@@ -410,6 +432,8 @@ class Trainer:
         the probe filter ranks by the policy itself; the model's previous mode is restored.
         """
         if not trajs:
+            if self.sharded:  # the others' scoring forwards are collective: serve them
+                self._lockstep(lambda i, m: sequence_logprobs(self.model, i, m)).drain()
             return []
         b = to_batch(trajs, self.pad_id)
         ids, am = b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device)
@@ -428,10 +452,24 @@ class Trainer:
         (0 beyond each micro-batch's width)."""
         lengths = am.sum(-1)
         out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        lockstep = self._lockstep(fn)
         with self._autocast():
             for m in self._micros(torch.arange(ids.shape[0]), lengths, ids.shape[1]):
+                if lockstep is not None:
+                    lockstep.tick()
                 out[m.rows, : m.width] = fn(ids[m.rows, : m.width], am[m.rows, : m.width]).float()
+            if lockstep is not None:
+                lockstep.drain()
         return out
+
+    def _lockstep(self, fn: Callable[[Tensor, Tensor], Tensor]):
+        """A Lockstep whose dummy is ``fn`` on a 2-token row (FSDP), else None."""
+        if not self.sharded:
+            return None
+        from rexrag.sharding import Lockstep
+
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.acc.device)
+        return Lockstep(lambda: fn(ids, torch.ones_like(ids)), self.acc.device)
 
     def _policy_pass(self, model, ids: Tensor, am: Tensor, kind: str) -> Tensor:
         """One no-grad log-prob pass of ``model`` in eval mode (no dropout); the policy's mode is restored."""
@@ -492,8 +530,21 @@ class Trainer:
         n_mini = min(n_mini, self._global_min(n_rows))  # every process needs >= 1 row per mini-batch
         return list(torch.arange(n_rows).tensor_split(n_mini))
 
+    def _global_max(self, x: float) -> float:
+        return float(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), "max")[0]) if self.world > 1 else x
+
+    def _dummy_loss(self) -> Tensor:
+        """Zero loss through the policy (and critic) on a 2-token row: keeps FSDP's collectives in step."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.acc.device)
+        with self._autocast():
+            loss = sequence_logprobs(self.model, ids, torch.ones_like(ids)).sum() * 0.0
+            if self.critic is not None:
+                loss = loss + self.critic(ids, torch.ones_like(ids)).sum() * 0.0
+        return loss
+
     def _global_min(self, x: int) -> int:
-        return int(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), "min")[0]) if self.world > 1 else x
+        # accelerate's reduce knows sum / mean / max only (any other name sums): min(x) = -max(-x)
+        return int(-self._global_max(-float(x))) if self.world > 1 else x
 
     def update(self, batch: Batch, targets: Targets, chunks: list[Tensor]) -> tuple[dict[str, float], Tensor | None]:
         """``ppo_epochs`` passes over the mini-batches ``chunks`` (row indices); returns the mean
@@ -525,12 +576,18 @@ class Trainer:
                 "horizon": horizon}
         metrics: dict[str, float] = {}
         finite = True
-        for j, mb in enumerate(micro):
+        # FSDP: every forward/backward is collective, so all processes run as many micro-batches
+        # (None = a dummy one with zero loss); elsewhere each runs its own.
+        n_micro = int(self._global_max(len(micro))) if self.sharded else len(micro)
+        for j, mb in enumerate(micro + [None] * (n_micro - len(micro))):
             with contextlib.ExitStack() as stack:
-                if j < len(micro) - 1 and self.world > 1:  # one gradient all-reduce per mini-batch
+                if j < n_micro - 1 and self.world > 1:  # one gradient all-reduce per mini-batch
                     for module in (self.model, self.critic):
                         if module is not None:
                             stack.enter_context(self.acc.no_sync(module))
+                if mb is None:
+                    self.acc.backward(self._dummy_loss())
+                    continue
                 loss, m = self._micro_loss(batch, targets, mb, norm, fresh)
                 finite &= _finite(loss.detach())
                 self.acc.backward(loss)
@@ -652,16 +709,14 @@ class Trainer:
 
     def save(self) -> None:
         ckpt.save_checkpoint(self.tc.out_dir, self.step_idx, accelerator=self.acc, model=self.model,
-                             tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                             trainer_state=self.state(), critic=self.critic, explorer=self.explorer, keep_last=self.tc.keep_last)
+                             tokenizer=self.tokenizer, trainer_state=self.state(), keep_last=self.tc.keep_last)
 
     def resume(self) -> bool:
         """Load the latest checkpoint of ``out_dir``; False when there is none."""
         path = ckpt.latest_checkpoint(self.tc.out_dir)
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path, accelerator=self.acc, model=self.model, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, critic=self.critic, explorer=self.explorer)
+        state = ckpt.load_checkpoint(path, accelerator=self.acc)  # model(s), optimizer, RNG, scheduler, sampler, explorer
         self.step_idx, self.nan_skips = int(state["step"]), int(state.get("nan_skips", 0))
         self.sampler.load_state_dict(state["data"])
         return True
