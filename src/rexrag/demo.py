@@ -30,6 +30,7 @@ from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bu
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
 from rexrag.memory import release
+from rexrag.protocol import ANSWER_OPEN
 
 
 @dataclass
@@ -474,7 +475,7 @@ def headline_md(evals: dict[str, dict], n_boot: int = 10_000) -> tuple[str, dict
              "the pooled rate when the datasets have equal n, else a stratified bootstrap); differences between rows "
              f"by a paired bootstrap over the same questions ({n_boot:,} resamples, seed 0). n per dataset: "
              + ", ".join(f"{R.column_title(d)} {n_by_ds[d]}" for d in ds) + ". The same held-out questions in every "
-             "row; none of them is used by the warm-up or by RL. EM of the agent rows needs an `<answer>` tag; the "
+             f"row; none of them is used by the warm-up or by RL. EM of the agent rows needs an `{ANSWER_OPEN}` tag; the "
              "naive-RAG row scores its whole response when it writes none (FlashRAG's rule), so compare it on cover-EM.", ""]
     pairs = [("trained", "warmup", "em", "RL (REX-RAG)", "the warm-up checkpoint", "EM"),
              ("trained", "warmup", "cover_em", "RL (REX-RAG)", "the warm-up checkpoint", "cover-EM"),

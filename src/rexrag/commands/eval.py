@@ -19,9 +19,11 @@ first *test*, then *dev*, then *val* .jsonl/.parquet file, preferring names cont
 then the largest). Benchmarks: nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle.
 
 Device: cuda when available (bf16 weights there when the GPU has bf16), else cpu in fp32; --device
-and --dtype override. Data parallel: `accelerate launch --num_processes N -m rexrag.cli eval ...`
-(on a CPU-only machine add --multi_gpu: torchrun workers over gloo) gives each process every N-th
-question; the main process merges the rows in the original order and writes the report.
+and --dtype override. Data parallel: run it under `accelerate launch --num_processes N -m` (on a
+CPU-only machine add --multi_gpu: torchrun workers over gloo); each process takes every N-th
+question, and the main process merges the rows in the original order and writes the report:
+  accelerate launch --num_processes 2 -m rexrag.cli eval --model smollm2-135m --benchmarks hotpotqa \
+              --data-dir data --index runs/demo/index --out runs/eval_dp
 """
 
 
