@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from rexrag.models import load_tokenizer, tiny_llama
 
@@ -40,3 +41,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data dir {SHARED_DATA} is absent (CI places shared/ beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is ~50x faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

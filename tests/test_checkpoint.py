@@ -14,12 +14,7 @@ from test_trainer import _params, make_trainer
 from rexrag.train import checkpoint as ckpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fake_ckpt(out, step: int, saved_at: float, run_id: str = "r", weights: bytes = b"w" * 64):

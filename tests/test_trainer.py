@@ -20,13 +20,7 @@ from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, to
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy model is tiny: one intra-op thread is ~50x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(tmp_path, *overrides, model=None, reward=early_target_reward, per_group_seed=False, **kw):

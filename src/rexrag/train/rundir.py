@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from rexrag.config import Config, config_from_dict, config_to_dict, parse_overrides
+from rexrag.config import Config, config_from_dict, config_to_dict, load_config, parse_overrides
 from rexrag.errors import ConfigError, UserError
 from rexrag.fsutil import atomic_write_text
 
@@ -95,12 +95,9 @@ def load_saved_config(out_dir: str | Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc}); restore it or resume with --config and --allow-override") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections")
-    return config_from_dict(data)
+        return load_config(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; restore it or resume with --config and --allow-override") from None
 
 
 def explicit_keys(path: str | Path | None, overrides: list[str]) -> set[str]:
