@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU in minutes, ending in a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Default: about 15 minutes on 2 CPU cores (15.2 min measured, vLLM backend); --quick: about 5 minutes "
-                              "(4.6 measured). "
+                              "(4.3 measured). "
                               "Prints the held-out table (untrained, warm-up, warm-up + RL; 95 % intervals) and "
                               "whether RL added anything beyond the warm-up; the full report is OUT/report.md.")
     p.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
