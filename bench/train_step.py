@@ -305,17 +305,24 @@ def run_trl(spec: dict, model, tokenizer, questions: list[str], out_dir: Path) -
 
 
 def run_multiturn(spec: dict, out_dir: Path) -> dict:
-    from rexrag.data import demo_file
     from rexrag.demo import PROFILES, _rl_config
     from rexrag.models import DEFAULT_MODEL, resolve_model_path
     from rexrag.retrieval import build_index
-    from rexrag.train.build import build_trainer
+
+    try:
+        from rexrag.data import demo_file
+        from rexrag.train.build import build_trainer
+    except ImportError:  # the code before issue 10 (an older checkout on PYTHONPATH, for a before/after row)
+        from rexrag.commands.train import build_trainer
+        from rexrag.demo import demo_file
 
     model_path = spec["rex_model"] if Path(spec["rex_model"]).is_dir() else resolve_model_path(DEFAULT_MODEL)
     build_index(demo_file("corpus.jsonl"), "bm25", out_dir / "index", overwrite=True)
     p = PROFILES["default"]
     cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto")
     cfg.trainer.steps = spec["steps"] + 1
+    # pinned, so that a before/after pair samples alike (older demo profiles sampled RL rollouts at 1.0)
+    cfg.rollout.temperature = spec.get("temperature", 0.7)
     cfg.trainer.save_every = 0
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, progress=False)
@@ -325,7 +332,7 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
         m = trainer.step()
         if i:
             steps.append({k.removeprefix("timing/"): v for k, v in m.items() if k.startswith("timing/") and k.endswith("_s")}
-                         | {"trajectories": m.get("rollout/trajectories", 0.0), "searches": m.get("rollout/searches_per_traj", 0.0),
+                         | {"trajectories": m.get("rollout/trajectories", 0.0), "searches": m.get("rollout/searches_per_traj", m.get("rollout/searches_mean", 0.0)),
                             "probes_kept": m.get("rex/probes_kept", 0.0)})
     backend = trainer.agent.backend
     getattr(backend, "close", lambda: None)()
