@@ -1,315 +1,520 @@
-"""GRPO vs REX-RAG (``rex_token``) on the shared closed corpus, same prompts, steps and seeds.
+"""GRPO vs REX-RAG on a CPU: equal sampled-token budgets, several seeds, held-out EM with intervals. Resumable.
 
-For each seed, both methods start from the same warmed-up policy (``rexrag warmup`` output, or a
-warm-up run here), see the same prompt order (the trainer's sampler is seeded) and the same first
-rollouts (the generation backend is seeded). Recorded per step: train reward, dead-end group
-fraction (all originals of a question wrong), and for REX-RAG probes kept / probe EM accuracy /
-rho / alpha. Held-out HotpotQA and 2Wiki questions (disjoint from the training questions) are
-evaluated greedily before training and after each run (EM / F1).
+Protocol (every number is an option; the defaults are the recorded CPU run):
+* Questions: HotpotQA and 2WikiMultihopQA dev questions from ``../shared/data/derived`` (their gold
+  paragraphs are in the 23,630-passage closed corpus). A fixed shuffle (seed 1234) holds out
+  ``--heldout-per-dataset`` questions of each; the rest are training questions: a seeded sample for the
+  format warm-up, the others for RL (never evaluated).
+* Policy: SmolLM2-135M-Instruct after the format warm-up (``rexrag.warmup``, the demo's settings), run
+  once and shared by every run. The sha256 of its weights is recorded; a later invocation that rebuilds
+  a different warm-up refuses to mix its runs with the recorded ones.
+* Retrieval: BM25 (bm25s) over the closed corpus, top-2, observations cut to ``--max-obs-tokens``.
+* RL: the demo's recipe (``rexrag.demo``: B prompts x G rollouts, 2 search turns, T=0.7, em_format,
+  no KL). GRPO is the same trainer with REX-RAG's explorer set to never probe (bitwise plain GRPO, see
+  tests/test_rex_integration.py), so both log the same dead-end statistics. REX-RAG: probes with
+  ``rex_token`` correction. Both start from the same policy, prompt order and sampling seed.
+* Equal compute: each run trains until the tokens it *sampled* (original rollouts plus probe
+  continuations, counted at the generation backend) reach ``--token-budget``; REX-RAG spends part of
+  its budget on probes, so it takes fewer steps.
+* Held-out evaluation: greedy agent, the full held-out set before RL (once) and after each run; the
+  learning curve evaluates a fixed subset (``--curve-per-dataset`` of each) at ``--curve-points``
+  equally spaced token counts.
 
-Outputs (``--out``, default bench/results/rex_vs_grpo): results.json, curves.png, and, with
-``--append-md``, a section in BENCHMARKS.md under "## REX-RAG vs GRPO (bench/rex_vs_grpo.py)".
+Per run, ``<out>/runs/<method>_s<seed>.json`` holds the per-step metrics (reward, rollout EM, dead-end
+group fraction, groups with a non-zero advantage before/after probes, probes made/kept, probe accuracy,
+rho, alpha, tokens, wall time), the curve and the per-question held-out scores. A run whose file exists
+is skipped, so ``--seeds 0,1,2`` can be completed over several invocations. ``--report`` (or the end of
+every invocation) writes ``<out>/results.md`` and ``<out>/curves.png`` from whatever runs exist, and
+``--append-md`` puts that section into BENCHMARKS.md (replacing an earlier one).
 
-Small CPU run (about 20-40 min on 2 shared cores):
-    python bench/rex_vs_grpo.py --model runs/warmup --seeds 0 --steps 4 --eval-limit 20 --append-md
-Pipeline smoke test (minutes, meaningless numbers):
-    python bench/rex_vs_grpo.py --smoke
-Paper-like settings need a GPU: raise --batch-size, --n, --steps, --max-new-tokens.
+    python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md     # the CPU experiment (~40 min per run here)
+    python bench/rex_vs_grpo.py --report --append-md          # re-plot and re-tabulate recorded runs
+    python bench/rex_vs_grpo.py --smoke --out /tmp/rvg        # pipeline check in minutes (meaningless numbers)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import hashlib
 import json
+import math
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 HEADING = "## REX-RAG vs GRPO (bench/rex_vs_grpo.py)"
-
+DATASETS = {"hotpotqa": "hotpotqa_dev_ctx.flashrag.jsonl", "2wikimultihopqa": "2wikimultihopqa_dev_ctx.flashrag.jsonl"}
+METHODS = ("grpo", "rex")
+# the bench's own settings a recorded run depends on (with the recipe's): other values need another --out
+PROTOCOL = ("heldout_per_dataset", "curve_per_dataset", "curve_points", "token_budget", "warmup_examples", "warmup_steps",
+            "smoke")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="warmed-up checkpoint dir; empty = run a warm-up here first")
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--index", default="", help="BM25 index dir over the closed corpus (built under --out if empty)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "rex_vs_grpo"))
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per step (B)")
-    p.add_argument("--n", type=int, default=4, help="rollouts per prompt (G)")
-    p.add_argument("--max-turns", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=96, help="per turn")
-    p.add_argument("--max-obs-tokens", type=int, default=200)
-    p.add_argument("--max-total-tokens", type=int, default=1400)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--reward", default="em")
-    p.add_argument("--keep-ratio", type=float, default=0.08)
-    p.add_argument("--keep-min", type=int, default=1, help="rex.keep_min (small batches: keep >= 1 probe so rho keeps updating)")
-    p.add_argument("--probe-prob", type=float, default=0.2)
-    p.add_argument("--n-train", type=int, default=200, help="training questions (half HotpotQA, half 2Wiki)")
-    p.add_argument("--eval-limit", type=int, default=20, help="held-out questions per dataset")
-    p.add_argument("--warmup-steps", type=int, default=16)
-    p.add_argument("--warmup-examples", type=int, default=64)
-    p.add_argument("--append-md", action="store_true", help="append the results table to BENCHMARKS.md")
-    p.add_argument("--note", default="", help="free text added to the BENCHMARKS.md entry")
-    p.add_argument("--smoke", action="store_true",
-                   help="check the pipeline in minutes: a random tiny Llama on the SmolLM2 vocabulary, tiny settings")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--from-results", default="", help="only re-plot and re-report an earlier run's results.json")
+    p.add_argument("--work", default=str(REPO / "runs" / "rex_vs_grpo"), help="index, warm-up and training dirs")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "rex_vs_grpo"), help="recorded results")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--methods", default="grpo,rex")
+    p.add_argument("--token-budget", type=int, default=10_000, help="sampled tokens per run (originals + probes)")
+    p.add_argument("--max-steps", type=int, default=200, help="safety stop")
+    p.add_argument("--heldout-per-dataset", type=int, default=150)
+    p.add_argument("--curve-per-dataset", type=int, default=30)
+    p.add_argument("--curve-points", type=int, default=2, help="curve evaluations during a run (the final one is extra)")
+    p.add_argument("--config", default=str(REPO / "configs" / "cpu_experiment.yaml"), help="RL recipe (documented there)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--warmup-examples", type=int, default=48)
+    p.add_argument("--warmup-steps", type=int, default=12)
+    p.add_argument("--report", action="store_true", help="only tabulate and plot the recorded runs")
+    p.add_argument("--append-md", action="store_true", help="put the results section into BENCHMARKS.md")
+    p.add_argument("--note", default="", help="free text for the results section")
+    p.add_argument("--smoke", action="store_true", help="tiny random model and sizes: checks the pipeline only")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch_size, args.n, args.max_new_tokens, args.eval_limit = 2, 2, 2, 16, 2
-        args.max_turns, args.max_obs_tokens, args.max_total_tokens = 1, 48, 700
-        args.keep_ratio, args.probe_prob = 0.5, 1.0  # make probes likely even at this size
+        args.heldout_per_dataset, args.curve_per_dataset, args.curve_points, args.token_budget = 3, 2, 1, 60
+        args.warmup_examples, args.warmup_steps, args.max_steps = 4, 1, 3
+        args.set = args.set + ["data.batch_size=2", "rollout.n=2", "rollout.max_turns=1", "rollout.max_new_tokens_per_turn=12",
+                               "rollout.max_obs_tokens=32", "rex.probe_prob=1.0", "rex.keep_ratio=0.5"]
     return args
 
 
-def tiny_model_dir(out: Path) -> str:
-    """A random 2-layer Llama over the SmolLM2 vocabulary saved as a checkpoint (for --smoke)."""
-    from rexrag.models import load_tokenizer, tiny_llama
+def recipe(args, extra: list[str] = ()):
+    """The RL config: ``--config`` with ``--set`` overrides, then ``extra`` (run-specific paths and seed)."""
+    from rexrag.config import load_config
 
-    target = out / "tiny_model"
-    if not (target / "config.json").is_file():
-        tok = load_tokenizer("smollm2-135m")
-        model = tiny_llama(len(tok), hidden=64, layers=2, heads=4, seed=0, pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
-    return str(target)
+    return load_config(args.config, [*args.set, *extra])
 
 
-# --------------------------------------------------------------------------- data, index, model
+def protocol(args) -> dict:
+    """Everything a recorded result depends on: the bench's settings and the recipe's RL sections."""
+    from rexrag.config import config_to_dict
+
+    cfg = config_to_dict(recipe(args))
+    return {k: getattr(args, k) for k in PROTOCOL} | {k: cfg[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer")
+                                                        if k in cfg} | {"data.batch_size": cfg["data"]["batch_size"]}
 
 
-def load_splits(args):
-    """(train examples, {dataset: held-out examples}) from the derived closed-corpus question sets."""
+# --------------------------------------------------------------------------- data, index, warm-up
+
+
+def load_splits(args) -> tuple[dict[str, list], list, list]:
+    """({dataset: held-out examples}, warm-up examples, RL examples): a fixed split, independent of seeds."""
     from rexrag.data import assign_group_ids, load_qa
 
-    derived = Path(args.data_dir) / "derived"
-    sets = {"hotpotqa": load_qa(derived / "hotpotqa_dev_ctx.flashrag.jsonl"),
-            "2wikimultihopqa": load_qa(derived / "2wikimultihopqa_dev_ctx.flashrag.jsonl")}
-    train, heldout = [], {}
-    for name, rows in sets.items():
-        rows = list(rows)
-        random.Random(1234).shuffle(rows)  # a fixed split, independent of the run seeds
-        n_train = args.n_train // 2
-        train += rows[:n_train]
-        heldout[name] = rows[n_train : n_train + args.eval_limit]
-    random.Random(1234).shuffle(train)
-    assign_group_ids(train)
-    return train, heldout
+    heldout, pool = {}, []
+    for name, file in DATASETS.items():
+        rows = list(load_qa(Path(args.data_dir) / "derived" / file))
+        random.Random(1234).shuffle(rows)
+        for ex in rows:
+            ex.data_source = name
+        heldout[name] = rows[: args.heldout_per_dataset]
+        pool += rows[args.heldout_per_dataset :]
+    random.Random(1234).shuffle(pool)
+    warm, rl = pool[: args.warmup_examples], pool[args.warmup_examples :]
+    assign_group_ids([e for exs in heldout.values() for e in exs], start=1_000_000)
+    assign_group_ids(rl)
+    return heldout, warm, rl
 
 
-def get_retriever(args, out: Path):
-    from rexrag.retrieval import build_index, load_index
-
-    index = Path(args.index) if args.index else out / "index_bm25"
-    if not (index / "manifest.json").is_file():
-        build_index(Path(args.data_dir) / "derived" / "multihop_dev_corpus.flashrag.jsonl", "bm25", index)
-    return load_index(index, expect_kind="bm25")
+def weights_sha256(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
-def warm_model_dir(args, out: Path, retriever, train) -> str:
-    """The warmed-up policy: --model, or a warm-up on training questions (cached under --out)."""
-    if args.model:
-        return args.model
-    target = out / "warmup"
-    if (target / "config.json").is_file():
-        return str(target)
+def tiny_model(tokenizer):
+    from rexrag.models import tiny_llama
+
+    # head_dim 64: a size the vLLM CPU attention kernels support
+    return tiny_llama(len(tokenizer), hidden=128, layers=2, heads=2, seed=0, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def warm_up(args, work: Path, retriever, warm_examples) -> Path:
+    """The format-warmed-up policy under ``work/warmup`` (built once)."""
     from rexrag.config import ModelConfig
-    from rexrag.models import load_model, load_tokenizer
+    from rexrag.models import DEFAULT_MODEL, load_model, load_tokenizer
     from rexrag.warmup import WarmupConfig, run_warmup
 
-    tok = load_tokenizer("smollm2-135m")
-    model = load_model(ModelConfig(name_or_path="smollm2-135m"))
-    cfg = WarmupConfig(n_examples=args.warmup_examples, steps=args.warmup_steps, max_obs_tokens=args.max_obs_tokens)
-    run_warmup(model, tok, retriever, train, cfg, target)
-    return str(target)
+    target = work / "warmup"
+    if (target / "config.json").is_file():
+        return target
+    tok = load_tokenizer(DEFAULT_MODEL)
+    model = tiny_model(tok) if args.smoke else load_model(ModelConfig(name_or_path=DEFAULT_MODEL))
+    rc = recipe(args)
+    cfg = WarmupConfig(n_examples=0, steps=args.warmup_steps, batch_size=4, lr=1e-4, topk=rc.retrieval.topk,
+                       max_obs_tokens=rc.rollout.max_obs_tokens, seed=0)
+    run_warmup(model, tok, retriever, warm_examples, cfg, target)
+    return target
+
+
+# --------------------------------------------------------------------------- generation engine and evaluation
+
+
+class CountingBackend:
+    """Wraps a generation backend and counts the tokens it samples (the runs' compute budget)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, 0
+
+    def generate(self, prompts, stops, params):
+        outs = self.inner.generate(prompts, stops, params)
+        self.tokens += sum(len(o.token_ids) for o in outs)
+        return outs
+
+    def __getattr__(self, name):  # sync_weights, close, stats, ... belong to the real backend
+        return getattr(self.inner, name)
+
+
+def make_engine(model, tokenizer, args):
+    """One generation backend for every evaluation and run (vLLM when installed: start-up paid once)."""
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout.backends import build_backend, resolve_backend_name
+
+    name = resolve_backend_name("auto")
+    # KV cache for 64 evaluation rows of up to 1,024 tokens (SmolLM2-135M fp32: 46 KB per token)
+    cfg = RolloutConfig(max_total_tokens=1024, vllm_kv_cache_gb=3.0)
+    return build_backend(name, model, tokenizer, cfg, device="cpu", seed=0, max_batch=64)
+
+
+def evaluate(engine, model, tokenizer, retriever, datasets: dict[str, list], args) -> list[dict]:
+    """Greedy agent evaluation; per-question rows {dataset, id, em, f1, cover_em, n_searches}."""
+    from rexrag.eval.evaluate import EvalOptions, run_eval
+
+    sync = getattr(engine, "sync_weights", None)
+    if sync is not None:
+        sync(model)
+    rc = recipe(args)  # greedy, with the recipe's search budget
+    opts = EvalOptions(method="agent", topk=rc.retrieval.topk, batch_size=64, max_turns=rc.rollout.max_turns,
+                       max_new_tokens=rc.rollout.max_new_tokens_per_turn, max_obs_tokens=rc.rollout.max_obs_tokens,
+                       template=rc.rollout.template)
+    data = {name: (Path(args.data_dir) / "derived" / DATASETS[name], exs) for name, exs in datasets.items()}
+    res = run_eval(data, model, tokenizer, retriever, opts, None, "held-out", quiet=True, backend=engine)
+    return [{k: r[k] for k in ("dataset", "id", "em", "f1", "cover_em", "n_searches")} for r in res["rows"]]
+
+
+def curve_subset(heldout: dict[str, list], args) -> dict[str, list]:
+    return {name: exs[: args.curve_per_dataset] for name, exs in heldout.items()}
+
+
+def mean_em(rows: list[dict], ids: set | None = None) -> float:
+    """Unweighted mean over datasets of per-dataset EM (on ``ids`` only when given)."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        if ids is None or (r["dataset"], r["id"]) in ids:
+            by.setdefault(r["dataset"], []).append(r["em"])
+    return statistics.mean(statistics.mean(v) for v in by.values())
 
 
 # --------------------------------------------------------------------------- one run
 
 
-def train_config(args, method: str, seed: int, model_dir: str, out_dir: Path):
-    from rexrag.config import load_config
-
-    overrides = [
-        f"model.name_or_path={model_dir}", f"trainer.out_dir={out_dir}", f"trainer.steps={args.steps}",
-        f"trainer.seed={seed}", f"trainer.lr={args.lr}", f"trainer.reward={args.reward}",
-        f"trainer.mini_batch_size={args.batch_size * args.n * 2}", "trainer.micro_batch_size=4",
-        "trainer.log_tensorboard=false", f"data.batch_size={args.batch_size}", f"rollout.n={args.n}",
-        f"rollout.max_turns={args.max_turns}", f"rollout.max_new_tokens_per_turn={args.max_new_tokens}",
-        f"rollout.max_obs_tokens={args.max_obs_tokens}", f"rollout.max_total_tokens={args.max_total_tokens}",
-        f"rex.enabled={method == 'rex'}", "rex.correction=rex_token", f"rex.keep_ratio={args.keep_ratio}",
-        f"rex.keep_min={args.keep_min}", f"rex.probe_prob={args.probe_prob if method == 'rex' else 0.0}",
-    ]
-    return load_config(None, overrides)
+def run_config(args, method: str, seed: int, model_dir: Path, out_dir: Path):
+    """The recipe for one run; GRPO is the same trainer with an explorer that never probes."""
+    return recipe(args, [f"model.name_or_path={model_dir}", f"trainer.out_dir={out_dir}", f"trainer.seed={seed}",
+                         f"trainer.steps={args.max_steps}", "trainer.save_every=0", "trainer.log_tensorboard=false",
+                         "rex.enabled=true", *(["rex.probe_prob=0"] if method == "grpo" else [])])
 
 
-def evaluate(model, tok, retriever, heldout, args) -> dict:
-    from rexrag.eval.evaluate import EvalOptions, evaluate_examples
-
-    opts = EvalOptions(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_obs_tokens=args.max_obs_tokens,
-                       batch_size=max(1, min(16, args.eval_limit)))
-    out = {}
-    model.eval()
-    for name, examples in heldout.items():
-        rows = evaluate_examples(examples, model, tok, retriever, opts, dataset=name)
-        out[name] = {"em": sum(r["em"] for r in rows) / max(len(rows), 1), "f1": sum(r["f1"] for r in rows) / max(len(rows), 1),
-                     "n": len(rows)}
-    return out
+STEP_KEYS = ("reward/mean", "rollout/em_rate", "rollout/groups_with_signal", "rollout/groups_with_signal_after_probes",
+             "rex/dead_end_frac", "rex/probes_made", "rex/probes_kept", "rex/probe_acc", "rex/dead_groups_rescued",
+             "rex/rho", "rex/alpha", "rex/ratio_mean", "rex/ratio_clipfrac", "actor/pg_loss", "rollout/trajectories",
+             "timing/step_s")
 
 
-def run_one(args, method: str, seed: int, model_dir: str, retriever, train, heldout, out: Path) -> dict:
+def run_one(args, method, seed, model_dir, engine, retriever, heldout, rl_examples, work: Path) -> dict:
+    from rexrag.train.build import build_trainer
+    from rexrag.train.rundir import clear_run
+
+    out_dir = work / f"{method}_s{seed}"
+    clear_run(out_dir)
+    counter = CountingBackend(engine)
+    trainer = build_trainer(run_config(args, method, seed, model_dir, out_dir), progress=False, backend=counter,
+                            retriever=retriever, examples=list(rl_examples))
+    policy = trainer.acc.unwrap_model(trainer.model)
+    tokenizer = trainer.tokenizer
+    subset = curve_subset(heldout, args)
+    marks = [args.token_budget * (i + 1) / (args.curve_points + 1) for i in range(args.curve_points)]
+    steps, curve, t0 = [], [], time.perf_counter()
+    while counter.tokens < args.token_budget and len(steps) < args.max_steps:
+        m = trainer.step()
+        steps.append({k: m[k] for k in STEP_KEYS if k in m} | {"tokens": counter.tokens,
+                                                                "wall_s": time.perf_counter() - t0})
+        print(f"  {method} s{seed} step {len(steps)}: tokens {counter.tokens}, reward {m.get('reward/mean', 0):.3f}, "
+              f"dead-end {m.get('rex/dead_end_frac', float('nan')):.2f}, kept {m.get('rex/probes_kept', 0):.0f}", flush=True)
+        while marks and counter.tokens >= marks[0] and counter.tokens < args.token_budget:
+            marks.pop(0)
+            t = time.perf_counter()
+            rows = evaluate(engine, policy, tokenizer, retriever, subset, args)
+            curve.append({"step": len(steps), "tokens": counter.tokens, "em": mean_em(rows)})
+            t0 += time.perf_counter() - t  # evaluation time is not training time
+    train_s = time.perf_counter() - t0
+    final = evaluate(engine, policy, tokenizer, retriever, heldout, args)
+    ids = {(name, e.id) for name, exs in subset.items() for e in exs}
+    curve.append({"step": len(steps), "tokens": counter.tokens, "em": mean_em(final, ids)})
+    return {"method": method, "seed": seed, "steps": steps, "curve": curve, "heldout": final,
+            "tokens": counter.tokens, "train_s": train_s}
+
+
+# --------------------------------------------------------------------------- recorded state
+
+
+def atomic_json(path: Path, obj) -> None:
+    from rexrag.fsutil import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
+
+
+def check_baseline(out: Path, args, sha: str) -> dict | None:
+    """The recorded baseline (warm-up's held-out rows) when it matches this protocol and warm-up, else an error."""
+    path = out / "baseline.json"
+    if not path.is_file():
+        return None
+    base = json.loads(path.read_text())
+    if base["protocol"] != protocol(args):
+        diff = {k: (base["protocol"].get(k), v) for k, v in protocol(args).items() if base["protocol"].get(k) != v}
+        raise SystemExit(f"{path} was recorded with other settings {diff} (recorded, now): use another --out")
+    if base["warmup_sha256"] != sha:
+        raise SystemExit(f"{path} was recorded from warm-up weights {base['warmup_sha256'][:12]}, this warm-up is "
+                         f"{sha[:12]}: runs from different starting policies cannot be compared; use another --out")
+    return base
+
+
+def recorded_runs(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rexrag.cli import quiet_libraries
+
+    quiet_libraries()  # before transformers is imported: no library progress bars in this script's log
+    out, work = Path(args.out), Path(args.work)
+    if args.report:
+        return report(out, args)
+    from rexrag.config import ModelConfig
+    from rexrag.memory import release
     from rexrag.models import load_model, load_tokenizer
-    from rexrag.rex.explorer import RexExplorer
-    from rexrag.rollout.agent import SearchAgent
-    from rexrag.rollout.engine import HFBackend
-    from rexrag.train.trainer import Trainer
+    from rexrag.retrieval import build_index, load_index
 
-    cfg = train_config(args, method, seed, model_dir, out / f"{method}_seed{seed}")
-    torch.manual_seed(seed)
-    tok = load_tokenizer(model_dir)
-    model = load_model(cfg.model)
-    backend = HFBackend(model, tok, device="cpu", max_batch=64, seed=seed)
-    agent = SearchAgent(backend, tok, retriever, cfg.rollout, topk=cfg.retrieval.topk)
-    # GRPO runs with an explorer that never probes (probe_prob 0): bitwise plain GRPO (see
-    # tests/test_rex_integration.py), and it still logs the dead-end fraction of the originals
-    explorer = RexExplorer(cfg.rex, cfg.rollout, tok, None, seed=seed)
-    trainer = Trainer(cfg, model, tok, train, agent=agent, explorer=explorer, progress=False)
-    t0 = time.perf_counter()
-    history = trainer.train()
-    seconds = time.perf_counter() - t0
-    after = evaluate(model, tok, retriever, heldout, args)
-    keys = ("reward/mean", "rex/dead_end_frac", "rex/probes_made", "rex/probes_kept", "rex/probe_acc", "rex/rho",
-            "rex/alpha", "rex/ratio_mean", "rex/ratio_clipfrac", "actor/pg_loss", "timing/step_s")
-    curve = [{k: m[k] for k in keys if k in m} for m in history]
-    return {"method": method, "seed": seed, "curve": curve, "after": after, "train_seconds": seconds}
+    heldout, warm, rl = load_splits(args)
+    index = work / "index_bm25"
+    if not (index / "manifest.json").is_file():
+        build_index(Path(args.data_dir) / "derived" / "multihop_dev_corpus.flashrag.jsonl", "bm25", index)
+    retriever = load_index(index, expect_kind="bm25")
+    model_dir = warm_up(args, work, retriever, warm)
+    sha = weights_sha256(model_dir)
+    base = check_baseline(out, args, sha)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(ModelConfig(name_or_path=str(model_dir)))
+    engine = make_engine(model, tokenizer, args)
+    try:
+        if base is None:
+            print(f"held-out evaluation of the warm-up policy ({sum(map(len, heldout.values()))} questions)", flush=True)
+            base = {"protocol": protocol(args), "warmup_sha256": sha, "heldout": evaluate(engine, model, tokenizer, retriever, heldout, args),
+                    "splits": {"heldout": {k: len(v) for k, v in heldout.items()}, "warmup": len(warm), "rl": len(rl)}}
+            atomic_json(out / "baseline.json", base)
+        del model
+        release()
+        for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+            for method in [m for m in args.methods.split(",") if m]:
+                path = out / "runs" / f"{method}_s{seed}.json"
+                if path.is_file():
+                    print(f"{path.name}: recorded, skipped", flush=True)
+                    continue
+                print(f"{method} seed {seed}: training to {args.token_budget} sampled tokens", flush=True)
+                run = run_one(args, method, seed, model_dir, engine, retriever, heldout, rl, work)
+                run |= {"protocol": protocol(args), "warmup_sha256": sha, "machine": machine(),
+                        "date": time.strftime("%Y-%m-%d %H:%M"), "load_after": os.getloadavg()}
+                atomic_json(path, run)
+                release()
+    finally:
+        getattr(engine, "close", lambda: None)()
+    return report(out, args)
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 # --------------------------------------------------------------------------- report
 
 
-def plot(results: dict, path: Path) -> None:
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student-t 97.5 % quantiles, 1-9 df
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, lo, hi): 95 % Student-t interval over seeds (lo = hi = mean with one seed)."""
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, m, m
+    half = T975[min(len(xs) - 2, len(T975) - 1)] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def _avg(steps: list[dict], key: str) -> float:
+    xs = [s[key] for s in steps if key in s and not math.isnan(s[key])]
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def summarize(base: dict, runs: list[dict]) -> dict:
+    from rexrag.eval.report import paired_difference
+    from rexrag.eval.report import summarize as eval_summary
+
+    out = {}
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        per_seed = []
+        for r in mine:
+            s = eval_summary(r["heldout"])
+            d = paired_difference(base["heldout"], r["heldout"])
+            per_seed.append({"seed": r["seed"], "em": s["average"]["em"], "f1": s["average"]["f1"],
+                             "by_dataset": {k: v["em"] for k, v in s.items() if k != "average"}, "vs_warmup": d,
+                             "steps": len(r["steps"]), "tokens": r["tokens"], "train_s": r["train_s"],
+                             **{k: _avg(r["steps"], k) for k in STEP_KEYS}})
+        out[method] = {"seeds": per_seed, "em": t_interval([p["em"] for p in per_seed]),
+                       "f1": t_interval([p["f1"] for p in per_seed])}
+    return out
+
+
+def plot(runs: list[dict], base_em: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward/mean", "train reward (EM)"), ("rex/dead_end_frac", "dead-end group fraction"),
-              ("rex/probe_acc", "probe EM accuracy (REX)"), ("rex/probes_kept", "probes kept per step (REX)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        for run in results["runs"]:
-            ys = [c.get(key, float("nan")) for c in run["curve"]]
-            if all(y != y for y in ys):
-                continue
-            rex = run["method"] == "rex"
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{run['method']} s{run['seed']}",
-                    linestyle="-" if rex else "--", color="tab:orange" if rex else "tab:blue", alpha=0.8)
+    panels = [("curve", "held-out EM (curve subset) vs sampled tokens"), ("rex/dead_end_frac", "dead-end group fraction"),
+              ("rollout/groups_with_signal_after_probes", "groups with non-zero advantage"),
+              ("rex/probe_acc", "probe accuracy (REX-RAG)"), ("rex/rho", "rho (REX-RAG)"), ("rex/alpha", "alpha (REX-RAG)")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for r in runs:
+            style = {"color": "tab:orange" if r["method"] == "rex" else "tab:blue", "alpha": 0.8,
+                     "linestyle": "-" if r["method"] == "rex" else "--", "label": f"{r['method']} s{r['seed']}"}
+            if key == "curve":
+                ax.plot([0] + [c["tokens"] for c in r["curve"]], [100 * base_em] + [100 * c["em"] for c in r["curve"]],
+                        marker="o", **style)
+                ax.set_xlabel("sampled tokens")
+            else:
+                ys = [s.get(key, float("nan")) for s in r["steps"]]
+                if not all(math.isnan(y) for y in ys):
+                    ax.plot([s["tokens"] for s in r["steps"]], ys, marker=".", **style)
+                ax.set_xlabel("sampled tokens")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
 
 
-def _mean(xs):
-    xs = [x for x in xs if x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
+def _ci(t) -> str:
+    m, lo, hi = (100 * x for x in t)
+    return f"{m:.1f}" if lo == hi else f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def markdown(results: dict, args, command: str) -> str:
-    before = results["before"]
-    names = list(before)
-    lines = [HEADING, "", f"Date 2026-11-22; machine: {results['machine']}. Command:", "", f"    {command}", ""]
-    lines.append(f"Settings: {results['settings']}.")
+def markdown(base: dict, runs: list[dict], summ: dict, args) -> str:
+    from rexrag.eval.report import difference_sentence, paired_difference
+    from rexrag.eval.report import summarize as eval_summary
+
+    b = eval_summary(base["heldout"])
+    p = base["protocol"]
+    ret, ro, al, rx, tr = (p[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer"))
+    n = {k: v["n"] for k, v in b.items() if k != "average"}
+    recorded = ", ".join(sorted(f"{r['method']} s{r['seed']} ({r['date']})" for r in runs)) or "none"
+    lines = [HEADING, "", f"Recorded runs: {recorded}; machine: {runs[0]['machine'] if runs else machine()}.", "",
+             ("Command: `python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md` (resumable: recorded runs are skipped; "
+              "`--report --append-md` rebuilds this section). Results: `bench/results/rex_vs_grpo/` (baseline.json, "
+              "runs/*.json, curves.png)."), "",
+             f"Protocol: SmolLM2-135M-Instruct after the format warm-up ({p['warmup_examples']} questions, "
+             f"{p['warmup_steps']} steps; weights sha256 {base['warmup_sha256'][:12]}), BM25 top-{ret['topk']} over the "
+             f"23,630-passage closed corpus, {ro['max_turns']} search turns of {ro['max_new_tokens_per_turn']} tokens, "
+             f"observations {ro['max_obs_tokens']} tokens; RL on {base['splits']['rl']} training questions (never "
+             f"evaluated), recipe `configs/cpu_experiment.yaml`{' with ' + ' '.join(args.set) if args.set else ''}: "
+             f"B={p['data.batch_size']} x G={ro['n']}, T={ro['temperature']}, lr {tr['lr']}, reward {tr['reward']}, "
+             f"KL {al['kl_coef']}; REX-RAG p={rx['probe_prob']}, rho0={rx['keep_ratio']}, keep_min={rx['keep_min']}, "
+             f"{rx['correction']}; each run stops at {p['token_budget']:,} sampled tokens (originals + probe "
+             "continuations). Held-out: "
+             + ", ".join(f"{k} n={v}" for k, v in n.items()) + " (greedy agent); intervals over seeds are 95 % "
+             "Student-t, per-run differences to the warm-up a 95 % paired bootstrap over questions.", ""]
     if args.note:
-        lines.append(args.note)
-    lines += ["", "| run | " + " | ".join(f"{n} EM / F1" for n in names) + " | mean train reward | mean dead-end frac | probes kept | probe acc | train s |",
-              "|---|" + "---|" * (len(names) + 5)]
-    lines.append("| warmed-up (before) | " + " | ".join(f"{100 * before[n]['em']:.1f} / {100 * before[n]['f1']:.1f}" for n in names) + " | | | | | |")
-    for run in results["runs"]:
-        c = run["curve"]
-        kept = int(sum(x.get("rex/probes_kept", 0) for x in c))
+        lines += [args.note, ""]
+    lines += ["| policy | seeds | held-out EM | F1 | " + " | ".join(f"{k} EM" for k in n) +
+              " | steps | sampled tokens | train min | dead-end groups | groups with signal (after probes) | probes kept/step | probe acc | rho | alpha |",
+              "|---|---|---|---|" + "---|" * len(n) + "---|---|---|---|---|---|---|---|---|",
+              f"| warm-up (start) | – | {100 * b['average']['em']:.1f} | {100 * b['average']['f1']:.1f} | "
+              + " | ".join(f"{100 * b[k]['em']:.1f}" for k in n) + " | | | | | | | | | |"]
+    for method, s in summ.items():
+        seeds = s["seeds"]
+
+        def avg(key, scale=1.0, fmt=".2f", seeds=seeds):
+            return format(scale * statistics.mean(x[key] for x in seeds), fmt)
+
+        rex = method == "rex"
         lines.append(
-            f"| {run['method']} seed {run['seed']} | "
-            + " | ".join(f"{100 * run['after'][n]['em']:.1f} / {100 * run['after'][n]['f1']:.1f}" for n in names)
-            + f" | {_mean([x.get('reward/mean', float('nan')) for x in c]):.3f} | {_mean([x.get('rex/dead_end_frac', float('nan')) for x in c]):.2f}"
-            + f" | {kept if run['method'] == 'rex' else '-'} | {_mean([x.get('rex/probe_acc', float('nan')) for x in c]) if run['method'] == 'rex' else float('nan'):.2f}"
-            + f" | {run['train_seconds']:.0f} |")
-    lines += ["", f"Curves: `{Path(results['plot']).relative_to(REPO) if Path(results['plot']).is_relative_to(REPO) else results['plot']}`. "
-              "Paper claims for comparison (Qwen2.5-3B, 8 GPUs, 1005 steps of 512x5): dead ends in >85% of early "
-              "instances; +5.1 EM average over Search-R1-style GRPO. Held-out n per dataset: "
-              + ", ".join(f"{n}={before[n]['n']}" for n in names) + ".", ""]
+            f"| {'REX-RAG' if rex else 'GRPO'} | {len(seeds)} | {_ci(s['em'])} | {_ci(s['f1'])} | "
+            + " | ".join(f"{100 * statistics.mean(x['by_dataset'][k] for x in seeds):.1f}" for k in n)
+            + f" | {avg('steps', fmt='.0f')} | {avg('tokens', fmt=',.0f')} | {avg('train_s', 1 / 60, '.1f')} | {avg('rex/dead_end_frac')} | "
+            f"{avg('rollout/groups_with_signal')} ({avg('rollout/groups_with_signal_after_probes')}) | "
+            + (f"{avg('rex/probes_kept')} | {avg('rex/probe_acc')} | {avg('rex/rho', fmt='.3f')} | {avg('rex/alpha', fmt='.3f')} |"
+               if rex else "– | – | – | – |"))
+    lines.append("")
+    for r in sorted(runs, key=lambda r: (r["seed"], r["method"])):
+        d = paired_difference(base["heldout"], r["heldout"])
+        lines.append(f"- {r['method']} seed {r['seed']}: " + difference_sentence(d, "RL", "the warm-up policy"))
+    for seed in sorted({r["seed"] for r in runs}):
+        pair = {r["method"]: r for r in runs if r["seed"] == seed}
+        if set(pair) >= set(METHODS):
+            d = paired_difference(pair["grpo"]["heldout"], pair["rex"]["heldout"])
+            lines.append(f"- seed {seed}, REX-RAG against GRPO: " + difference_sentence(d, "REX-RAG", "GRPO"))
+    lines += ["", "![curves](bench/results/rex_vs_grpo/curves.png)", ""]
     return "\n".join(lines)
 
 
-def append_md(text: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(old.rstrip("\n") + "\n\n" + text)
-    os.replace(tmp, path)
+def report(out: Path, args) -> int:
+    path = out / "baseline.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the experiment first")
+    base, runs = json.loads(path.read_text()), recorded_runs(out)
+    summ = summarize(base, runs)
+    from rexrag.eval.report import summarize as eval_summary
 
+    plot(runs, eval_summary(base["heldout"])["average"]["em"], out / "curves.png")
+    text = markdown(base, runs, summ, args)
+    from rexrag.fsutil import atomic_write_text
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from rexrag.models import load_model, load_tokenizer
-    from rexrag.config import ModelConfig
-
-    if args.from_results:
-        return report(json.loads(Path(args.from_results).read_text()), args, out, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train, heldout = load_splits(args)
-    retriever = get_retriever(args, out)
-    model_dir = tiny_model_dir(out) if args.smoke else warm_model_dir(args, out, retriever, train)
-    tok = load_tokenizer(model_dir)
-    before = evaluate(load_model(ModelConfig(name_or_path=model_dir)), tok, retriever, heldout, args)
-    print("before:", json.dumps(before), flush=True)
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-        for method in ("grpo", "rex"):
-            run = run_one(args, method, seed, model_dir, retriever, train, heldout, out)
-            print(json.dumps({k: run[k] for k in ("method", "seed", "after", "train_seconds")}), flush=True)
-            runs.append(run)
-    settings = (f"B={args.batch_size} prompts x G={args.n}, {args.steps} steps, max_turns={args.max_turns}, "
-                f"{args.max_new_tokens} new tokens/turn, obs {args.max_obs_tokens} tokens, lr {args.lr}, reward {args.reward}, "
-                f"rex_token with p={args.probe_prob}, rho0={args.keep_ratio}, keep_min={args.keep_min}; "
-                f"policy {model_dir}; BM25 top-3 over the 23,630-passage closed corpus")
-    results = {"before": before, "runs": runs, "settings": settings, "plot": str(out / "curves.png"),
-               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
-    results["command"] = "python bench/rex_vs_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    os.replace(tmp, out / "results.json")
-    return report(results, args, out, argv)
-
-
-def report(results: dict, args, out: Path, argv) -> int:
-    results["plot"] = str(out / "curves.png")
-    plot(results, out / "curves.png")
-    command = results.get("command") or "python bench/rex_vs_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(results, args, command)
+    atomic_write_text(out / "results.md", text)
     print(text)
     if args.append_md:
-        append_md(text)
+        replace_section(REPO / "BENCHMARKS.md", text)
     return 0
+
+
+def replace_section(path: Path, text: str) -> None:
+    """Put ``text`` (starting with HEADING) into ``path`` in place of an earlier section, else at the end."""
+    from rexrag.fsutil import atomic_write_text
+
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start = old.find(HEADING)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(HEADING))
+        new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
+    atomic_write_text(path, new)
 
 
 if __name__ == "__main__":

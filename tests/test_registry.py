@@ -98,6 +98,7 @@ def test_a_registered_index_kind_is_selectable_in_the_cli(registered):
         build_parser().parse_args(argv)
     registered(index_mod._KINDS, "my_kind", index_mod.IndexKind("my_kind", lambda *a, **k: {}, lambda *a, **k: None))
     assert build_parser().parse_args(argv).kind == "my_kind"
+    assert build_parser().parse_args(["serve", "--index", "o", "--kind", "my_kind"]).kind == "my_kind"
     assert get_index_kind("my_kind").name == "my_kind"
 
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our console shows our progress bars and messages; library bars and info logs stay out of it."""
     import os
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from rexrag.errors import UserError
 
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

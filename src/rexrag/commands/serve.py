@@ -17,7 +17,9 @@ def add_parser(subparsers) -> None:
         '({"queries": [...], "topk": 3, "return_scores": true}) and GET /health.',
     )
     p.add_argument("--index", required=True, help="index directory built by `rexrag index`")
-    p.add_argument("--kind", choices=["bm25", "dense"], default=None, help="fail unless the index is of this kind")
+    from rexrag.retrieval import index_kinds  # the package registers the shipped kinds
+
+    p.add_argument("--kind", choices=index_kinds(), default=None, help="fail unless the index is of this kind")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -1,0 +1,127 @@
+"""bench/rex_vs_grpo.py: token counting, resumable records, intervals and the report from recorded runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rvg():
+    spec = importlib.util.spec_from_file_location("rex_vs_grpo", REPO / "bench" / "rex_vs_grpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rex_vs_grpo"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_counting_backend_counts_sampled_tokens_and_passes_the_rest_through(rvg):
+    class Inner:
+        synced = 0
+
+        def generate(self, prompts, stops, params):
+            return [SimpleNamespace(token_ids=list(range(len(p)))) for p in prompts]
+
+        def sync_weights(self, model):
+            self.synced += 1
+
+    inner = Inner()
+    counter = rvg.CountingBackend(inner)
+    counter.generate([[1, 2], [3, 4, 5]], [[], []], None)
+    counter.generate([[7]], [[]], None)
+    assert counter.tokens == 6
+    counter.sync_weights(None)
+    assert inner.synced == 1
+    assert not hasattr(counter, "generator")  # build_trainer reseeds only backends that have one
+
+
+def test_t_interval(rvg):
+    assert rvg.t_interval([0.2]) == (0.2, 0.2, 0.2)
+    m, lo, hi = rvg.t_interval([0.1, 0.2, 0.3])
+    assert m == pytest.approx(0.2)
+    assert hi - m == pytest.approx(4.303 * 0.1 / 3**0.5)  # t(0.975, 2 df) * sd / sqrt(n)
+    assert m - lo == pytest.approx(hi - m)
+
+
+def _args(rvg, tmp_path, **kw):
+    args = rvg.parse_args(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_baseline_from_other_settings_or_warmup_is_refused(rvg, tmp_path):
+    args = _args(rvg, tmp_path)
+    out = Path(args.out)
+    assert rvg.check_baseline(out, args, "abc") is None
+    rvg.atomic_json(out / "baseline.json", {"protocol": rvg.protocol(args), "warmup_sha256": "abc", "heldout": []})
+    assert rvg.check_baseline(out, args, "abc")["warmup_sha256"] == "abc"
+    with pytest.raises(SystemExit, match="token_budget"):
+        rvg.check_baseline(out, _args(rvg, tmp_path, token_budget=5), "abc")
+    with pytest.raises(SystemExit, match="different starting policies"):
+        rvg.check_baseline(out, args, "def")
+
+
+def test_split_is_fixed_and_heldout_disjoint_from_training(rvg, tmp_path):
+    from rexrag.data import demo_file
+
+    derived = tmp_path / "data" / "derived"
+    derived.mkdir(parents=True)
+    rows = demo_file("train.jsonl").read_text().splitlines()
+    for name in rvg.DATASETS.values():
+        (derived / name).write_text("\n".join(rows[:40]) + "\n")
+    args = _args(rvg, tmp_path, data_dir=str(tmp_path / "data"), heldout_per_dataset=5, warmup_examples=8)
+    heldout, warm, rl = rvg.load_splits(args)
+    again, _, _ = rvg.load_splits(args)
+    assert [e.id for e in heldout["hotpotqa"]] == [e.id for e in again["hotpotqa"]]
+    held_q = {e.question for exs in heldout.values() for e in exs}
+    assert len(warm) == 8 and len(rl) == 2 * 40 - 2 * 5 - 8
+    # both fake files hold the same questions in the same shuffle, so held-out ones never reach training
+    assert not held_q & {e.question for e in warm + rl}
+    assert len({e.group_id for e in rl}) == len(rl)
+
+
+def _rows(ems: list[int]) -> list[dict]:
+    return [{"dataset": ds, "id": str(i), "em": float(e), "f1": float(e), "cover_em": float(e), "n_searches": 1}
+            for ds in ("hotpotqa", "2wikimultihopqa") for i, e in enumerate(ems)]
+
+
+def test_report_from_recorded_runs(rvg, tmp_path):
+    args = _args(rvg, tmp_path, append_md=False)
+    out = Path(args.out)
+    proto = rvg.protocol(args)
+    rvg.atomic_json(out / "baseline.json", {"protocol": proto, "warmup_sha256": "f" * 64, "heldout": _rows([0] * 10),
+                                            "splits": {"heldout": {"hotpotqa": 10, "2wikimultihopqa": 10}, "warmup": 4, "rl": 9}})
+    for method, seed, right in [("grpo", 0, 2), ("rex", 0, 4), ("grpo", 1, 3), ("rex", 1, 5)]:
+        steps = [{"tokens": 100 * (i + 1), "wall_s": 10.0 * (i + 1), "reward/mean": 0.1, "rex/dead_end_frac": 0.5,
+                  "rollout/groups_with_signal": 0.5, "rollout/groups_with_signal_after_probes": 0.75,
+                  "rex/probes_kept": 1.0 if method == "rex" else 0.0, "rex/probe_acc": 0.5, "rex/rho": 0.15,
+                  "rex/alpha": 0.1} for i in range(3)]
+        run = {"method": method, "seed": seed, "steps": steps, "tokens": 300, "train_s": 30.0, "date": "2026-11-26 18:00",
+               "machine": "test", "curve": [{"step": 3, "tokens": 300, "em": right / 10}],
+               "heldout": _rows([1] * right + [0] * (10 - right))}
+        rvg.atomic_json(out / "runs" / f"{method}_s{seed}.json", run)
+    assert rvg.report(out, args) == 0
+    text = (out / "results.md").read_text()
+    assert (out / "curves.png").stat().st_size > 1000
+    grpo = next(line for line in text.splitlines() if line.startswith("| GRPO |"))
+    assert "| 2 | 25.0 [" in grpo  # 2 seeds, mean of 20 % and 30 % EM, with a t interval
+    rex = next(line for line in text.splitlines() if line.startswith("| REX-RAG |"))
+    assert "| 2 | 45.0 [" in rex
+    assert "seed 1, REX-RAG against GRPO" in text and "+20.0 EM" in text
+
+
+def test_section_replaces_an_earlier_one(rvg, tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\n## A\n\na\n\n" + rvg.HEADING + "\n\nold\n\n## C\n\nc\n")
+    rvg.replace_section(md, rvg.HEADING + "\n\nnew\n")
+    text = md.read_text()
+    assert "old" not in text and "new" in text and text.index("## A") < text.index("new") < text.index("## C")
+    rvg.replace_section(tmp_path / "fresh.md", rvg.HEADING + "\n\nx\n")
+    assert (tmp_path / "fresh.md").read_text().endswith(rvg.HEADING + "\n\nx\n")
