@@ -213,6 +213,29 @@ def mean_em(rows: list[dict], ids: set | None = None) -> float:
     return statistics.mean(statistics.mean(v) for v in by.values())
 
 
+def retrieval_ceiling(args, retriever, tokenizer, heldout: dict[str, list]) -> dict:
+    """How often the gold answer is even visible to the agent: per dataset, the share of held-out questions
+    whose answer string (cover-EM) is in BM25's results for the question itself (the first search the
+    warm-up teaches): in the observation the agent gets (top-k, cut to max_obs_tokens), in the top-k
+    passages whole, and in the top-5 whole."""
+    from rexrag.protocol import format_information
+    from rexrag.rewards import cover_em
+
+    rc = recipe(args)
+    k, cut = rc.retrieval.topk, rc.rollout.max_obs_tokens
+    out = {}
+    for name, exs in heldout.items():
+        hits = retriever.search([e.question for e in exs], max(5, k))
+        seen = {"observation": 0, f"top{k}_whole": 0, "top5_whole": 0}
+        for e, passages in zip(exs, hits):
+            ids = tokenizer(format_information(passages[:k]), add_special_tokens=False)["input_ids"][:cut]
+            seen["observation"] += cover_em(tokenizer.decode(ids), e.golden_answers)
+            seen[f"top{k}_whole"] += cover_em(format_information(passages[:k]), e.golden_answers)
+            seen["top5_whole"] += cover_em(format_information(passages[:5]), e.golden_answers)
+        out[name] = {key: v / len(exs) for key, v in seen.items()} | {"n": len(exs)}
+    return out
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -299,6 +322,8 @@ def main(argv=None) -> int:
     quiet_libraries()  # before transformers is imported: no library progress bars in this script's log
     out, work = Path(args.out), Path(args.work)
     if args.report:
+        if (work / "index_bm25" / "manifest.json").is_file() and (work / "warmup").is_dir():
+            ensure_ceiling(args, out, work)  # cheap; older records may lack it
         return report(out, args)
     from rexrag.config import ModelConfig
     from rexrag.memory import release
@@ -322,6 +347,7 @@ def main(argv=None) -> int:
             base = {"protocol": protocol(args), "warmup_sha256": sha, "heldout": evaluate(engine, model, tokenizer, retriever, heldout, args),
                     "splits": {"heldout": {k: len(v) for k, v in heldout.items()}, "warmup": len(warm), "rl": len(rl)}}
             atomic_json(out / "baseline.json", base)
+        ensure_ceiling(args, out, work, retriever, tokenizer, heldout)
         del model
         release()
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
@@ -339,6 +365,19 @@ def main(argv=None) -> int:
     finally:
         getattr(engine, "close", lambda: None)()
     return report(out, args)
+
+
+def ensure_ceiling(args, out: Path, work: Path, retriever=None, tokenizer=None, heldout=None) -> None:
+    """``<out>/ceiling.json`` (``retrieval_ceiling`` of the held-out set), computed once."""
+    if (out / "ceiling.json").is_file():
+        return
+    from rexrag.models import load_tokenizer
+    from rexrag.retrieval import load_index
+
+    retriever = retriever or load_index(work / "index_bm25", expect_kind="bm25")
+    tokenizer = tokenizer or load_tokenizer(str(work / "warmup"))
+    heldout = heldout or load_splits(args)[0]
+    atomic_json(out / "ceiling.json", retrieval_ceiling(args, retriever, tokenizer, heldout))
 
 
 def machine() -> str:
@@ -426,7 +465,7 @@ def _ci(t) -> str:
     return f"{m:.1f}" if lo == hi else f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def markdown(base: dict, runs: list[dict], summ: dict, args) -> str:
+def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
     from rexrag.eval.report import difference_sentence, paired_difference
     from rexrag.eval.report import summarize as eval_summary
 
@@ -480,6 +519,15 @@ def markdown(base: dict, runs: list[dict], summ: dict, args) -> str:
         if set(pair) >= set(METHODS):
             d = paired_difference(pair["grpo"]["heldout"], pair["rex"]["heldout"])
             lines.append(f"- seed {seed}, REX-RAG against GRPO: " + difference_sentence(d, "REX-RAG", "GRPO"))
+    ceiling = json.loads((out / "ceiling.json").read_text()) if (out / "ceiling.json").is_file() else None
+    if ceiling:
+        k = ret["topk"]
+        lines += ["", f"Retrieval ceiling (the question itself as the query, BM25): the gold answer string appears in the "
+                  f"observation the agent reads (top-{k} cut to {ro['max_obs_tokens']} tokens) for "
+                  + ", ".join(f"{100 * c['observation']:.0f} % of {d}" for d, c in ceiling.items())
+                  + f"; in the top-{k} passages whole for "
+                  + ", ".join(f"{100 * c[f'top{k}_whole']:.0f} %" for c in ceiling.values())
+                  + "; in the top-5 whole for " + ", ".join(f"{100 * c['top5_whole']:.0f} %" for c in ceiling.values()) + "."]
     lines += ["", "![curves](bench/results/rex_vs_grpo/curves.png)", ""]
     return "\n".join(lines)
 
@@ -493,7 +541,7 @@ def report(out: Path, args) -> int:
     from rexrag.eval.report import summarize as eval_summary
 
     plot(runs, eval_summary(base["heldout"])["average"]["em"], out / "curves.png")
-    text = markdown(base, runs, summ, args)
+    text = markdown(base, runs, summ, args, out)
     from rexrag.fsutil import atomic_write_text
 
     atomic_write_text(out / "results.md", text)

@@ -68,6 +68,21 @@ def test_baseline_from_other_settings_or_warmup_is_refused(rvg, tmp_path):
         rvg.check_baseline(out, args, "def")
 
 
+def test_retrieval_ceiling_counts_answers_the_agent_can_see(rvg, tmp_path):
+    from rexrag.data import Passage, QAExample
+    from fake_tokenizer import FakeTokenizer
+
+    class Retriever:  # the answer "Paris" sits in the second passage, far from the start
+        def search(self, queries, k):
+            return [[Passage("1", "Filler", "word " * 40), Passage("2", "Capital", "Paris it is")][:k] for _ in queries]
+
+    args = _args(rvg, tmp_path)
+    exs = {"hotpotqa": [QAExample(id="1", question="capital?", golden_answers=["Paris"], group_id=0),
+                        QAExample(id="2", question="other?", golden_answers=["Rome"], group_id=1)]}
+    got = rvg.retrieval_ceiling(args, Retriever(), FakeTokenizer(), exs)["hotpotqa"]
+    assert got == {"observation": 0.0, "top2_whole": 0.5, "top5_whole": 0.5, "n": 2}
+
+
 def test_split_is_fixed_and_heldout_disjoint_from_training(rvg, tmp_path):
     from rexrag.data import demo_file
 
@@ -107,6 +122,8 @@ def test_report_from_recorded_runs(rvg, tmp_path):
                "machine": "test", "curve": [{"step": 3, "tokens": 300, "em": right / 10}],
                "heldout": _rows([1] * right + [0] * (10 - right))}
         rvg.atomic_json(out / "runs" / f"{method}_s{seed}.json", run)
+    rvg.atomic_json(out / "ceiling.json", {"hotpotqa": {"observation": 0.31, "top2_whole": 0.67, "top5_whole": 0.83, "n": 10},
+                                           "2wikimultihopqa": {"observation": 0.21, "top2_whole": 0.41, "top5_whole": 0.53, "n": 10}})
     assert rvg.report(out, args) == 0
     text = (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
@@ -115,6 +132,7 @@ def test_report_from_recorded_runs(rvg, tmp_path):
     rex = next(line for line in text.splitlines() if line.startswith("| REX-RAG |"))
     assert "| 2 | 45.0 [" in rex
     assert "seed 1, REX-RAG against GRPO" in text and "+20.0 EM" in text
+    assert "cut to 64 tokens) for 31 % of hotpotqa, 21 % of 2wikimultihopqa; in the top-2 passages whole for 67 %, 41 %" in text
 
 
 def test_section_replaces_an_earlier_one(rvg, tmp_path):
