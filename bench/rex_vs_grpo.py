@@ -428,6 +428,19 @@ def summarize(base: dict, runs: list[dict]) -> dict:
     return out
 
 
+REX_ONLY = ("rex/probe_acc", "rex/rho", "rex/alpha")
+SMOOTH = 5  # steps: with B=2 a step's group fractions are 0, 0.5 or 1
+
+
+def running_mean(ys: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` non-NaN values at each position (NaN until one exists)."""
+    out = []
+    for i in range(len(ys)):
+        xs = [y for y in ys[max(0, i - window + 1) : i + 1] if not math.isnan(y)]
+        out.append(statistics.mean(xs) if xs else float("nan"))
+    return out
+
+
 def plot(runs: list[dict], base_em: float, path: Path) -> None:
     import matplotlib
 
@@ -446,12 +459,12 @@ def plot(runs: list[dict], base_em: float, path: Path) -> None:
                 ax.plot([0] + [c["tokens"] for c in r["curve"]], [100 * base_em] + [100 * c["em"] for c in r["curve"]],
                         marker="o", **style)
                 ax.set_xlabel("sampled tokens")
-            else:
-                ys = [s.get(key, float("nan")) for s in r["steps"]]
+            elif r["method"] == "rex" or key not in REX_ONLY:  # GRPO's explorer never probes: nothing to show
+                ys = running_mean([s.get(key, float("nan")) for s in r["steps"]], SMOOTH)
                 if not all(math.isnan(y) for y in ys):
                     ax.plot([s["tokens"] for s in r["steps"]], ys, marker=".", **style)
                 ax.set_xlabel("sampled tokens")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title if key == "curve" else f"{title}, mean of last {SMOOTH} steps", fontsize=9)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

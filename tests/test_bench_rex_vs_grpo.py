@@ -41,6 +41,12 @@ def test_counting_backend_counts_sampled_tokens_and_passes_the_rest_through(rvg)
     assert not hasattr(counter, "generator")  # build_trainer reseeds only backends that have one
 
 
+def test_running_mean_skips_nan(rvg):
+    nan = float("nan")
+    got = rvg.running_mean([nan, 1.0, 0.0, nan, 1.0], 2)
+    assert got[0] != got[0] and got[1:] == [1.0, 0.5, 0.0, 1.0]
+
+
 def test_t_interval(rvg):
     assert rvg.t_interval([0.2]) == (0.2, 0.2, 0.2)
     m, lo, hi = rvg.t_interval([0.1, 0.2, 0.3])
@@ -69,8 +75,9 @@ def test_baseline_from_other_settings_or_warmup_is_refused(rvg, tmp_path):
 
 
 def test_retrieval_ceiling_counts_answers_the_agent_can_see(rvg, tmp_path):
-    from rexrag.data import Passage, QAExample
     from fake_tokenizer import FakeTokenizer
+
+    from rexrag.data import Passage, QAExample
 
     class Retriever:  # the answer "Paris" sits in the second passage, far from the start
         def search(self, queries, k):
