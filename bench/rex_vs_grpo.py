@@ -20,7 +20,7 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   learning curve evaluates a fixed subset (``--curve-per-dataset`` of each) at ``--curve-points``
   equally spaced token counts.
 
-Per run, ``<out>/runs/<method>_s<seed>.json`` holds the per-step metrics (reward, rollout EM, dead-end
+Per run, ``<out>/records/<method>_s<seed>.json`` holds the per-step metrics (reward, rollout EM, dead-end
 group fraction, groups with a non-zero advantage before/after probes, probes made/kept, probe accuracy,
 rho, alpha, tokens, wall time), the curve and the per-question held-out scores. A run whose file exists
 is skipped, so ``--seeds 0,1,2`` can be completed over several invocations. ``--report`` (or the end of
@@ -312,7 +312,7 @@ def check_baseline(out: Path, args, sha: str) -> dict | None:
 
 
 def recorded_runs(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
 
 
 def main(argv=None) -> int:
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         release()
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             for method in [m for m in args.methods.split(",") if m]:
-                path = out / "runs" / f"{method}_s{seed}.json"
+                path = out / "records" / f"{method}_s{seed}.json"
                 if path.is_file():
                     print(f"{path.name}: recorded, skipped", flush=True)
                     continue
@@ -490,7 +490,7 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
     lines = [HEADING, "", f"Recorded runs: {recorded}; machine: {runs[0]['machine'] if runs else machine()}.", "",
              ("Command: `python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md` (resumable: recorded runs are skipped; "
               "`--report --append-md` rebuilds this section). Results: `bench/results/rex_vs_grpo/` (baseline.json, "
-              "runs/*.json, curves.png)."), "",
+              "records/*.json, curves.png)."), "",
              f"Protocol: SmolLM2-135M-Instruct after the format warm-up ({p['warmup_examples']} questions, "
              f"{p['warmup_steps']} steps; weights sha256 {base['warmup_sha256'][:12]}), BM25 top-{ret['topk']} over the "
              f"23,630-passage closed corpus, {ro['max_turns']} search turns of {ro['max_new_tokens_per_turn']} tokens, "

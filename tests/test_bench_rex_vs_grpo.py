@@ -128,7 +128,7 @@ def test_report_from_recorded_runs(rvg, tmp_path):
         run = {"method": method, "seed": seed, "steps": steps, "tokens": 300, "train_s": 30.0, "date": "2026-11-26 18:00",
                "machine": "test", "curve": [{"step": 3, "tokens": 300, "em": right / 10}],
                "heldout": _rows([1] * right + [0] * (10 - right))}
-        rvg.atomic_json(out / "runs" / f"{method}_s{seed}.json", run)
+        rvg.atomic_json(out / "records" / f"{method}_s{seed}.json", run)
     rvg.atomic_json(out / "ceiling.json", {"hotpotqa": {"observation": 0.31, "top2_whole": 0.67, "top5_whole": 0.83, "n": 10},
                                            "2wikimultihopqa": {"observation": 0.21, "top2_whole": 0.41, "top5_whole": 0.53, "n": 10}})
     assert rvg.report(out, args) == 0
