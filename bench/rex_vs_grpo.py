@@ -123,10 +123,11 @@ def load_splits(args) -> tuple[dict[str, list], list, list]:
 
 
 def weights_sha256(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    """The weight file's sha256 (several shards: the sha256 of their digests in name order)."""
+    from rexrag.retrieval.index import file_sha256
+
+    digests = [file_sha256(f) for f in sorted(model_dir.glob("*.safetensors"))]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def tiny_model(tokenizer):
@@ -321,6 +322,7 @@ def main(argv=None) -> int:
 
     quiet_libraries()  # before transformers is imported: no library progress bars in this script's log
     out, work = Path(args.out), Path(args.work)
+    recipe(args)  # a wrong --config or --set fails here, before any index or warm-up is built
     if args.report:
         if (work / "index_bm25" / "manifest.json").is_file() and (work / "warmup").is_dir():
             ensure_ceiling(args, out, work)  # cheap; older records may lack it
@@ -578,5 +580,16 @@ def replace_section(path: Path, text: str) -> None:
     atomic_write_text(path, new)
 
 
+def cli() -> int:
+    """``main`` with a one-line error for bad input (a wrong --set key, a missing data file or recipe)."""
+    from rexrag.errors import UserError
+
+    try:
+        return main()
+    except UserError as exc:
+        print(f"rex_vs_grpo: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

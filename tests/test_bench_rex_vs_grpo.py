@@ -150,3 +150,18 @@ def test_section_replaces_an_earlier_one(rvg, tmp_path):
     assert "old" not in text and "new" in text and text.index("## A") < text.index("new") < text.index("## C")
     rvg.replace_section(tmp_path / "fresh.md", rvg.HEADING + "\n\nx\n")
     assert (tmp_path / "fresh.md").read_text().endswith(rvg.HEADING + "\n\nx\n")
+
+
+def test_bad_recipe_value_is_a_one_line_error(rvg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["rex_vs_grpo.py", "--set", "rollout.nope=1", "--out", str(tmp_path / "o"),
+                                      "--work", str(tmp_path / "w")])
+    assert rvg.cli() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rex_vs_grpo: error:") and "rollout.nope" in err and "Traceback" not in err
+
+
+def test_weights_hash_of_one_file_is_its_sha256(rvg, tmp_path):
+    import hashlib
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert rvg.weights_sha256(tmp_path) == hashlib.sha256(b"weights").hexdigest()
