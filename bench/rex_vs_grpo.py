@@ -566,16 +566,16 @@ def report(out: Path, args) -> int:
     return 0
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Put ``text`` (starting with HEADING) into ``path`` in place of an earlier section, else at the end."""
+def replace_section(path: Path, text: str, heading: str = HEADING) -> None:
+    """Put ``text`` (starting with ``heading``) into ``path`` in place of an earlier section, else at the end."""
     from rexrag.fsutil import atomic_write_text
 
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = old.find(HEADING)
+    start = old.find(heading)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(HEADING))
+        end = old.find("\n## ", start + len(heading))
         new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     atomic_write_text(path, new)
 

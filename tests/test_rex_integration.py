@@ -123,3 +123,14 @@ def test_probe_correction_is_the_same_from_either_old_logprob_source_and_any_mic
     for n in p_reuse:
         assert torch.equal(p_reuse[n], p_sep[n]), n
         torch.testing.assert_close(p_packed[n], p_reuse[n], atol=1e-6, rtol=1e-4)
+
+
+def test_sample_is_a_steps_rollouts_rewards_and_probes_without_an_update(tmp_path):
+    trainer, model, explorer = _setup(tmp_path)
+    before = _params(model)
+    trajs, rewards, probes, _ = trainer.sample(trainer.examples)
+    assert [t.group_id for t in trajs] == [0] * 4 + [1] * 4 and rewards == [0.0] * 4 + [1.0] * 4
+    assert len(probes) == 4 and all(p.is_probe and p.group_id == 0 and p.meta["reward"] == 1.0 for p in probes)
+    assert explorer.end_step()["rex/dead_end_frac"] == 0.5
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no update
+    assert trainer.step_idx == 0

@@ -70,11 +70,14 @@ PROFILES: dict[str, DemoProfile] = {
     # temperature 1.0 3 % of rollouts were right, at 0.7 6-7 % on unseen training questions (questions the
     # warm-up trained on: 30 %, memorised). So RL samples at 0.7 and trains on questions the warm-up
     # checkpoint answers right greedily (rl_questions="solvable"), which its samples get right sometimes.
+    # quick (< 3 min on 2 cores): one group per RL step. Measured 3 min 25 s with 2 prompts per step;
+    # fewer warm-up steps (5) or candidates (8) saved little and cost the warm-up its format (0.62 -> 0.25
+    # valid) and RL its solvable questions. Every phase is compute-bound here (fp32 ~150 GFLOP/s).
     "quick": DemoProfile(eval_per_dataset=4, eval_max_turns=1, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                          warmup_examples=12, warmup_steps=6, warmup_batch=2, warmup_lr=1e-4,
-                         rl_steps=2, rl_prompts=2, rl_rollouts=2, rl_max_turns=1, rl_max_new_tokens=64,
+                         rl_steps=2, rl_prompts=1, rl_rollouts=2, rl_max_turns=1, rl_max_new_tokens=64,
                          rl_lr=1e-5, keep_ratio=0.2, probe_prob=1.0, rl_temperature=0.7, rl_questions="solvable",
-                         rl_candidates=16),
+                         rl_candidates=12),
     "default": DemoProfile(eval_per_dataset=20, eval_max_turns=2, eval_max_new_tokens=64, topk=2, max_obs_tokens=64,
                            warmup_examples=48, warmup_steps=12, warmup_batch=4, warmup_lr=1e-4,
                            rl_steps=6, rl_prompts=2, rl_rollouts=4, rl_max_turns=2, rl_max_new_tokens=64,

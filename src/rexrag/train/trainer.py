@@ -301,24 +301,9 @@ class Trainer:
         t = {"start": time.perf_counter()}
         self.passes = dict.fromkeys(PASSES, 0)
         prompts = self.sampler.next_batch()[self.rank :: self.world]  # whole groups per process
-        examples = [self.examples[i] for i in prompts]
-        self._reseed_rollout()
-        with self._timed(t, "weight_sync"):
-            self._sync_rollout_weights()
-        with self._timed(t, "gen"):
-            self.model.eval()
-            trajs = self.rollout_fn(examples, self.cfg.rollout.n)
-            drain(getattr(self.agent, "backend", None))  # FSDP: until every process's rows are done
-            self.model.train()
-        # copy now: probe continuations below run the same agent and overwrite its last_metrics
-        agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
-        with self._timed(t, "reward"):
-            rewards = self.compute_rewards(trajs)
+        trajs, rewards, probes, agent_metrics = self.sample([self.examples[i] for i in prompts], t)
         n_orig, rex_metrics = len(trajs), {}
-        if self.explorer is not None:
-            with self._timed(t, "explore"):
-                probes = self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards)
-            trajs = trajs + list(probes)
+        trajs = trajs + probes
         self._engine_call("sleep")  # a colocated engine's memory is free for the update (vllm_sleep on GPU)
         batch = Batch.collate(trajs, self.pad_id, self.cfg.rex.train_probe_tokens, self.acc.device)
         chunks = self._chunks(batch.size)
@@ -355,6 +340,29 @@ class Trainer:
         if self.reference is not None:  # this process's part of the frozen reference (a shard under FSDP)
             metrics["memory/reference_gib"] = module_bytes(self.reference) / 2**30
         return metrics
+
+    def sample(self, examples: list, t: dict | None = None) -> tuple[list[Trajectory], list[float], list[Trajectory], dict]:
+        """The sampling half of a step, no update: ``rollout.n`` rollouts per example from the current
+        policy, their rewards, REX-RAG's kept probes (``[]`` without an explorer) and the agent's rollout
+        metrics. ``t`` collects phase times (weight_sync, gen, reward, explore)."""
+        t = {} if t is None else t
+        self._reseed_rollout()
+        with self._timed(t, "weight_sync"):
+            self._sync_rollout_weights()
+        with self._timed(t, "gen"):
+            self.model.eval()
+            trajs = self.rollout_fn(examples, self.cfg.rollout.n)
+            drain(getattr(self.agent, "backend", None))  # FSDP: until every process's rows are done
+            self.model.train()
+        # copy now: probe continuations below run the same agent and overwrite its last_metrics
+        agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
+        with self._timed(t, "reward"):
+            rewards = self.compute_rewards(trajs)
+        probes: list[Trajectory] = []
+        if self.explorer is not None:
+            with self._timed(t, "explore"):
+                probes = list(self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards))
+        return trajs, rewards, probes, agent_metrics
 
     def _reuse_update_forward(self, n_mini: int) -> bool:
         """On-policy (one epoch, one mini-batch): pi_old is the update's own forward, detached. Not with
