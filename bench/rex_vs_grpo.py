@@ -69,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--curve-points", type=int, default=2, help="curve evaluations during a run (the final one is extra)")
     p.add_argument("--config", default=str(REPO / "configs" / "cpu_experiment.yaml"), help="RL recipe (documented there)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--rl-questions", choices=("all", "solvable"), default="all",
+                   help="solvable: RL trains only on the --candidates first RL questions that the warm-up policy "
+                        "answers right greedily (one shared greedy pass; the demo's selection)")
+    p.add_argument("--candidates", type=int, default=256, help="RL questions the greedy pass tries (--rl-questions solvable)")
     p.add_argument("--warmup-examples", type=int, default=48)
     p.add_argument("--warmup-steps", type=int, default=12)
     p.add_argument("--report", action="store_true", help="only tabulate and plot the recorded runs")
@@ -96,7 +100,9 @@ def protocol(args) -> dict:
     from rexrag.config import config_to_dict
 
     cfg = config_to_dict(recipe(args))
-    return {k: getattr(args, k) for k in PROTOCOL} | {k: cfg[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer")
+    # the selection keys only when used: runs recorded before the option existed trained on all questions
+    chosen = {"rl_questions": args.rl_questions, "candidates": args.candidates} if args.rl_questions != "all" else {}
+    return {k: getattr(args, k) for k in PROTOCOL} | chosen | {k: cfg[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer")
                                                         if k in cfg} | {"data.batch_size": cfg["data"]["batch_size"]}
 
 
@@ -203,6 +209,27 @@ def evaluate(engine, model, tokenizer, retriever, datasets: dict[str, list], arg
 
 def curve_subset(heldout: dict[str, list], args) -> dict[str, list]:
     return {name: exs[: args.curve_per_dataset] for name, exs in heldout.items()}
+
+
+def select_rl_questions(args, out: Path, engine, model, tokenizer, retriever, rl: list) -> list:
+    """``--rl-questions solvable``: of the first ``--candidates`` RL questions, those the warm-up policy answers
+    right greedily (``rexrag.demo.pick_rl_questions``: GRPO learns only from groups whose rewards differ, and
+    a question the policy solves greedily is one its samples get right sometimes). The greedy pass runs once;
+    its choice and sampled tokens are recorded in ``<out>/rl_questions.json`` and shared by every run."""
+    from rexrag.demo import pick_rl_questions
+
+    path, candidates = out / "rl_questions.json", rl[: args.candidates]
+    if not path.is_file():
+        by_dataset: dict[str, list] = {}
+        for e in candidates:
+            by_dataset.setdefault(e.data_source, []).append(e)
+        counter = CountingBackend(engine)
+        rows = {(r["dataset"], r["id"]): r for r in evaluate(counter, model, tokenizer, retriever, by_dataset, args)}
+        chosen, info = pick_rl_questions(candidates, [rows[(e.data_source, e.id)] for e in candidates], len(candidates),
+                                         at_least=2 * recipe(args).data.batch_size)
+        atomic_json(path, info | {"greedy_tokens": counter.tokens, "ids": [e.id for e in chosen]})
+    ids = set(json.loads(path.read_text())["ids"])
+    return [e for e in candidates if e.id in ids]
 
 
 def mean_em(rows: list[dict], ids: set | None = None) -> float:
@@ -350,6 +377,9 @@ def main(argv=None) -> int:
                     "splits": {"heldout": {k: len(v) for k, v in heldout.items()}, "warmup": len(warm), "rl": len(rl)}}
             atomic_json(out / "baseline.json", base)
         ensure_ceiling(args, out, work, retriever, tokenizer, heldout)
+        if args.rl_questions == "solvable":
+            rl = select_rl_questions(args, out, engine, model, tokenizer, retriever, rl)
+            print(f"RL questions: {len(rl)} of the first {args.candidates} (solved greedily by the warm-up policy)", flush=True)
         del model
         release()
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
@@ -504,6 +534,13 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
              "continuations). Held-out: "
              + ", ".join(f"{k} n={v}" for k, v in n.items()) + " (greedy agent); intervals over seeds are 95 % "
              "Student-t, per-run differences to the warm-up a 95 % paired bootstrap over questions.", ""]
+    sel = out / "rl_questions.json"
+    if sel.is_file():
+        info = json.loads(sel.read_text())
+        lines += [f"RL questions (`--rl-questions solvable`): the {len(info['ids'])} of the first {info['candidates']} RL "
+                  f"questions that the warm-up policy answers right greedily ({info['candidates_em']} exact, the rest "
+                  f"containing the gold answer); the one-off greedy pass sampled {info['greedy_tokens']:,} tokens, shared "
+                  "by every run and not counted in their budgets.", ""]
     if args.note:
         lines += [args.note, ""]
     lines += ["| policy | seeds | held-out EM | F1 | " + " | ".join(f"{k} EM" for k in n) +

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -165,3 +166,35 @@ def test_weights_hash_of_one_file_is_its_sha256(rvg, tmp_path):
 
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     assert rvg.weights_sha256(tmp_path) == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_solvable_rl_questions_are_chosen_once_by_a_greedy_pass(rvg, tmp_path, monkeypatch):
+    from rexrag.data import QAExample
+
+    rl = [QAExample(id=str(i), question=f"q{i}", golden_answers=["a"], group_id=i) for i in range(6)]
+    for i, e in enumerate(rl):
+        e.data_source = "hotpotqa" if i % 2 else "2wikimultihopqa"
+    calls = []
+
+    def fake_evaluate(engine, model, tokenizer, retriever, datasets, args):
+        calls.append(sorted(e.id for exs in datasets.values() for e in exs))
+        engine.generate([[1, 2, 3]], [[]], None)  # the greedy pass's sampled tokens are counted
+        # questions 1 and 3 solved (exact, then cover-EM only); the 6th is beyond --candidates
+        return [{"dataset": e.data_source, "id": e.id, "em": float(e.id == "1"), "cover_em": float(e.id in "13"),
+                 "f1": 0.0, "n_searches": 1} for exs in datasets.values() for e in exs]
+
+    class Engine:
+        def generate(self, prompts, stops, params):
+            return [SimpleNamespace(token_ids=[7] * len(p)) for p in prompts]
+
+    monkeypatch.setattr(rvg, "evaluate", fake_evaluate)
+    # at least 2 x B questions are kept (the next best by F1 fill up): B = 1 here, so only the solved two
+    args = _args(rvg, tmp_path, rl_questions="solvable", candidates=5, set=["data.batch_size=1"])
+    out = Path(args.out)
+    got = rvg.select_rl_questions(args, out, Engine(), None, None, None, rl)
+    assert [e.id for e in got] == ["1", "3"] and calls == [["0", "1", "2", "3", "4"]]
+    rec = json.loads((out / "rl_questions.json").read_text())
+    assert rec["greedy_tokens"] == 3 and rec["solved"] == 2 and rec["candidates"] == 5
+    assert [e.id for e in rvg.select_rl_questions(args, out, Engine(), None, None, None, rl)] == ["1", "3"]
+    assert len(calls) == 1  # recorded: not evaluated again
+    assert rvg.protocol(args)["rl_questions"] == "solvable" and "rl_questions" not in rvg.protocol(_args(rvg, tmp_path))
