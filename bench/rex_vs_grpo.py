@@ -519,10 +519,10 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
     ret, ro, al, rx, tr = (p[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer"))
     n = {k: v["n"] for k, v in b.items() if k != "average"}
     recorded = ", ".join(sorted(f"{r['method']} s{r['seed']} ({r['date']})" for r in runs)) or "none"
-    lines = [HEADING, "", f"Recorded runs: {recorded}; machine: {runs[0]['machine'] if runs else machine()}.", "",
-             ("Command: `python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md` (resumable: recorded runs are skipped; "
-              "`--report --append-md` rebuilds this section). Results: `bench/results/rex_vs_grpo/` (baseline.json, "
-              "records/*.json, curves.png)."), "",
+    where = repo_relative(out)
+    lines = [section_heading(out), "", f"Recorded runs: {recorded}; machine: {runs[0]['machine'] if runs else machine()}.", "",
+             (f"Command: `{command(args, out, runs)}` (resumable: recorded runs are skipped; `--report --append-md` "
+              f"rebuilds this section). Results: `{where}/` (baseline.json, records/*.json, curves.png)."), "",
              f"Protocol: SmolLM2-135M-Instruct after the format warm-up ({p['warmup_examples']} questions, "
              f"{p['warmup_steps']} steps; weights sha256 {base['warmup_sha256'][:12]}), BM25 top-{ret['topk']} over the "
              f"23,630-passage closed corpus, {ro['max_turns']} search turns of {ro['max_new_tokens_per_turn']} tokens, "
@@ -580,7 +580,7 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
                   + f"; in the top-{k} passages whole for "
                   + ", ".join(f"{100 * c[f'top{k}_whole']:.0f} %" for c in ceiling.values())
                   + "; in the top-5 whole for " + ", ".join(f"{100 * c['top5_whole']:.0f} %" for c in ceiling.values()) + "."]
-    lines += ["", "![curves](bench/results/rex_vs_grpo/curves.png)", ""]
+    lines += ["", f"![curves]({where}/curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -599,8 +599,32 @@ def report(out: Path, args) -> int:
     atomic_write_text(out / "results.md", text)
     print(text)
     if args.append_md:
-        replace_section(REPO / "BENCHMARKS.md", text)
+        replace_section(REPO / "BENCHMARKS.md", text, section_heading(out))
     return 0
+
+
+def repo_relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def section_heading(out: Path) -> str:
+    """BENCHMARKS.md heading of the results in ``out`` (the default --out has the plain one)."""
+    return HEADING if out.name == "rex_vs_grpo" else f"{HEADING}: `{repo_relative(out)}`"
+
+
+def command(args, out: Path, runs: list[dict]) -> str:
+    """The invocation that records (or resumes) the runs in ``out``."""
+    parts = ["python bench/rex_vs_grpo.py"]
+    if out.name != "rex_vs_grpo":
+        parts.append(f"--out {repo_relative(out)}")
+    if args.rl_questions != "all":
+        parts.append(f"--rl-questions {args.rl_questions} --candidates {args.candidates}")
+    parts += [f"--set {kv}" for kv in args.set]
+    seeds = sorted({r["seed"] for r in runs}) or [0]
+    return " ".join(parts + [f"--seeds {','.join(map(str, seeds))}", "--append-md"])
 
 
 def replace_section(path: Path, text: str, heading: str = HEADING) -> None:
@@ -608,7 +632,7 @@ def replace_section(path: Path, text: str, heading: str = HEADING) -> None:
     from rexrag.fsutil import atomic_write_text
 
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = old.find(heading)
+    start = old.find(heading + "\n")  # the whole heading line: another section's heading may extend this one
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:

@@ -15,6 +15,7 @@ would see on a fixed sample of RL training questions: it calls the trainer's own
 
     python bench/rl_signal.py --append-md                     # all variants (~1-2 min each on 2 cores)
     python bench/rl_signal.py --variants recipe,G8 --questions 32
+    python bench/rl_signal.py --report --append-md            # re-tabulate bench/results/rl_signal.json
     python bench/rl_signal.py --smoke --work /tmp/rvg_w --out /tmp/rs   # pipeline check (random tiny model)
 """
 
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--questions", type=int, default=64, help="RL training questions per variant (same ones each)")
     p.add_argument("--out", default=str(rvg.REPO / "bench" / "results" / "rl_signal.json"))
     p.add_argument("--append-md", action="store_true", help="put the table into BENCHMARKS.md")
+    p.add_argument("--report", action="store_true", help="only re-tabulate the recorded --out file")
+    p.add_argument("--note", default="", help="text after the table (the reading of the results)")
     args, rest = p.parse_known_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -140,6 +143,8 @@ def rel(path: Path) -> str:
 
 def main(argv=None) -> int:
     args, exp = parse_args(argv)
+    if args.report:
+        return publish(json.loads(Path(args.out).read_text()), args.append_md, args.note)
     from rexrag.cli import quiet_libraries
 
     quiet_libraries()
@@ -177,9 +182,13 @@ def main(argv=None) -> int:
               "questions": args.questions, "command": "python bench/rl_signal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "out": rel(Path(args.out)), "variants": rows}
     rvg.atomic_json(Path(args.out), result)
-    text = markdown(result)
+    return publish(result, args.append_md, args.note)
+
+
+def publish(result: dict, append_md: bool, note: str = "") -> int:
+    text = markdown(result) + (f"\n{note}\n" if note else "")
     print(text)
-    if args.append_md:
+    if append_md:
         rvg.replace_section(rvg.REPO / "BENCHMARKS.md", text, HEADING)
     return 0
 

@@ -198,3 +198,21 @@ def test_solvable_rl_questions_are_chosen_once_by_a_greedy_pass(rvg, tmp_path, m
     assert [e.id for e in rvg.select_rl_questions(args, out, Engine(), None, None, None, rl)] == ["1", "3"]
     assert len(calls) == 1  # recorded: not evaluated again
     assert rvg.protocol(args)["rl_questions"] == "solvable" and "rl_questions" not in rvg.protocol(_args(rvg, tmp_path))
+
+
+def test_each_out_folder_has_its_own_section_and_command(rvg, tmp_path):
+    default, other = rvg.REPO / "bench" / "results" / "rex_vs_grpo", rvg.REPO / "bench" / "results" / "rex_vs_grpo_solvable"
+    assert rvg.section_heading(default) == rvg.HEADING
+    extended = rvg.section_heading(other)
+    assert extended.startswith(rvg.HEADING) and "bench/results/rex_vs_grpo_solvable" in extended
+    md = tmp_path / "B.md"
+    md.write_text(f"# B\n\n{rvg.HEADING}\n\nfirst\n\n{extended}\n\nsecond\n")
+    rvg.replace_section(md, f"{extended}\n\nnew second\n", extended)
+    rvg.replace_section(md, f"{rvg.HEADING}\n\nnew first\n")
+    text = md.read_text()
+    assert "\n\nfirst\n" not in text and "new first" in text and "new second" in text and "\nsecond" not in text
+    assert text.index("new first") < text.index("new second")
+    args = _args(rvg, tmp_path, rl_questions="solvable", candidates=256, set=["rollout.n=8"])
+    assert rvg.command(args, other, [{"seed": 1}, {"seed": 0}]) == (
+        "python bench/rex_vs_grpo.py --out bench/results/rex_vs_grpo_solvable --rl-questions solvable --candidates 256 "
+        "--set rollout.n=8 --seeds 0,1 --append-md")

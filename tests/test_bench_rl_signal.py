@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -38,14 +39,27 @@ def test_signal_row_from_a_real_sampling_step(rs, tmp_path):
     assert row["tokens_per_group"] == 200 and row["em_spread_groups_per_10k_tokens"] == 0.0
 
 
-def test_markdown_table_has_one_row_per_variant(rs):
-    row = {"overrides": ["rollout.n=8"], "em_rate": 0.1, "reward_spread": 0.4, "em_spread": 0.3, "f1_spread": 0.5,
+def _row():
+    return {"overrides": ["rollout.n=8"], "em_rate": 0.1, "reward_spread": 0.4, "em_spread": 0.3, "f1_spread": 0.5,
            "dead_end_frac": 0.6, "reward_spread_after_probes": 0.45, "probes_kept": 3, "probe_acc": 0.33,
            "dead_groups_rescued": 1, "tokens_per_group": 900, "traj_len": 500, "em_spread_groups_per_10k_tokens": 2.1,
            "wall_s": 50}
-    md = rs.markdown({"date": "d", "machine": "m", "load_before": 0.1, "load_after": 1.9, "command": "c",
-                      "warmup_sha256": "ab" * 32, "questions": 64, "out": "o.json", "variants": {"recipe": row | {"overrides": []}, "G8": row}})
+
+
+def _result():
+    return {"date": "d", "machine": "m", "load_before": 0.1, "load_after": 1.9, "command": "c", "warmup_sha256": "ab" * 32,
+            "questions": 64, "out": "o.json", "variants": {"recipe": _row() | {"overrides": []}, "G8": _row()}}
+
+
+def test_markdown_table_has_one_row_per_variant(rs):
+    md = rs.markdown(_result())
     assert md.startswith(rs.HEADING) and "| recipe | (as is) | 10.0 %" in md and "| G8 | rollout.n=8 |" in md
+
+
+def test_report_retabulates_the_recorded_file(rs, tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps(_result()))
+    assert rs.main(["--report", "--out", str(tmp_path / "r.json")]) == 0
+    assert "| G8 | rollout.n=8 | 10.0 % | 0.40 | 0.30 |" in capsys.readouterr().out
 
 
 def test_unknown_variant_is_a_usage_error(rs):
