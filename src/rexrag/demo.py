@@ -250,7 +250,8 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
     n = p.rl_prompts * p.rl_rollouts
     return Config(
         # no gradient checkpointing: it saves ~2.5 GB of activations in the update but costs a third more
-        # update compute, and the default demo has no time to spare in its 15-minute budget
+        # update compute (~1 min of the default demo's ~10), and the peak RSS target (3 GB, issue 11) needs
+        # far more than that (LoRA or an 8-bit optimizer: BENCHMARKS.md)
         model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device)),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
