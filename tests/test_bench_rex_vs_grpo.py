@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def rvg():
-    spec = importlib.util.spec_from_file_location("rex_vs_grpo", REPO / "bench" / "rex_vs_grpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rex_vs_grpo"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("rex_vs_grpo")
 
 
 def test_counting_backend_counts_sampled_tokens_and_passes_the_rest_through(rvg):

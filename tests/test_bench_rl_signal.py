@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_bench
 from test_rex_integration import _setup
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def rs():
-    spec = importlib.util.spec_from_file_location("rl_signal", REPO / "bench" / "rl_signal.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rl_signal"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("rl_signal")
 
 
 def test_spread_share_counts_groups_whose_values_differ(rs):
