@@ -9,7 +9,6 @@ from conftest import load_bench
 from test_rex_integration import _setup
 
 
-
 @pytest.fixture(scope="module")
 def rs():
     return load_bench("rl_signal")
