@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--note", default="", help="free text for the results section")
     p.add_argument("--smoke", action="store_true", help="tiny random model and sizes: checks the pipeline only")
     args = p.parse_args(argv)
+    if args.candidates < 1:
+        p.error(f"--candidates must be at least 1, got {args.candidates}")
     if args.smoke:
         args.heldout_per_dataset, args.curve_per_dataset, args.curve_points, args.token_budget = 3, 2, 1, 60
         args.warmup_examples, args.warmup_steps, args.max_steps = 4, 1, 3
@@ -604,6 +606,7 @@ def report(out: Path, args) -> int:
 
 
 def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (recorded results carry no machine paths)."""
     try:
         return str(path.resolve().relative_to(REPO))
     except ValueError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--note", default="", help="text after the table (the reading of the results)")
     args, rest = p.parse_known_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if args.questions < 1:
+        p.error(f"--questions must be at least 1, got {args.questions}")
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     # the experiment's own options (--work, --data-dir, --config, --set, --smoke, split sizes)
@@ -133,14 +136,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rel(path: Path) -> str:
-    """``path`` relative to the repository when inside it (no machine paths in recorded results)."""
-    try:
-        return str(path.resolve().relative_to(rvg.REPO))
-    except ValueError:
-        return path.name
-
-
 def main(argv=None) -> int:
     args, exp = parse_args(argv)
     if args.report:
@@ -148,8 +143,6 @@ def main(argv=None) -> int:
     from rexrag.cli import quiet_libraries
 
     quiet_libraries()
-    import os
-
     from rexrag.config import ModelConfig
     from rexrag.memory import release
     from rexrag.models import load_model, load_tokenizer
@@ -180,7 +173,7 @@ def main(argv=None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": rvg.machine(), "load_before": load_before,
               "load_after": round(os.getloadavg()[0], 2), "warmup_sha256": rvg.weights_sha256(model_dir),
               "questions": args.questions, "command": "python bench/rl_signal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "out": rel(Path(args.out)), "variants": rows}
+              "out": rvg.repo_relative(Path(args.out)), "variants": rows}
     rvg.atomic_json(Path(args.out), result)
     return publish(result, args.append_md, args.note)
 

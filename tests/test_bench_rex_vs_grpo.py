@@ -212,3 +212,9 @@ def test_each_out_folder_has_its_own_section_and_command(rvg, tmp_path):
     assert rvg.command(args, other, [{"seed": 1}, {"seed": 0}]) == (
         "python bench/rex_vs_grpo.py --out bench/results/rex_vs_grpo_solvable --rl-questions solvable --candidates 256 "
         "--set rollout.n=8 --seeds 0,1 --append-md")
+
+
+def test_no_candidates_is_a_usage_error(rvg, capsys):
+    with pytest.raises(SystemExit):
+        rvg.parse_args(["--rl-questions", "solvable", "--candidates", "0"])
+    assert "--candidates must be at least 1" in capsys.readouterr().err

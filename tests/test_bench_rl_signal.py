@@ -57,3 +57,9 @@ def test_report_retabulates_the_recorded_file(rs, tmp_path, capsys):
 def test_unknown_variant_is_a_usage_error(rs):
     with pytest.raises(SystemExit):
         rs.parse_args(["--variants", "recipe,nope"])
+
+
+def test_no_questions_is_a_usage_error(rs, capsys):
+    with pytest.raises(SystemExit):
+        rs.parse_args(["--questions", "0"])
+    assert "--questions must be at least 1" in capsys.readouterr().err
