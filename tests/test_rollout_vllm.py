@@ -234,9 +234,10 @@ def test_trainer_pushes_updated_weights_into_the_engine(smol_tokenizer, tmp_path
     trainer = Trainer(cfg, policy, tok, examples, agent=agent, progress=False,
                       reward_fn=lambda c, a, **k: [len(set(x)) / max(len(x), 1) for x in c])
     history = trainer.train()
-    assert backend.stats["weight_syncs"] == 2  # at start-up, then before step 2's rollout (after step 1's update)
+    # at start-up, before step 1's rollout (a trainer handed an engine cannot know what it holds), before step 2's
+    assert backend.stats["weight_syncs"] == 3 and history[-1]["rollout/weight_sync_gib"] > 0
     assert "timing/weight_sync_s" in history[-1] and history[-1]["rollout/prefix_cache_hit_rate"] >= 0
-    trainer._sync_rollout_weights()  # what step 3 would do first
+    trainer.colocation.before_rollout(trainer.acc.unwrap_model(trainer.model), trainer.step_idx)  # step 3 would
     (after,) = backend.generate(probe, [[]], params)
     trained = trainer.acc.unwrap_model(trainer.model)
     rescored = _rescore(trained, probe[0], after, params)

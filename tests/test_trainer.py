@@ -14,7 +14,8 @@ import torch
 from rexrag.errors import UserError
 from rexrag.train import checkpoint as ckpt
 from rexrag.train.logging import read_metrics
-from rexrag.train.trainer import PromptSampler, Trainer, warmup_schedule
+from rexrag.data import PromptSampler
+from rexrag.train.trainer import Trainer, warmup_schedule
 from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +63,7 @@ def test_every_trainable_parameter_changes_and_losses_finite(tmp_path):
 
 
 def test_groups_with_signal_counts_groups_with_reward_spread(tmp_path):
-    from rexrag.train.trainer import groups_with_signal
+    from rexrag.train.metrics import groups_with_signal
 
     assert groups_with_signal([1, 1, 2, 2, 3, 3], [0.1, 0.1, 0.0, 1.0, 0.0, 0.0]) == pytest.approx(1 / 3)
     assert groups_with_signal([1, 1, 2], [0.5, 0.5, 0.0]) == 0.0  # a lone member has no spread

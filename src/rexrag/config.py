@@ -111,18 +111,24 @@ class RolloutConfig:
     max_query_chars: int = doc("A search query longer than this is cut before retrieval.", 512)
     backend: str = doc("Generation backend: auto (vllm when installed, else hf) | hf | vllm (rexrag.rollout.backends).", "auto")
     engine_dtype: str = doc("Rollout compute dtype: auto (bfloat16 on GPUs and on CPUs with bf16 matrix units, else float32) | float32 | bfloat16 | float16. vLLM runs its weights in it; the HF loop runs fp32 weights under autocast to it.", "auto")
-    vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB.", 1.0)
-    vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of GPU memory the engine may hold (it shares the GPU with training).", 0.4)
-    vllm_enforce_eager: bool = doc("vLLM: no torch.compile / CUDA graphs (start-up in seconds; False decodes faster after a longer start-up).", True)
-    vllm_sleep: bool = doc("vLLM on GPU: offload the engine's weights and drop its KV cache during the update (sleep mode level 1).", False)
+    vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB (per process).", 1.0)
+    vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of the GPU the engine may hold; 0 = derived when the engine starts (after the policy, reference and optimizer are placed) from the free memory less what the update still needs (rexrag.rollout.colocate.auto_gpu_memory_utilization).", 0.0)
+    vllm_enforce_eager: bool | None = doc("vLLM: no torch.compile / CUDA graphs. null = eager on the CPU (start-up in seconds), CUDA graphs on GPUs (launch-bound decode otherwise).", None)
+    vllm_sleep_level: int = doc("vLLM on GPU: sleep mode during the update: 0 off, 1 (weights offloaded to host), 2 (weights and KV cache discarded; the sync refills the weights). The CPU build has no sleep mode.", 2)
+    vllm_tensor_parallel_size: int = doc("vLLM: processes sharing one engine (tensor parallel). Only 1 is built: each process owns one engine.", 1)
+    fsdp_gather_for_rollout: bool = doc("FSDP + hf backend: gather the policy's full weights once per rollout (no collective per decode step; holds the full weights while generating) instead of per forward.", True)
 
     def __post_init__(self):
         from rexrag.rollout.backends import backend_choices
 
         _choices("rollout.backend", self.backend, tuple(backend_choices()))
         _choices("rollout.engine_dtype", self.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
-        if self.vllm_kv_cache_gb <= 0 or not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            raise ConfigError("rollout.vllm_kv_cache_gb must be > 0 and rollout.vllm_gpu_memory_utilization in (0, 1]")
+        if self.vllm_kv_cache_gb <= 0 or not 0.0 <= self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError("rollout.vllm_kv_cache_gb must be > 0 and rollout.vllm_gpu_memory_utilization in [0, 1] (0 = derived)")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise ConfigError(f"rollout.vllm_sleep_level must be 0, 1 or 2, got {self.vllm_sleep_level}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ConfigError(f"rollout.vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         if self.n < 1:
             raise ConfigError("rollout.n must be >= 1")
         if self.max_turns < 0:

@@ -31,6 +31,7 @@ skipped, logged, and counted in the returned list's ``skipped`` attribute.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rexrag.errors import DataError
+from rexrag.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +368,48 @@ def demo_file(name: str) -> Path:
     if name not in DEMO_FILES:
         raise ValueError(f"unknown demo file {name!r}; choose one of {list(DEMO_FILES)}")
     return Path(str(resources.files("rexrag") / "resources" / "demo" / name))
+
+
+def check_group_ids(examples: list) -> None:
+    """Rollouts of one example form one group (GRPO / RLOO baselines, REX probes), keyed by
+    ``example.group_id``: every example needs its own non-negative integer id."""
+    ids = [getattr(ex, "group_id", None) for ex in examples]
+    fix = ("each training example needs a unique group_id >= 0 (its rollouts are grouped by it); load data with "
+           "rexrag.data.load_qa / load_qa_files, or call rexrag.data.assign_group_ids(examples)")
+    for i, g in enumerate(ids):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise UserError(f"example {i} ({getattr(examples[i], 'id', '?')!r}) has group_id={g!r}: {fix}")
+    shared = [(g, n) for g, n in Counter(ids).items() if n > 1]
+    if shared:
+        g, n = shared[0]
+        raise UserError(f"group_id {g} is shared by {n} examples ({len(shared)} id(s) repeated): {fix}")
+
+
+class PromptSampler:
+    """Deterministic epoch-wise shuffled prompt order; state = number of prompts consumed."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        if n == 0:
+            raise UserError("no training examples (data.train_files is empty or every row was skipped)")
+        self.n, self.batch_size, self.seed, self.shuffle, self.consumed = n, batch_size, seed, shuffle, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        import torch
+
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+
+    def next_batch(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            epoch, pos = divmod(self.consumed, self.n)
+            out.append(self._order(epoch)[pos])
+            self.consumed += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor, nn
 
 from rexrag.errors import UserError
 from rexrag.fsutil import atomic_dir
@@ -386,3 +387,26 @@ def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int
         model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+class ValueModel(nn.Module):
+    """Critic for ``gae``: a copy of the policy's decoder plus a zero-initialised linear head.
+
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` with ``values[:, t]`` the
+    value of the state before token t (aligned with per-token log-probs; ``values[:, 0] = 0``).
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        self.backbone = copy.deepcopy(base.get_decoder())
+        self.backbone.requires_grad_(True)
+        self.head = nn.Linear(base.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        pos = position_ids(attention_mask)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
+        v = self.head(h).squeeze(-1).float()
+        return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)

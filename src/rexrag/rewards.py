@@ -379,3 +379,32 @@ def answer_metrics(response: str | None, golds: str | Iterable[str] | None) -> d
         "format": float(format_ok(response)),
         "has_answer": float(pred is not None),
     }
+
+
+def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list[float]:
+    """Reward of each trajectory (``rexrag.rollout.trajectory.Trajectory``), also stored in ``traj.meta['reward']``.
+
+    ``fn`` gets ``completions`` (the model's own text: POLICY and PROBE tokens, no prompt, no retrieved
+    passages, no notices; ``rexrag.rollout.agent.policy_text``) and the gold answers, and as keywords
+    (those it names, or all with ``**kw``): ``predictions`` (the model's answer read from its own tokens,
+    ``policy_answer``), ``formatted`` (``format_ok`` of the response with every retrieved block emptied),
+    ``questions``, ``metadata`` (the example's metadata plus ``id``, ``data_source``, ``group_id``) and
+    ``trajectories``. A wrong count or a non-finite value is an error naming ``name``.
+    """
+    from rexrag.rollout.agent import format_view, policy_answer, policy_text
+
+    if not trajs:
+        return []
+    exs = [tr.example for tr in trajs]
+    answers = [list(getattr(ex, "golden_answers", []) or []) for ex in exs]
+    out = call_reward(
+        fn, name, [policy_text(tokenizer, tr) for tr in trajs], answers,
+        predictions=[policy_answer(tokenizer, tr) for tr in trajs],
+        formatted=[format_ok(format_view(tokenizer, tr)) for tr in trajs],
+        questions=[getattr(ex, "question", "") for ex in exs],
+        metadata=[{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
+                   "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)],
+        trajectories=trajs)
+    for tr, r in zip(trajs, out):
+        tr.meta["reward"] = r
+    return out

@@ -19,6 +19,7 @@ one-token dummy forwards until every process is done.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -137,6 +138,24 @@ def drain(obj) -> None:
         ls.drain()
 
 
+def global_sum(acc, x: float) -> float:
+    """``x`` summed over the processes (float64; ``x`` itself in one process)."""
+    if acc.num_processes == 1:
+        return x
+    return float(acc.reduce(torch.tensor([x], dtype=torch.float64, device=acc.device), "sum")[0])
+
+
+def global_max(acc, x: float) -> float:
+    if acc.num_processes == 1:
+        return x
+    return float(acc.reduce(torch.tensor([float(x)], device=acc.device), "max")[0])
+
+
+def global_min(acc, x: int) -> int:
+    # accelerate's reduce knows sum / mean / max only (any other name sums): min(x) = -max(-x)
+    return int(-global_max(acc, -float(x))) if acc.num_processes > 1 else x
+
+
 def module_bytes(module: torch.nn.Module | None) -> int:
     """Bytes of ``module``'s parameters and buffers held by this process (a shard's local part under FSDP)."""
     if module is None:
@@ -146,3 +165,38 @@ def module_bytes(module: torch.nn.Module | None) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every FSDP2 unit of ``model`` unsharded for the block (one all-gather per unit, in module order,
+    the same on every process) and resharded after it, with ``reshard_after_forward`` off meanwhile:
+    forwards inside run no collective. Outside FSDP a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    saved = [_reshard_setting(m) for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m, setting in zip(units, saved):
+            m.reshard()
+            _restore_reshard_setting(m, setting)
+
+
+def _reshard_setting(unit) -> tuple:
+    """An FSDP2 unit's reshard-after-forward setting as torch 2.13 keeps it (the param groups'
+    post-forward mesh and the root's "decide at lazy init" flag), which the public setter cannot
+    restore exactly (it always clears the flag)."""
+    state = unit._get_fsdp_state()
+    return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]
+
+
+def _restore_reshard_setting(unit, setting: tuple) -> None:
+    state = unit._get_fsdp_state()
+    state._auto_reshard_after_forward, infos = setting
+    for group, info in zip(state._fsdp_param_groups, infos):
+        group.post_forward_mesh_info = info

@@ -1,7 +1,9 @@
 """The registry of generation backends: the only list of choices for ``rollout.backend`` / ``--backend``.
 
-Every builder has one signature, ``build(model, tokenizer, cfg, *, device, seed, max_batch)``, and
-returns a ``GenerationBackend``. ``auto`` picks ``vllm`` when it is installed, else ``hf``.
+Every builder has one signature, ``build(model, tokenizer, cfg, *, device, seed, max_batch, distributed, load)``,
+and returns a ``GenerationBackend``: ``distributed`` says the process is one of several (each owns its
+backend), ``load`` False defers copying the weights to the caller (a backend that samples from the
+model itself ignores both). ``auto`` picks ``vllm`` when it is installed, else ``hf``.
 Registering a new builder here makes it selectable from the config and the CLI with no other edit.
 """
 
@@ -33,13 +35,15 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | None = None, max_batch: int = 64):
+def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | None = None, max_batch: int = 64,
+                  distributed: bool = False, load: bool = True):
     """The backend ``name`` (after ``auto`` resolution) for ``model``; ``cfg`` is a ``RolloutConfig``."""
-    return BACKENDS.get(resolve_backend_name(name))(model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch)
+    return BACKENDS.get(resolve_backend_name(name))(model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
+                                                    distributed=distributed, load=load)
 
 
 @BACKENDS.register("hf")
-def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
+def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     from rexrag.hardware import default_compute_dtype
     from rexrag.rollout.engine import HFBackend
 
@@ -49,9 +53,14 @@ def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
 
 
 @BACKENDS.register("vllm")
-def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64):
+def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
+    """``distributed``: one engine per process inside the running torch.distributed world; ``load``:
+    False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engines``)."""
+    from rexrag.rollout.weights import auto_gpu_memory_utilization
     from rexrag.rollout.vllm_backend import VLLMBackend
 
+    util = cfg.vllm_gpu_memory_utilization or auto_gpu_memory_utilization(model, cfg.vllm_sleep_level)
     return VLLMBackend(model, tokenizer, max_model_len=cfg.max_total_tokens, device=device, dtype=cfg.engine_dtype,
-                       seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                       enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(max_batch, 256), sleep=cfg.vllm_sleep)
+                       seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=util,
+                       enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(max_batch, 256),
+                       sleep_level=cfg.vllm_sleep_level, distributed=distributed, load=load)

