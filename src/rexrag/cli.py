@@ -33,7 +33,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rexrag.errors import UserError
+    from rexrag.errors import EngineError, UserError
 
     args = build_parser().parse_args(argv)
     quiet_libraries()
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"rexrag {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except EngineError as exc:
+        print(f"rexrag {args.command}: engine error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

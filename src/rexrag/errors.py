@@ -27,3 +27,9 @@ class RetrievalError(RuntimeError):
 class RetrievalUnavailableError(UserError):
     """Retrieval failed on too many consecutive turns (``retrieval.max_failed_turns``): the service is
     down or misconfigured. The message names the retriever and its last error."""
+
+
+class EngineError(RuntimeError):
+    """A generation engine failed while generating or loading weights, on this process or (under several
+    processes) on another one; the message says what was being done and on which rank. Not bad input:
+    the CLI prints it as one line and exits with status 1."""

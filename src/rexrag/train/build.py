@@ -44,7 +44,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
     from rexrag.rollout.backends import build_backend, resolve_backend_name
-    from rexrag.rollout.colocate import start_engine
+    from rexrag.rollout.colocate import check_layout, start_engine
     from rexrag.sharding import make_accelerator
     from rexrag.train.trainer import Trainer, seed_everything
 
@@ -56,6 +56,8 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
         cfg.retrieval.index = str(Path(cfg.trainer.out_dir) / "index")
     # an unknown or not-installed backend fails here, before any model loads
     backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
+    if backend_name == "vllm":
+        check_layout(cfg.rollout, acc.num_processes)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device=acc.device)
