@@ -8,6 +8,8 @@ RL steps (resuming when ``trainer.resume=true``), then greedy continuations of a
 the synced engine; writes OUT/rank<r>.json. ``fail_sync``: rank 1's engine fails in the middle of the
 second weight sync. ``fail_start``: rank 1 asks its engine for a context longer than the model has.
 ``hf``: the same greedy rollouts with the HF backend on the unsharded model, one process, for reference.
+With ``rollout.backend=hf`` the ``train`` mode runs the HF loop on the sharded policy instead (gathered
+once per rollout, or in lockstep with ``rollout.fsdp_gather_for_rollout=false``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rexrag.config import load_config
 from rexrag.data import QAExample
 from rexrag.rollout.agent import SearchAgent
 from rexrag.rollout.engine import SamplingParams
+from rexrag.sharding import drain
 
 QUESTIONS = ["Who wrote Hamlet?", "Capital of Peru?", "Where is Lake Baikal?", "Who painted the Mona Lisa?"]
 PROBE = "The capital of Peru is"
@@ -77,20 +80,36 @@ def train(model: str, out: Path, overrides: list[str], mode: str) -> None:
     backend = tr.agent.backend
     info = {"backend": type(backend).__name__, "sharded": tr.sharded, "world": tr.world,
             "param_type": type(next(tr.model.parameters())).__name__}
-    info["greedy"] = greedy_rollouts(backend, tr.tokenizer, cfg, tr.rank, tr.world)
+    with tr.colocation.rollout(tr.model):  # HF under FSDP: gathered once, or in lockstep
+        info["greedy"] = greedy_rollouts(backend, tr.tokenizer, cfg, tr.rank, tr.world)
+        if tr.rank == 0:  # one more call than rank 1: sharded forwards that were collective would hang here
+            backend.generate([tr.tokenizer.encode(PROBE)], [[]], SamplingParams(temperature=0, max_new_tokens=5))
+        drain(backend)
     if mode == "fail_sync" and tr.rank == 1:
         _fail_second_sync(backend)
     base_before = _frozen_base(tr)
     info["history"] = tr.train()
     tr.colocation.before_rollout(tr.acc.unwrap_model(tr.model), tr.step_idx)  # the sync step steps+1 would make
-    (probe_out,) = backend.generate([tr.tokenizer.encode(PROBE)], [[]], SamplingParams(temperature=0, max_new_tokens=8))
+    with tr.colocation.rollout(tr.model):
+        (probe_out,) = backend.generate([tr.tokenizer.encode(PROBE)], [[]], SamplingParams(temperature=0, max_new_tokens=8))
+        drain(backend)
     info["probe"] = {"prompt": tr.tokenizer.encode(PROBE), "ids": probe_out.token_ids, "logprobs": probe_out.logprobs}
-    info["weight_syncs"] = backend.stats["weight_syncs"]
+    info["weight_syncs"] = backend.stats.get("weight_syncs", 0)
+    info["dummy_forwards"] = getattr(getattr(backend, "lockstep", None), "dummy_forwards", 0)
     info["base_unchanged"] = None if base_before is None else all(
         torch.equal(a, b) for a, b in zip(base_before, _frozen_base(tr)))
     info["step_idx"] = tr.step_idx
+    info["reshard_after_forward"] = _reshard_flags(tr.model)
     (out / f"rank{tr.rank}.json").write_text(json.dumps(info))
     tr.acc.wait_for_everyone()
+
+
+def _reshard_flags(model) -> list[bool]:
+    """Per FSDP unit: does it free its gathered parameters after forward (the setting training runs with)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [all(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+            for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def _frozen_base(tr):

@@ -163,6 +163,20 @@ def test_engine_memory_fraction_reserves_what_the_update_still_needs():
     assert engine_memory_fraction(5 * gib, 80 * gib, 2 * gib, 0) == 0.0
 
 
+def test_auto_gpu_share_that_cannot_fit_names_the_setting_and_the_rank(monkeypatch, tiny_model):
+    from rexrag.rollout import weights
+
+    gib = 2**30
+    monkeypatch.setattr(weights.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(weights.torch.cuda, "mem_get_info", lambda: (2 * gib, 80 * gib))
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(UserError, match=r"rank 3: only 0\.0% of the GPU .*rollout.vllm_gpu_memory_utilization"):
+        weights.auto_gpu_memory_utilization(tiny_model, sleep_level=0)
+    monkeypatch.setattr(weights.torch.cuda, "mem_get_info", lambda: (70 * gib, 80 * gib))
+    assert weights.auto_gpu_memory_utilization(tiny_model, sleep_level=2) == pytest.approx(
+        engine_memory_fraction(70 * gib, 80 * gib, sum(p.numel() * 4 for p in tiny_model.parameters()), 2))
+
+
 def test_mismatch_metrics_per_kind_against_closed_form():
     P, I = int(Seg.POLICY), int(Seg.INFO)
     segments = torch.tensor([[0, P, P, I], [0, P, 0, 0]])
@@ -317,6 +331,29 @@ def test_ddp_lora_one_engine_per_process(tmp_path, model_dir):
         assert r["base_unchanged"] is True and r["weight_syncs"] == 3
     _check_greedy_equals_hf(out, ranks, model_dir, *lora)
     _check_engines_match_model(out, ranks, 2, model_dir)
+
+
+@pytest.mark.slow
+def test_fsdp_hf_backend_gathered_once_equals_lockstep(tmp_path, model_dir):
+    """The HF fallback under FSDP: with the policy gathered once per rollout, rank 0 makes one more
+    generate call than rank 1 without any dummy forward (no collective per decode step), the greedy
+    rollouts equal the unsharded model's, and two training steps end bitwise where the per-forward
+    lockstep path ends."""
+    from safetensors.torch import load_file
+
+    once, lock = tmp_path / "once", tmp_path / "lockstep"
+    _launch(FSDP, "train", model_dir, once, "rollout.backend=hf")
+    _launch(FSDP, "train", model_dir, lock, "rollout.backend=hf", "rollout.fsdp_gather_for_rollout=false")
+    r_once, r_lock = _ranks(once), _ranks(lock)
+    assert all(r["backend"] == "HFBackend" and r["sharded"] for r in r_once + r_lock)
+    assert [r["dummy_forwards"] for r in r_once] == [0, 0] and r_lock[1]["dummy_forwards"] > 0
+    # after the gathered rollouts every unit trains with the reshard setting it has without them
+    assert r_once[0]["reshard_after_forward"] == r_lock[0]["reshard_after_forward"] and len(r_once[0]["reshard_after_forward"]) > 1
+    _check_greedy_equals_hf(once, r_once, model_dir)
+    a = load_file(str(once / "checkpoints" / "step_000002" / "model" / "model.safetensors"))
+    b = load_file(str(lock / "checkpoints" / "step_000002" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    _check_engines_match_model(once, r_once, 2, model_dir)
 
 
 @pytest.mark.slow

@@ -164,6 +164,13 @@ class AlgoConfig:
     entropy_coef: float = doc("Entropy bonus coefficient.", 0.0)
     value_clip: float = doc("Value-loss clip range (gae only).", 0.2)
     vf_coef: float = doc("Value-loss coefficient (gae only).", 0.5)
+    ratio_level: str = doc("token (PPO/GRPO) | sequence (GSPO: length-normalised sequence ratio, clipped with gspo_clip_*; pair with loss_agg=seq-mean-token-mean as in the paper).", "token")
+    gspo_clip_low: float = doc("GSPO clip epsilon below 1 (ratio_level=sequence).", 3e-4)
+    gspo_clip_high: float = doc("GSPO clip epsilon above 1 (ratio_level=sequence).", 4e-4)
+    rollout_correction: str = doc("Engine-vs-trainer correction registered in rexrag.algos.rollout_correction: none | token_tis | seq_tis | token_mask | seq_mask | geo_mask.", "none")
+    rollout_correction_cap: float = doc("C of token_tis / seq_tis: importance weights are truncated at C (> 1).", 2.0)
+    rollout_correction_low: float = doc("Lower bound of the *_mask corrections' accepted ratio (geo_mask: SkyRL recommends about 0.99).", 0.5)
+    rollout_correction_high: float = doc("Upper bound of the *_mask corrections' accepted ratio (geo_mask: about 1.01).", 2.0)
 
     def __post_init__(self):
         from rexrag.algos.advantages import adv_estimators
@@ -174,6 +181,18 @@ class AlgoConfig:
         _choices("algo.kl_type", self.kl_type, KL_KINDS)
         if self.dual_clip_c and self.dual_clip_c <= 1.0:
             raise ConfigError("algo.dual_clip_c must be > 1 (or 0 to disable)")
+        from rexrag.algos.rollout_correction import rollout_corrections
+
+        _choices("algo.rollout_correction", self.rollout_correction, rollout_corrections())
+        _choices("algo.ratio_level", self.ratio_level, ("token", "sequence"))
+        if self.rollout_correction_cap <= 1.0:
+            raise ConfigError(f"algo.rollout_correction_cap must be > 1 (a cap <= 1 truncates every weight), "
+                              f"got {self.rollout_correction_cap}")
+        if not 0.0 <= self.rollout_correction_low < self.rollout_correction_high:
+            raise ConfigError(f"algo.rollout_correction_low ({self.rollout_correction_low}) must be >= 0 and below "
+                              f"algo.rollout_correction_high ({self.rollout_correction_high})")
+        if self.gspo_clip_low <= 0 or self.gspo_clip_high <= 0:
+            raise ConfigError("algo.gspo_clip_low and algo.gspo_clip_high must be > 0")
 
 
 @dataclass
@@ -218,6 +237,15 @@ class DataConfig:
     shuffle: bool = doc("Shuffle the training examples each epoch.", True)
     skip_bad: bool = doc("Skip malformed rows (counted) instead of failing.", False)
     limit: int = doc("Use at most this many training examples (0 = all).", 0)
+    dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups whose rewards are all equal (after REX-RAG probes join) and sample more prompts until batch_size groups carry a signal.", False)
+    dynamic_sampling_max_rounds: int = doc("Bound on sampling rounds per step with dynamic_sampling (1 = no extra round); short of groups after it, the step fills up with dropped ones.", 3)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        if self.dynamic_sampling and self.dynamic_sampling_max_rounds < 1:
+            raise ConfigError(f"data.dynamic_sampling_max_rounds must be >= 1 with data.dynamic_sampling, "
+                              f"got {self.dynamic_sampling_max_rounds}")
 
 
 @dataclass

@@ -385,6 +385,21 @@ def check_group_ids(examples: list) -> None:
         raise UserError(f"group_id {g} is shared by {n} examples ({len(shared)} id(s) repeated): {fix}")
 
 
+def check_examples(examples: list, data_cfg=None) -> None:
+    """Unique group ids (:func:`check_group_ids`) and, with ``data.dynamic_sampling``, enough distinct
+    prompts for every round of a step (``batch_size * dynamic_sampling_max_rounds``)."""
+    check_group_ids(examples)
+    if data_cfg is not None and data_cfg.dynamic_sampling:
+        need = data_cfg.batch_size * data_cfg.dynamic_sampling_max_rounds
+        if len(examples) < need:
+            from rexrag.errors import ConfigError
+
+            raise ConfigError(f"data.dynamic_sampling with data.batch_size={data_cfg.batch_size} and "
+                              f"data.dynamic_sampling_max_rounds={data_cfg.dynamic_sampling_max_rounds} needs up to "
+                              f"{need} distinct prompts per step; the training data has {len(examples)} (lower "
+                              "data.dynamic_sampling_max_rounds or data.batch_size, or add data)")
+
+
 class PromptSampler:
     """Deterministic epoch-wise shuffled prompt order; state = number of prompts consumed."""
 

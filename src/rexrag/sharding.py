@@ -196,10 +196,14 @@ def _reshard_setting(unit) -> tuple:
 
 
 def _restore_reshard_setting(unit, setting: tuple) -> None:
+    """Put a unit's setting back; a root whose lazy init ran inside the block (the run's first forward
+    was a rollout's) gets what lazy init gives a root left on "auto": no reshard after forward."""
     state = unit._get_fsdp_state()
-    state._auto_reshard_after_forward, infos = setting
+    auto, infos = setting
+    state._auto_reshard_after_forward = auto
+    root_auto = auto and bool(getattr(state, "_is_root", False))
     for group, info in zip(state._fsdp_param_groups, infos):
-        group.post_forward_mesh_info = info
+        group.post_forward_mesh_info = None if root_auto else info
 
 
 def _world() -> tuple[int, int]:

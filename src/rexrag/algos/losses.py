@@ -71,6 +71,15 @@ def aggregate(
     raise UserError(f"unknown loss aggregation {mode!r}; choose one of {list(AGG_MODES)}")
 
 
+def sequence_log_ratio(logp: Tensor, log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's length-normalised sequence log-ratio, per token [B, T]: every token of row i carries
+    sg(mean over its masked tokens of ``log_ratio``) + logp - sg(logp), so its value is the sequence's
+    and its gradient is the token's own score (GSPO-token; equal to GSPO with seq-mean-token-mean)."""
+    m = mask > 0
+    seq = (torch.where(m, log_ratio, torch.zeros_like(log_ratio)).sum(-1) / m.sum(-1).clamp(min=1)).detach()
+    return seq[:, None] + logp - logp.detach()
+
+
 def policy_loss(
     logp: Tensor,
     behaviour_logp: Tensor,
@@ -78,19 +87,26 @@ def policy_loss(
     mask: Tensor,
     cfg,
     seq_weights: Optional[Tensor] = None,
+    token_weights: Optional[Tensor] = None,
     **agg,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with clip-higher and optional dual clip.
 
     ratio = exp(logp - behaviour_logp), all [B, T]; behaviour_logp is the old policy's log-probs, or
     REX-RAG's mixture log q_t. loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); with dual
-    clip (c > 1) negative-advantage tokens are capped at -A c. ``seq_weights`` [B] (detached) scale each
-    row. ``agg`` goes to :func:`aggregate` (mode = cfg.loss_agg).
+    clip (c > 1) negative-advantage tokens are capped at -A c. ``cfg.ratio_level == "sequence"`` (GSPO):
+    r is the sequence's length-normalised ratio (:func:`sequence_log_ratio`) clipped to
+    [1 - gspo_clip_low, 1 + gspo_clip_high]. ``seq_weights`` [B] and ``token_weights`` [B, T] (detached;
+    REX-RAG's sequence weights, the rollout correction's importance weights) scale the per-token loss.
+    ``agg`` goes to :func:`aggregate` (mode = cfg.loss_agg).
     """
     logp, behaviour_logp, advantages = _clean(logp, mask), _clean(behaviour_logp, mask), _clean(advantages, mask)
     log_ratio = (logp - behaviour_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    if getattr(cfg, "ratio_level", "token") == "sequence":
+        log_ratio = sequence_log_ratio(logp, log_ratio, mask)
+        lo, hi = 1.0 - cfg.gspo_clip_low, 1.0 + cfg.gspo_clip_high
+    ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * ratio.clamp(lo, hi)
     loss_mat = torch.maximum(pg1, pg2)
@@ -103,6 +119,8 @@ def policy_loss(
         loss_mat = torch.where(use_cap, cap, loss_mat)
     if seq_weights is not None:
         loss_mat = loss_mat * seq_weights.detach()[:, None].to(loss_mat.dtype)
+    if token_weights is not None:
+        loss_mat = loss_mat * _clean(token_weights.detach().to(loss_mat.dtype), mask)
     loss = aggregate(loss_mat, mask, cfg.loss_agg, **agg)
     with torch.no_grad():
         metrics = {

@@ -226,8 +226,9 @@ def rollout_config(opts: EvalOptions):
 def make_backend(model, tokenizer, opts: EvalOptions):
     from rexrag.rollout.backends import build_backend
 
+    # data parallel (accelerate launch): each process its own engine inside the running torch.distributed world
     return build_backend(opts.backend, model, tokenizer, rollout_config(opts), device=opts.device,
-                         seed=opts.seed, max_batch=opts.batch_size)
+                         seed=opts.seed, max_batch=opts.batch_size, distributed=data_parallel_rank()[1] > 1)
 
 
 def make_agent(backend, tokenizer, retriever, opts: EvalOptions):

@@ -155,6 +155,19 @@ class RexExplorer:
         }
         return probes
 
+    def rebase(self, originals: list[Trajectory], rewards: list[float], probes: list[Trajectory]) -> None:
+        """The batch trained on was gathered over several :meth:`explore` rounds (dynamic sampling):
+        alpha, the originals' failure rate and the probes' accuracy (hence rho) are recomputed
+        batch-wide for it, so the correction describes the batch it corrects."""
+        failed = P.failed_mask(rewards, self.cfg.success_reward)
+        correct = [float(t.meta.get("reward", 0.0)) >= self.cfg.success_reward for t in probes]
+        n_orig, n_failed, n_kept, n_correct = self.comm.sum([len(originals), sum(failed), len(probes), sum(correct)])
+        self._accuracy = n_correct / n_kept if n_kept else None
+        self.failure_rate = n_failed / n_orig if n_orig else 0.0
+        self.alpha = n_kept / (n_orig + n_kept) if n_kept else 0.0
+        self._step_metrics.update({"rex/failure_rate": self.failure_rate, "rex/probes_kept": n_kept, "rex/alpha": self.alpha,
+                                   "rex/probe_acc": self._accuracy if self._accuracy is not None else float("nan")})
+
     # ------------------------------------------------------------------ correction
     def correct(
         self, batch: dict[str, torch.Tensor], old_logprobs: torch.Tensor, is_probe: torch.Tensor, probe_start: torch.Tensor

@@ -132,10 +132,16 @@ class Colocation:
             self.backend.lockstep = lockstep
 
     def after_rollout(self) -> None:
-        """Release the engine's memory for the update (GPU sleep mode; a no-op elsewhere)."""
+        """Release the engine's memory for the update (GPU sleep mode), then wait for every process's
+        rollouts: their lengths differ, and without the barrier the wait would be counted as the
+        update's (its first collective is where the early process would wait)."""
         fn = getattr(self.backend, "sleep", None)
         if fn is not None:
             fn()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
 
 
 # --------------------------------------------------------------------------- mismatch

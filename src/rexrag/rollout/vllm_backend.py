@@ -68,6 +68,16 @@ log = logging.getLogger(__name__)
 TESTED_VLLM = "0.32.0"
 
 
+def _check_version() -> None:
+    """Another vLLM release may have moved the in-place reload or the sleep tags: say so once, up front."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not str(version).startswith(TESTED_VLLM):
+        log.warning("vLLM %s is installed; rexrag's weight sync and sleep choreography are written against %s "
+                    "(pip install 'rexrag[vllm]' pins it)", version, TESTED_VLLM)
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -260,6 +270,7 @@ class VLLMBackend:
                       max_num_seqs=max_num_seqs, enable_chunked_prefill=not cpu,
                       max_num_batched_tokens=max(self.max_model_len, 8192), disable_log_stats=True,
                       **{**memory, **self._engine_kwargs})
+        _check_version()
         agree = on_all_ranks if distributed else (lambda fn, what: fn())
         hint = ("; check rollout.max_total_tokens, rollout.engine_dtype and the rollout.vllm_* settings, or use the hf "
                 "backend for it (rollout.backend=hf / --backend hf)")

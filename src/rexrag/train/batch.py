@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rexrag.rollout.trajectory import Trajectory, to_batch
+from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
 
 
 @dataclass
@@ -63,6 +63,11 @@ class Batch:
                    probe_start=torch.tensor([tr.probe_start for tr in trajs], dtype=torch.long, device=device))
 
     @property
+    def sampled(self) -> Tensor:
+        """[B, T] bool: the tokens the generation backend sampled (POLICY), whose ``rollout_logprobs`` are real."""
+        return self.segments == Seg.POLICY
+
+    @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
@@ -87,6 +92,7 @@ class Targets:
     behaviour_logp  [B, T]  the PPO ratio's denominator: REX-RAG's mixture log q, else ``old_logp``;
                             None exactly when ``old_logp`` is None (then computed per micro-batch)
     seq_weights     [B]     REX-RAG ``rex_sequence`` row weights, else None
+    token_weights   [B, T]  rollout-correction importance weights (``algo.rollout_correction``), else None
     ref_logp        [B, T]  reference policy (KL in the loss), else None
     old_values      [B, T]  critic before the update (``gae``), else None
     """
@@ -96,6 +102,7 @@ class Targets:
     old_logp: Tensor | None = None
     behaviour_logp: Tensor | None = None
     seq_weights: Tensor | None = None
+    token_weights: Tensor | None = None
     ref_logp: Tensor | None = None
     old_values: Tensor | None = None
 

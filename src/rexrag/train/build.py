@@ -40,6 +40,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     object with ``search(queries, k) -> list[list[Passage]]``), ``examples`` (``QAExample`` records
     with unique ``group_id``) and ``reward_fn`` replace what ``cfg.retrieval`` / ``cfg.data`` /
     ``cfg.trainer.reward`` would give."""
+    from rexrag.data import check_examples
     from rexrag.models import load_model, load_tokenizer
     from rexrag.retrieval import load_retriever
     from rexrag.rollout.agent import SearchAgent
@@ -58,6 +59,8 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
     if backend_name == "vllm":
         check_layout(cfg.rollout, acc.num_processes)
+    examples = _examples(cfg) if examples is None else list(examples)
+    check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model, device=acc.device)
@@ -82,7 +85,6 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
             seed=cfg.trainer.seed + acc.process_index,
             clip_range=(cfg.algo.clip_low, cfg.algo.clip_high),
         )
-    examples = _examples(cfg) if examples is None else list(examples)
     trainer = Trainer(cfg, model, tokenizer, examples, agent=agent, explorer=explorer, reward_fn=reward_fn,
                       accelerator=acc, progress=progress)
     if agent.backend is None:  # vLLM: one engine per process, started once the policy is prepared (sharded),

@@ -1,10 +1,9 @@
 """The RL training loop. One step reads top to bottom (see :meth:`Trainer.step`):
 
 sample prompts -> rollouts (n per prompt) -> rewards -> [REX: explore] -> old-policy / reference
-log-probs recomputed on the exact tokens -> [REX: correct] -> advantages -> ``ppo_epochs`` passes of
-mini-batch updates (gradient accumulation over micro-batches, clipping) -> log -> [REX: end_step].
-The tensors flow as a typed :class:`~rexrag.train.batch.Batch` (rollout) and
-:class:`~rexrag.train.batch.Targets` (what the step computed), shapes documented in ``train/batch.py``.
+log-probs recomputed on the exact tokens -> [REX: correct] -> [rollout correction] -> advantages ->
+``ppo_epochs`` passes of mini-batch updates (gradient accumulation, clipping) -> log -> [REX: end_step].
+Tensors flow as a :class:`~rexrag.train.batch.Batch` (rollout) and :class:`~rexrag.train.batch.Targets`.
 
 Which forward pass each quantity comes from (all on the exact batch tokens via
 ``models.sequence_logprobs``; each sweep is counted per step in ``passes/<kind>``):
@@ -61,8 +60,9 @@ from torch import Tensor
 
 from rexrag.algos.advantages import get_adv_estimator, token_rewards
 from rexrag.algos.losses import entropy_loss, kl_loss, kl_penalty, policy_loss, value_loss
+from rexrag.algos.rollout_correction import rollout_correction
 from rexrag.config import Config, ConfigError, config_to_dict
-from rexrag.data import PromptSampler, check_group_ids
+from rexrag.data import PromptSampler, check_examples
 from rexrag.errors import UserError
 from rexrag.models import ValueModel, enable_gradient_checkpointing, sequence_logprobs
 from rexrag.rewards import build_reward, format_ok, reward_trajectories
@@ -74,6 +74,7 @@ from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
 from rexrag.train.logging import MetricsLogger, memory_metrics
+from rexrag.train.dynamic import sample_step
 from rexrag.train.metrics import rollout_metrics
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
@@ -84,13 +85,10 @@ PASSES = ("probe_scores", "old_logprobs", "reference", "values", "update")
 
 
 class Explorer(Protocol):
-    """The REX-RAG hook (implemented by ``rexrag.rex.explorer.RexExplorer``). Per step the trainer calls
-    ``explore`` after rewards (kept probes join the batch after the originals), ``correct`` after the
-    old/reference log-probs (its behaviour log-probs replace the old ones in the PPO ratio; optional
-    [B] sequence weights scale each row's loss) and ``end_step`` after the update. ``correct`` must be
-    row-local (rows of a slice get what they get in the whole batch): an on-policy update calls it
-    per micro-batch with the detached log-probs of its own forward, then once on all rows. ``state_dict`` /
-    ``load_state_dict``, when present, are saved in and restored from checkpoints."""
+    """The REX-RAG hook (``rexrag.rex.explorer.RexExplorer``): ``explore`` after rewards (kept probes join
+    the batch after the originals), ``correct`` after the old/reference log-probs (behaviour log-probs for
+    the PPO ratio, optional [B] row weights; row-local: an on-policy update calls it per micro-batch, then
+    on all rows), ``end_step`` after the update; ``state_dict`` / ``load_state_dict`` go into checkpoints."""
 
     def explore(self, originals, rewards, agent, score_fn, reward_fn) -> list[Trajectory]: ...
     def correct(self, batch, old_logprobs, is_probe, probe_start) -> tuple[Tensor, Tensor | None, dict]: ...
@@ -149,7 +147,7 @@ class Trainer:
         if rollout_fn is None and agent is None:
             raise UserError("Trainer needs a rollout_fn or a SearchAgent")
         self.rollout_fn = rollout_fn or agent.rollout
-        check_group_ids(examples)
+        check_examples(examples, cfg.data)  # unique group ids; enough prompts for dynamic sampling
         self.agent, self.explorer, self.tokenizer, self.examples = agent, explorer, tokenizer, examples
         self.reward_fn = reward_fn or build_reward(self.tc.reward)
         self.reward_name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
@@ -225,8 +223,7 @@ class Trainer:
         """One RL step; returns the (process-averaged) metrics."""
         t = {"start": time.perf_counter()}
         self.passes = dict.fromkeys(PASSES, 0)
-        prompts = self.sampler.next_batch()[self.rank :: self.world]  # whole groups per process
-        trajs, rewards, probes, agent_metrics = self.sample([self.examples[i] for i in prompts], t)
+        trajs, rewards, probes, agent_metrics = sample_step(self, t)  # (data.dynamic_sampling: more rounds)
         n_orig, rex_metrics = len(trajs), {}
         trajs = trajs + probes
         batch = Batch.collate(trajs, self.pad_id, self.cfg.rex.train_probe_tokens, self.acc.device)
@@ -239,10 +236,15 @@ class Trainer:
         behaviour, seq_w = old_logp, None
         if self.explorer is not None and old_logp is not None:
             behaviour, seq_w, rex_metrics = self.explorer.correct(batch.mapping(), old_logp, batch.is_probe, batch.probe_start)
+        tok_w, corr_metrics = None, {}
+        if self.algo.rollout_correction != "none":  # engine vs trainer (never with reuse: needs old_logp first)
+            tok_w, keep, corr_metrics = rollout_correction(old_logp, batch.rollout_logprobs, batch.sampled,
+                                                           batch.loss_mask, batch.is_probe, self.algo)
+            batch.loss_mask = batch.loss_mask * keep  # rejected tokens leave the loss and its denominator
         with self._timed(t, "adv"):
             adv, ret = self._advantages(batch, old_logp, ref_logp, old_values)
         targets = Targets(advantages=adv, returns=ret, old_logp=old_logp, behaviour_logp=behaviour, seq_weights=seq_w,
-                          ref_logp=ref_logp, old_values=old_values)
+                          token_weights=tok_w, ref_logp=ref_logp, old_values=old_values)
         with self._timed(t, "update"):
             upd, fresh_old = self.update(batch, targets, chunks)
         if old_logp is None:  # on-policy reuse: the correction's metrics over the whole batch, no forward
@@ -255,7 +257,7 @@ class Trainer:
             rex_metrics = {**rex_metrics, **self.explorer.end_step()}
         metrics = {**rollout_metrics(self.tokenizer, trajs[:n_orig], batch, old_logp, adv, rewards, agent_metrics,
                                      trajs[n_orig:], self.format_ok), **upd, **self.colocation.last,
-                   **mismatch_metrics(batch.segments, batch.is_probe, batch.rollout_logprobs, old_logp),
+                   **mismatch_metrics(batch.segments, batch.is_probe, batch.rollout_logprobs, old_logp), **corr_metrics,
                    **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()},
                    **{f"passes/{k}": float(v) for k, v in self.passes.items()}}
         metrics = self._reduce(metrics)
@@ -290,14 +292,15 @@ class Trainer:
             if self.explorer is not None:
                 with self._timed(t, "explore"):
                     probes = list(self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards))
-        self.colocation.after_rollout()  # the engine's memory is the update's (GPU sleep mode)
+        with self._timed(t, "rollout_wait"):  # engine asleep (GPU); processes' rollouts done (the update's to time)
+            self.colocation.after_rollout()
         return trajs, rewards, probes, agent_metrics
 
     def _reuse_update_forward(self, n_mini: int) -> bool:
         """On-policy (one epoch, one mini-batch): pi_old is the update's own forward, detached. Not with
         ``kl_in_reward``, whose advantages need pi_old before the update."""
         return (self.tc.reuse_update_forward and self.tc.ppo_epochs == 1 and n_mini == 1
-                and not self.algo.kl_in_reward)
+                and not self.algo.kl_in_reward and self.algo.rollout_correction == "none")
 
     @contextlib.contextmanager
     def _timed(self, t: dict, name: str):
@@ -516,7 +519,8 @@ class Trainer:
                 logp, ent = sequence_logprobs(self.model, ids, am, temperature=self.temperature), None
         logp = logp.float()
         behaviour, seq_w = self._behaviour(batch, targets, mb, logp, fresh)
-        loss, m = policy_loss(logp, behaviour, targets.advantages[idx, :w], mask, self.algo, seq_w, **norm)
+        tok_w = targets.token_weights[idx, :w] if targets.token_weights is not None else None
+        loss, m = policy_loss(logp, behaviour, targets.advantages[idx, :w], mask, self.algo, seq_w, tok_w, **norm)
         if targets.ref_logp is not None and not self.algo.kl_in_reward:
             kl, km = kl_loss(logp, targets.ref_logp[idx, :w], mask, self.algo, **norm)
             loss = loss + self.algo.kl_coef * kl

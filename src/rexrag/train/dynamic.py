@@ -1,0 +1,79 @@
+"""The prompts of one step and their rollouts: plainly, or with DAPO's dynamic sampling.
+
+Dynamic sampling (``data.dynamic_sampling``; DAPO, arXiv 2503.14476). A group whose rewards are all equal
+gives every member a zero group-relative advantage: it carries no signal. Each round samples a fresh
+global batch of prompts (every process its share), rolls them out, scores them and lets REX-RAG add its
+probes (probes join their group first, so a dead-end group that a probe rescued is kept: probes, then the
+filter). Groups without reward spread are dropped; rounds continue until this process holds its share of
+``data.batch_size`` groups with signal or ``data.dynamic_sampling_max_rounds`` rounds ran. Every process
+runs the same number of rounds (rollouts, REX-RAG's batch-wide statistics and sharded forwards are
+collective), decided by an all-reduce of "still short". Still short after the last round, a process fills
+its share with dropped groups (zero advantage: they cost an update, they teach nothing), so every process
+trains on ``batch_size / world`` groups. A prompt is used at most once per step (rounds may cross an
+epoch boundary of the sampler): group ids stay unique. Every round's tokens are sampled by the backend,
+so they count in its sampled-token statistics.
+"""
+
+from __future__ import annotations
+
+from rexrag.sharding import global_max
+
+
+def sample_step(trainer, t: dict) -> tuple[list, list[float], list, dict]:
+    """(originals, their rewards, kept probes, agent metrics) for one step of ``trainer``."""
+    data = trainer.cfg.data
+    if not data.dynamic_sampling:
+        prompts = trainer.sampler.next_batch()[trainer.rank :: trainer.world]  # whole groups per process
+        return trainer.sample([trainer.examples[i] for i in prompts], t)
+    share, seen = data.batch_size // trainer.world, set()
+    kept: list[tuple] = []
+    dropped: list[tuple] = []
+    rounds, metrics = 0, {}
+    while True:
+        rounds += 1
+        trajs, rewards, probes, metrics = trainer.sample([trainer.examples[i] for i in _fresh_prompts(trainer, seen)], t)
+        for group in _groups(trajs, rewards, probes):
+            (kept if _has_signal(group) else dropped).append(group)
+        short = global_max(trainer.acc, float(len(kept) < share)) > 0
+        if not short or rounds >= data.dynamic_sampling_max_rounds:
+            break
+    filled = max(0, share - len(kept))
+    chosen = kept[:share] + dropped[:filled]
+    trajs = [tr for g in chosen for tr in g[0]]
+    rewards = [r for g in chosen for r in g[1]]
+    probes = [p for g in chosen for p in g[2]]
+    if trainer.explorer is not None and hasattr(trainer.explorer, "rebase"):
+        trainer.explorer.rebase(trajs, rewards, probes)  # alpha, e and probe accuracy of the batch trained on
+    metrics = {**metrics, "dynamic_rounds": float(rounds), "dynamic_groups_dropped": float(len(dropped) - min(filled, len(dropped))),
+               "dynamic_groups_filled": float(min(filled, len(dropped)))}
+    return trajs, rewards, probes, metrics
+
+
+def _fresh_prompts(trainer, seen: set) -> list[int]:
+    """This process's share of ``batch_size`` prompts whose group ids this step has not used. The global
+    list is built from the sampler alone, so every process draws the same one."""
+    out: list[int] = []
+    while len(out) < trainer.cfg.data.batch_size:
+        for i in trainer.sampler.next_batch():
+            gid = trainer.examples[i].group_id
+            if gid not in seen and len(out) < trainer.cfg.data.batch_size:
+                out.append(i)
+                seen.add(gid)
+    return out[trainer.rank :: trainer.world]
+
+
+def _groups(trajs: list, rewards: list[float], probes: list) -> list[tuple[list, list[float], list]]:
+    """(originals, rewards, probes) per group id, in first-seen order."""
+    by: dict[int, tuple[list, list, list]] = {}
+    for tr, r in zip(trajs, rewards, strict=True):
+        g = by.setdefault(tr.group_id, ([], [], []))
+        g[0].append(tr)
+        g[1].append(float(r))
+    for p in probes:
+        by[p.group_id][2].append(p)
+    return list(by.values())
+
+
+def _has_signal(group: tuple, tol: float = 1e-9) -> bool:
+    values = list(group[1]) + [float(p.meta.get("reward", 0.0)) for p in group[2]]
+    return max(values) - min(values) > tol
