@@ -39,7 +39,7 @@ VARIANTS = {
     "hf_gathered": ["rollout.backend=hf", "rollout.fsdp_gather_for_rollout=true"],
     "hf_lockstep": ["rollout.backend=hf", "rollout.fsdp_gather_for_rollout=false"],
 }
-PHASES = ("weight_sync", "gen", "reward", "explore", "logprob", "adv", "update")
+PHASES = ("weight_sync", "gen", "reward", "explore", "rollout_wait", "logprob", "adv", "update")
 
 
 def worker(variant: str, steps: int, out: Path) -> None:
@@ -84,7 +84,7 @@ def summarise(ranks: list[dict]) -> dict:
     med = {p: statistics.median(h.get(f"timing/{p}_s", 0.0) for h in timed) for p in PHASES}
     return {"step_s": statistics.median(h["timing/step_s"] for h in timed), "phases_s": med,
             "build_s": max(r["build_s"] for r in ranks), "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
-            "policy_tokens_mean": statistics.mean(h["rollout/policy_tokens_mean"] for h in timed),
+            "trained_tokens": statistics.mean(h["timing/tokens_per_s"] * h["timing/step_s"] / 2 for h in timed),
             "backend": ranks[0]["backend"]}
 
 
@@ -100,17 +100,20 @@ def cpu_line() -> str:
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['cpu']}; load average {report['load_before']} before, {report['load_after']} after; "
              f"{report['date']}. Command: `{report['command']}`.", "",
-             "| variant | backend | step (s) | weight sync | gen | explore | logprob | update | start-up (s) | "
-             "peak RSS per process (MB) | policy tokens / traj |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | backend | step (s) | rollout (sync + gen + explore) | weight sync | gen | explore | wait for the other "
+             "process | update | start-up (s) | peak RSS per process (MB) | trained tokens / step / process |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["variants"].items():
         ph = s["phases_s"]
-        lines.append(f"| {name} | {s['backend']} | {s['step_s']:.2f} | {ph['weight_sync']:.2f} | {ph['gen']:.2f} | "
-                     f"{ph['explore']:.2f} | {ph['logprob']:.2f} | {ph['update']:.2f} | {s['build_s']:.1f} | "
-                     f"{' / '.join(f'{m:.0f}' for m in s['peak_rss_mb'])} | {s['policy_tokens_mean']:.0f} |")
+        rollout = ph["weight_sync"] + ph["gen"] + ph["explore"]
+        lines.append(f"| {name} | {s['backend']} | {s['step_s']:.2f} | {rollout:.2f} | {ph['weight_sync']:.2f} | {ph['gen']:.2f} | "
+                     f"{ph['explore']:.2f} | {ph['rollout_wait']:.2f} | {ph['update']:.2f} | {s['build_s']:.1f} | "
+                     f"{' / '.join(f'{m:.0f}' for m in s['peak_rss_mb'])} | {s['trained_tokens']:.0f} |")
     v = report["variants"]
     if "vllm" in v and "hf_lockstep" in v:
+        roll = {k: sum(v[k]["phases_s"][p] for p in ("weight_sync", "gen", "explore")) for k in ("vllm", "hf_lockstep")}
         lines += ["", f"vLLM per process vs the HF lockstep loop: {v['hf_lockstep']['step_s'] / v['vllm']['step_s']:.2f}x "
-                      "faster per step."]
+                      f"faster per step, rollouts {roll['hf_lockstep'] / roll['vllm']:.1f}x faster."]
     if "hf_gathered" in v and "hf_lockstep" in v:
         lines += [f"HF loop gathered once per rollout vs per forward: "
                   f"{v['hf_lockstep']['step_s'] / v['hf_gathered']['step_s']:.2f}x faster per step "
@@ -124,11 +127,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one untimed step")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--worker", default="")
+    ap.add_argument("--report", action="store_true", help="re-summarise the recorded runs in <out>/colocate_step_runs")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.out)
         return
     runs = args.out / "colocate_step_runs"
+    if args.report:
+        report = json.loads((args.out / "colocate_step.json").read_text())
+        report["variants"] = {name: summarise([json.loads((runs / name / f"rank{r}.json").read_text()) for r in (0, 1)])
+                              for name in report["variants"]}
+        (args.out / "colocate_step.json").write_text(json.dumps(report, indent=1))
+        (args.out / "colocate_step.md").write_text(markdown(report))
+        print(markdown(report))
+        return
     load_before = os.getloadavg()[0]
     report = {"cpu": cpu_line(), "date": time.strftime("%Y-%m-%d"), "load_before": round(load_before, 2),
               "command": "python bench/colocate_step.py " + " ".join(sys.argv[1:]), "variants": {}}

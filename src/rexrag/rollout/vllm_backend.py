@@ -272,8 +272,7 @@ class VLLMBackend:
                       **{**memory, **self._engine_kwargs})
         _check_version()
         agree = on_all_ranks if distributed else (lambda fn, what: fn())
-        hint = ("; check rollout.max_total_tokens, rollout.engine_dtype and the rollout.vllm_* settings, or use the hf "
-                "backend for it (rollout.backend=hf / --backend hf)")
+        hint = "; check the rollout.* settings, or use the hf backend (rollout.backend=hf)"
         agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
         return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
 
