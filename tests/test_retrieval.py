@@ -271,7 +271,7 @@ def test_encode_to_memmap_unit_rows(tmp_path):
 
 
 def test_dense_bad_index_type(small_corpus, tmp_path):
-    with pytest.raises(UserError, match=r"unknown dense index type 'ivf'; choose one of \['flat', 'hnsw'\]"):
+    with pytest.raises(UserError, match=r"unknown dense index type 'ivf'; choose one of \['flat', 'hnsw', 'sq8', .*'hnsw_sq8'\] or pass a faiss factory string"):
         build_index(small_corpus, "dense", tmp_path / "d", index_type="ivf")
     assert not (tmp_path / "d").exists()
 

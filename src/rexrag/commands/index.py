@@ -8,6 +8,7 @@ import time
 
 def add_parser(subparsers) -> None:
     from rexrag.retrieval import index_kinds  # the package registers the shipped kinds
+    from rexrag.retrieval.compressed import PRESETS
 
     p = subparsers.add_parser(
         "index",
@@ -30,7 +31,18 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("dense")
     g.add_argument("--model", default="all-MiniLM-L6-v2",
                    help="sentence-transformers model dir or id (default: bundled all-MiniLM-L6-v2, offline)")
-    g.add_argument("--index-type", default="flat", choices=["flat", "hnsw"])
+    g.add_argument("--index-type", default="flat", choices=["flat", "hnsw", *PRESETS],
+                   help="flat (exact), hnsw, or a compressed preset (rexrag.retrieval.compressed): sq8, fp16, ivf_flat, "
+                        "ivf_pq, opq_ivf_pq, hnsw_sq8")
+    g.add_argument("--factory", default="", help='any faiss index_factory string (e.g. "IVF4096,PQ64"); overrides --index-type')
+    g.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4 sqrt(N))")
+    g.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantisers, bytes per vector (default d / 8)")
+    g.add_argument("--train-size", type=int, default=0, help="training vectors (default max(65536, 50 nlist), at most N)")
+    g.add_argument("--nprobe", type=int, default=0, help="IVF lists searched per query, stored as the default (32)")
+    g.add_argument("--ef-search", type=int, default=128, help="HNSW search candidate list, stored as the default")
+    g.add_argument("--from-faiss", default="", metavar="FILE",
+                   help="serve this existing faiss index (e.g. Search-R1's e5_Flat.index) over --corpus: no re-encoding, "
+                        "no copy (linked); its vector count, dimension (--model) and metric are checked")
     g.add_argument("--query-prefix", default="", help='e.g. "query: " for e5 models')
     g.add_argument("--passage-prefix", default="", help='e.g. "passage: " for e5 models')
     g.add_argument("--batch-size", type=int, default=64)
@@ -45,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from rexrag.errors import UserError
     from rexrag.retrieval import build_index, read_manifest
 
+    if args.from_faiss and args.kind != "dense":
+        raise UserError(f"--from-faiss imports a dense index: use it with --kind dense (not --kind {args.kind})")
     if args.kind == "bm25":
         params = dict(k1=args.k1, b=args.b, method=args.method,
                       stopwords=None if args.stopwords == "none" else args.stopwords,
@@ -54,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         params = dict(model=args.model, index_type=args.index_type, query_prefix=args.query_prefix,
                       passage_prefix=args.passage_prefix, batch_size=args.batch_size, hnsw_m=args.hnsw_m,
-                      device=args.device)
+                      device=args.device, from_faiss=args.from_faiss, factory=args.factory, nlist=args.nlist,
+                      pq_m=args.pq_m, train_size=args.train_size, nprobe=args.nprobe, ef_search=args.ef_search)
     start = time.perf_counter()
     out = build_index(args.corpus, args.kind, args.out, skip_bad=args.skip_bad, overwrite=args.overwrite, **params)
     manifest = read_manifest(out)

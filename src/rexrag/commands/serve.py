@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
 
     p.add_argument("--kind", choices=index_kinds(), default=None, help="fail unless the index is of this kind")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--nprobe", type=int, default=0, help="dense IVF indexes: inverted lists searched per query "
+                   "(default: the manifest's, set at build)")
+    p.add_argument("--ef-search", type=int, default=0, help="dense HNSW indexes: search candidate list (default: the manifest's)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key-env", default="", metavar="VAR", help="require the key held in env var VAR in the X-API-Key header"
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         "timeout_keep_alive_s": args.timeout_keep_alive,
         "timeout_read_s": args.timeout_read,
     }
-    retriever = load_index(args.index, expect_kind=args.kind, device=args.device)
+    retriever = load_index(args.index, expect_kind=args.kind, device=args.device, nprobe=args.nprobe,
+                           ef_search=args.ef_search)
     app = create_app(
         retriever,
         default_topk=args.default_topk,

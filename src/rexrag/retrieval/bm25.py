@@ -173,7 +173,8 @@ def build_bm25(
     return {"model": f"bm25s-{method}", "params": params}
 
 
-def load_bm25(directory: Path, manifest: dict, passages: Sequence[Passage], device: str = "cpu") -> BM25Retriever:
+def load_bm25(directory: Path, manifest: dict, passages: Sequence[Passage], device: str = "cpu",
+              **search: int) -> BM25Retriever:
     """Open the bm25s files of an index dir (memory-mapped); BM25 always runs on the CPU."""
     bm25s = _bm25s()
     from bm25s.tokenization import Tokenizer

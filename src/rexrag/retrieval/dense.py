@@ -1,4 +1,4 @@
-"""Dense retrieval: sentence-transformers encoder + faiss (Flat inner product or HNSW).
+"""Dense retrieval: sentence-transformers encoder + faiss (Flat inner product or HNSW, or an imported index).
 
 Embeddings are L2-normalised, so inner product = cosine. Query / passage prefixes are configurable
 (e5 models need "query: " / "passage: "; the default MiniLM needs none). The offline default
@@ -9,6 +9,9 @@ to faiss chunk by chunk, so the corpus is never held as text *and* as a second f
 the memmap is deleted once the faiss index is written. Search-R1 builds its e5 Flat index with
 FlashRAG's encoder (mean pooling, fp16 on GPU); here pooling is whatever the sentence-transformers
 model defines.
+
+``--from-faiss`` imports an index someone already built (Search-R1's downloadable ``e5_Flat.index`` over
+wiki-18): nothing is re-encoded or copied (:func:`import_faiss`).
 
 Unlike BM25 (which returns only passages that match), dense search always returns ``min(k, N)``
 passages per query, however low their similarity, exactly as Search-R1's faiss server does; an
@@ -152,35 +155,129 @@ class DenseRetriever:
 # --------------------------------------------------------------------------- index-dir hooks
 
 
-def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_MODEL, index_type: str = "flat",
-                query_prefix: str = "", passage_prefix: str = "", batch_size: int = 64, hnsw_m: int = 32,
-                ef_construction: int = 200, ef_search: int = 128, device: str = "cpu") -> dict:
+def open_faiss_file(path: Path):
+    """An existing faiss index file, memory-mapped where faiss can (Flat, IVF): its vectors stay on disk.
+    Not a faiss index, or a truncated one: a ``UserError`` naming the file."""
     import faiss
 
-    if index_type not in INDEX_TYPES:
-        raise UserError(f"unknown dense index type {index_type!r}; choose one of {list(INDEX_TYPES)}")
-    encoder = load_encoder(model, device)
+    if not path.is_file():
+        raise UserError(f"--from-faiss {path}: no such file")
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as exc:
+        why = next((ln.strip() for ln in str(exc).splitlines() if "Error" in ln or "error" in ln), str(exc).strip())
+        raise UserError(f"--from-faiss {path}: not a readable faiss index (truncated, or another format): {why[:200]}") from None
+
+
+def check_faiss(path: Path, n_passages: int, dim: int):
+    """The faiss index at ``path``, memory-mapped, checked cheaply against the corpus and the encoder:
+    vector count = passages, dimension = the encoder's, metric = inner product (the encoder's unit
+    vectors; Search-R1 builds ``IndexFlatIP``). Any mismatch is a ``UserError`` naming the file."""
+    import faiss
+
+    index = open_faiss_file(path)
+    if index.ntotal != n_passages:
+        raise UserError(f"--from-faiss {path}: the index holds {index.ntotal} vectors but the corpus has {n_passages} "
+                        "passages (vector i must be passage i of the corpus it was built from)")
+    if index.d != dim:
+        raise UserError(f"--from-faiss {path}: {index.d}-d vectors, but the encoder gives {dim}-d ones (--model)")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise UserError(f"--from-faiss {path}: metric {index.metric_type} is not inner product ({faiss.METRIC_INNER_PRODUCT}); "
+                        "normalised encoder vectors are compared by inner product")
+    return index
+
+
+def link_faiss(path: Path, out: Path, index) -> dict:
+    """Serve the checked faiss file ``path`` (e.g. Search-R1's ``e5_Flat.index``) from the index dir
+    ``out`` as it is: ``out/faiss.index`` is a symbolic link to it (a 65 GB file stays where it is, on any
+    filesystem; a hard link would need the same one, a copy the space), and the manifest records its size
+    and modification time, checked on every load."""
+    import os
+
+    os.symlink(path, out / FAISS_FILE)
+    st = path.stat()
+    return {"index_type": "imported", "faiss_class": type(index).__name__, "dim": index.d,
+            "source_faiss": {"path": str(path), "bytes": st.st_size, "mtime": st.st_mtime}}
+
+
+def _vectors(passages, out: Path, encoder, from_faiss: str, passage_prefix: str, batch_size: int):
+    """(n, chunk(a, b), take(ids), cleanup) over the vectors to index: a checked faiss file's stored
+    vectors (read in chunks through its memory map), or the passages encoded into an on-disk memmap."""
+    dim = embedding_dim(encoder)
+    if from_faiss:
+        src = check_faiss(Path(from_faiss).resolve(), len(passages), dim)
+        return src.ntotal, (lambda a, b: src.reconstruct_n(a, b - a)), src.reconstruct_batch, lambda: None
     emb_path = out / "embeddings.npy"
     mm = encode_to_memmap(encoder, passages, emb_path, prefix=passage_prefix, batch_size=batch_size)
-    index = make_faiss_index(mm.shape[1], index_type, hnsw_m, ef_construction)
-    for start in range(0, mm.shape[0], 65536):  # add from the memmap in chunks: no full in-RAM copy
-        index.add(np.ascontiguousarray(mm[start : start + 65536]))
+    return mm.shape[0], (lambda a, b: mm[a:b]), (lambda ids: mm[ids]), emb_path.unlink
+
+
+def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_MODEL, index_type: str = "flat",
+                factory: str = "", query_prefix: str = "", passage_prefix: str = "", batch_size: int = 64,
+                hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128, nlist: int = 0, pq_m: int = 0,
+                train_size: int = 0, nprobe: int = 0, device: str = "cpu", from_faiss: str = "") -> dict:
+    """Index ``passages`` (``rexrag.retrieval.compressed`` documents the types and their defaults):
+    encoded with ``model``, or, with ``from_faiss``, the vectors of an existing faiss file, served as it is
+    (Flat, the default: linked) or converted into ``index_type`` / ``factory`` (read in chunks)."""
+    import faiss
+
+    from rexrag.retrieval import compressed as C
+
+    if not factory and index_type not in INDEX_TYPES:  # before anything is encoded
+        C.factory_string(index_type, "", 1, 1)
+    encoder = load_encoder(model, device)
+    common = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "batch_size": batch_size,
+              "normalized": True, "metric": "inner_product"}
+    if from_faiss and index_type == "flat" and not factory:
+        path = Path(from_faiss).resolve()
+        params = link_faiss(path, out, check_faiss(path, len(passages), embedding_dim(encoder)))
+        return {"model": model, "params": {**params, **common, "ef_search": ef_search}}
+    n, chunk, take, cleanup = _vectors(passages, out, encoder, from_faiss, passage_prefix, batch_size)
+    dim = embedding_dim(encoder)
+    if index_type in INDEX_TYPES and not factory:
+        index, spec = make_faiss_index(dim, index_type, hnsw_m, ef_construction), index_type
+    else:
+        spec = C.factory_string(index_type, factory, dim, n, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m)
+        index = C.new_index(spec, dim, ef_construction)
+    ivf = faiss.try_extract_index_ivf(index)
+    train = train_size or C.default_train_size(n, ivf.nlist if ivf is not None else 1)
+    used = C.fill(index, n, chunk, take, train)
+    auto_nprobe = min(C.DEFAULT_NPROBE, ivf.nlist) if ivf is not None else 0  # an explicit one above nlist is an error
+    search = C.set_search_params(index, nprobe or auto_nprobe, ef_search, f"factory {spec!r}")
     faiss.write_index(index, str(out / FAISS_FILE))
-    del mm
-    emb_path.unlink()  # the faiss index holds the vectors; don't keep a second copy on disk
-    params = {
-        "index_type": index_type, "query_prefix": query_prefix, "passage_prefix": passage_prefix,
-        "dim": index.d, "batch_size": batch_size, "hnsw_m": hnsw_m, "ef_construction": ef_construction,
-        "ef_search": ef_search, "normalized": True, "metric": "inner_product",
-    }
+    cleanup()  # the faiss index holds the vectors; don't keep a second copy on disk
+    params = {"index_type": index_type, "factory": spec, "dim": index.d, "hnsw_m": hnsw_m,
+              "ef_construction": ef_construction, "ef_search": search.get("ef_search", ef_search),
+              "nprobe": search.get("nprobe", 0), "train_size": used, "faiss_class": type(index).__name__,
+              "from_faiss": str(Path(from_faiss).resolve()) if from_faiss else "", **common}
     return {"model": model, "params": params}
 
 
-def load_dense(directory: Path, manifest: dict, passages: Sequence[Passage], device: str = "cpu") -> DenseRetriever:
+def _check_source(directory: Path, source: dict | None) -> None:
+    """An imported index serves a file outside the directory: it must still be the one imported."""
+    if not source:
+        return
+    from rexrag.errors import IndexMismatchError
+
+    target = Path(source["path"])
+    if not target.is_file():
+        raise IndexMismatchError(f"{directory}: the imported faiss index {target} is gone; import it again (--from-faiss)")
+    st = target.stat()
+    if st.st_size != source["bytes"] or st.st_mtime != source["mtime"]:
+        raise IndexMismatchError(f"{directory}: {target} changed since it was imported ({st.st_size} bytes, was "
+                                 f"{source['bytes']}); import it again (--from-faiss)")
+
+
+def load_dense(directory: Path, manifest: dict, passages: Sequence[Passage], device: str = "cpu", *,
+               nprobe: int = 0, ef_search: int = 0) -> DenseRetriever:
+    """Open a dense index dir; ``nprobe`` / ``ef_search`` (0: the manifest's) are the server's search knobs."""
     import faiss
+
+    from rexrag.retrieval.compressed import set_search_params
 
     params = manifest["params"]
     path = str(directory / FAISS_FILE)
+    _check_source(directory, params.get("source_faiss"))
     try:  # memory-map the vectors where faiss supports it
         index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
@@ -193,5 +290,7 @@ def load_dense(directory: Path, manifest: dict, passages: Sequence[Passage], dev
             f"{directory}: encoder {manifest.get('model')!r} gives {embedding_dim(encoder)}-d "
             f"vectors but the index holds {index.d}-d vectors"
         )
+    search = set_search_params(index, nprobe or params.get("nprobe", 0), ef_search or params.get("ef_search", 0),
+                               where=str(directory))
     return DenseRetriever(encoder, index, passages, query_prefix=params.get("query_prefix", ""),
-                          batch_size=params.get("batch_size", 64), ef_search=params.get("ef_search", 128))
+                          batch_size=params.get("batch_size", 64), ef_search=search.get("ef_search", 128))

@@ -109,7 +109,8 @@ def iter_texts(passages: Sequence[Passage], prefix: str = "") -> Iterable[str]:
 @dataclass(frozen=True)
 class IndexKind:
     """``build(passages, out_dir, **params) -> {"model": str, "params": dict}``;
-    ``load(dir, manifest, passages, device="cpu") -> Retriever``."""
+    ``load(dir, manifest, passages, device="cpu", **search) -> Retriever`` (``search``: the kind's
+    search-time knobs, ignored by kinds that have none)."""
 
     name: str
     build: Callable[..., dict]
@@ -260,11 +261,13 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def load_index(
-    directory: str | Path, expect_kind: str | None = None, expect_model: str | None = None, device: str = "cpu"
+    directory: str | Path, expect_kind: str | None = None, expect_model: str | None = None, device: str = "cpu",
+    **search: int,
 ) -> Retriever:
     """Open an index directory as a Retriever, checking it is complete and what was asked for.
 
-    ``device`` is where a dense index encodes queries (BM25 ignores it).
+    ``device`` is where a dense index encodes queries (BM25 ignores it); ``search`` are search-time knobs
+    for the kind's loader (dense: ``nprobe``, ``ef_search``; 0 keeps the manifest's).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -285,6 +288,6 @@ def load_index(
             "('\"Title\"\\ntext'); rebuild it with `rexrag index` to serve them byte-identical",
             directory,
         )
-    retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store, device=device)
+    retriever = get_index_kind(manifest["kind"]).load(directory, manifest, store, device=device, **search)
     retriever.manifest = manifest
     return retriever

@@ -1,0 +1,112 @@
+"""Dense index types beyond Flat: named presets or any faiss factory string, trained on a sample.
+
+A Flat index of wiki-18 under e5-base-v2 is 21M x 768 x 4 B = 65 GB, which is what Search-R1 users load
+(and run out of memory on). faiss's compressed types trade recall for size: scalar quantisation (``sq8``,
+4x smaller; ``fp16``, 2x), inverted lists (``ivf_flat``: same size, searches ``nprobe`` of ``nlist`` lists),
+product quantisation (``ivf_pq``: ``pq_m`` bytes a vector; ``opq_ivf_pq`` with a learned rotation first)
+and HNSW over quantised storage (``hnsw_sq8``). Presets expand to faiss factory strings
+(:data:`PRESETS`); ``--factory`` takes any string faiss accepts (the faiss wiki's "Guidelines to choose
+an index"). Defaults follow those guidelines: ``nlist = 4 sqrt(N)`` (at most 65,536), ``pq_m = d / 8``
+sub-quantisers (96 bytes a vector for e5's 768), training on ``max(65,536, 50 nlist)`` vectors drawn
+without replacement (seed 0; faiss wants at least 39 a list), never more than N. Vectors are read in
+chunks from wherever they live (the build's on-disk memmap, or an imported faiss file), so a 65 GB
+Flat index converts without being held in RAM.
+
+Search-time knobs: ``nprobe`` (IVF lists visited per query) and ``ef_search`` (HNSW candidate list),
+recorded in the manifest at build and settable per server (``rexrag serve --nprobe / --ef-search``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from rexrag.errors import UserError
+
+PRESETS = {
+    "sq8": "SQ8",
+    "fp16": "SQfp16",
+    "ivf_flat": "IVF{nlist},Flat",
+    "ivf_pq": "IVF{nlist},PQ{pq_m}",
+    "opq_ivf_pq": "OPQ{pq_m},IVF{nlist},PQ{pq_m}",
+    "hnsw_sq8": "HNSW{hnsw_m},SQ8",
+}
+CHUNK = 65536
+DEFAULT_NPROBE = 32  # IVF lists visited per query unless --nprobe says otherwise (capped at nlist)
+
+
+def default_nlist(n: int) -> int:
+    return int(min(65536, max(1, round(4 * math.sqrt(n)))))
+
+
+def default_pq_m(dim: int) -> int:
+    """The largest divisor of ``dim`` not above ``dim / 8`` (faiss needs ``dim % pq_m == 0``)."""
+    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+
+
+def default_train_size(n: int, nlist: int) -> int:
+    return min(n, max(65536, 50 * nlist))
+
+
+def factory_string(index_type: str, factory: str, dim: int, n: int, *, hnsw_m: int = 32, nlist: int = 0,
+                   pq_m: int = 0) -> str:
+    """``factory`` when given, else the preset ``index_type`` with its defaults filled in."""
+    if factory:
+        return factory
+    if index_type not in PRESETS:
+        raise UserError(f"unknown dense index type {index_type!r}; choose one of {['flat', 'hnsw', *PRESETS]} "
+                        "or pass a faiss factory string with --factory")
+    return PRESETS[index_type].format(nlist=nlist or default_nlist(n), pq_m=pq_m or default_pq_m(dim), hnsw_m=hnsw_m)
+
+
+def new_index(factory: str, dim: int, ef_construction: int = 200):
+    """An empty inner-product index for ``factory``; a string faiss rejects is a ``UserError`` naming it."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        why = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise UserError(f"faiss rejected the factory string {factory!r} for {dim}-d vectors: {why[:200]}") from None
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efConstruction = ef_construction
+    return index
+
+
+def fill(index, n: int, chunk: Callable[[int, int], np.ndarray], take: Callable[[np.ndarray], np.ndarray],
+         train_size: int, seed: int = 0) -> int:
+    """Train ``index`` (when it needs it) on ``train_size`` of the ``n`` vectors, then add all of them,
+    ``CHUNK`` rows at a time: ``chunk(a, b)`` gives rows a..b-1 and ``take(ids)`` the rows ``ids`` (sorted),
+    both float32 [*, d]. Returns the number of training vectors used (0 when none was needed)."""
+    used = 0
+    if not index.is_trained:
+        used = min(n, train_size)
+        ids = np.sort(np.random.default_rng(seed).choice(n, size=used, replace=False))
+        index.train(np.ascontiguousarray(take(ids), dtype=np.float32))
+    for start in range(0, n, CHUNK):
+        index.add(np.ascontiguousarray(chunk(start, min(n, start + CHUNK)), dtype=np.float32))
+    return used
+
+
+def set_search_params(index, nprobe: int = 0, ef_search: int = 0, where: str = "the index") -> dict:
+    """Apply ``nprobe`` (IVF) and ``ef_search`` (HNSW) where the index has them; returns what was set.
+    ``nprobe`` above the list count is a ``UserError``."""
+    import faiss
+
+    out = {}
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        if nprobe > ivf.nlist:
+            raise UserError(f"--nprobe {nprobe} exceeds the {ivf.nlist} inverted lists of {where}")
+        if nprobe:
+            ivf.nprobe = nprobe
+        out["nprobe"] = int(ivf.nprobe)
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        if ef_search:
+            hnsw.efSearch = ef_search
+        out["ef_search"] = int(hnsw.efSearch)
+    return out
