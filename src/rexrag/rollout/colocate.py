@@ -133,8 +133,7 @@ class Colocation:
 
     def after_rollout(self) -> None:
         """Release the engine's memory for the update (GPU sleep mode), then wait for every process's
-        rollouts: their lengths differ, and without the barrier the wait would be counted as the
-        update's (its first collective is where the early process would wait)."""
+        rollouts (their lengths differ: ``rexrag.train.dynamic.sample_step`` times the wait)."""
         fn = getattr(self.backend, "sleep", None)
         if fn is not None:
             fn()

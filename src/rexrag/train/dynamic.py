@@ -11,16 +11,28 @@ collective), decided by an all-reduce of "still short". Still short after the la
 its share with dropped groups (zero advantage: they cost an update, they teach nothing), so every process
 trains on ``batch_size / world`` groups. A prompt is used at most once per step (rounds may cross an
 epoch boundary of the sampler): group ids stay unique. Every round's tokens are sampled by the backend,
-so they count in its sampled-token statistics.
+so they count in its sampled-token statistics. The engine sleeps once, after the last round.
 """
 
 from __future__ import annotations
+
+import time
 
 from rexrag.sharding import global_max
 
 
 def sample_step(trainer, t: dict) -> tuple[list, list[float], list, dict]:
-    """(originals, their rewards, kept probes, agent metrics) for one step of ``trainer``."""
+    """(originals, their rewards, kept probes, agent metrics) for one step of ``trainer``; then the
+    engine sleeps (GPU) and the processes wait for each other, timed as ``rollout_wait`` (else the wait
+    would count as the update's: its first collective is where an early process would wait)."""
+    out = _sample(trainer, t)
+    start = time.perf_counter()
+    trainer.colocation.after_rollout()
+    t["rollout_wait"] = t.get("rollout_wait", 0.0) + time.perf_counter() - start
+    return out
+
+
+def _sample(trainer, t: dict) -> tuple[list, list[float], list, dict]:
     data = trainer.cfg.data
     if not data.dynamic_sampling:
         prompts = trainer.sampler.next_batch()[trainer.rank :: trainer.world]  # whole groups per process

@@ -292,8 +292,6 @@ class Trainer:
             if self.explorer is not None:
                 with self._timed(t, "explore"):
                     probes = list(self.explorer.explore(trajs, rewards, self.agent, self.score_fn, self.compute_rewards))
-        with self._timed(t, "rollout_wait"):  # engine asleep (GPU); processes' rollouts done (the update's to time)
-            self.colocation.after_rollout()
         return trajs, rewards, probes, agent_metrics
 
     def _reuse_update_forward(self, n_mini: int) -> bool:
