@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -81,7 +80,8 @@ def serve(path: Path, queries: Path, truth: Path | None, out: Path) -> None:
             done += len(rows)
         qps[batch] = done / (time.perf_counter() - t0)
     _, ids = index.search(q, 10)
-    rec = {"rss_loaded_mb": rss_loaded, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak
+    rec = {"rss_loaded_mb": rss_loaded, "peak_rss_mb": _rss_mb("VmHWM:"),
            "qps": qps, "search": knobs, "ids": ids.tolist()}
     if truth is not None:
         t = np.load(truth)
@@ -89,9 +89,9 @@ def serve(path: Path, queries: Path, truth: Path | None, out: Path) -> None:
     out.write_text(json.dumps(rec))
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS:") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
