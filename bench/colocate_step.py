@@ -88,15 +88,6 @@ def summarise(ranks: list[dict]) -> dict:
             "backend": ranks[0]["backend"]}
 
 
-def cpu_line() -> str:
-    from rexrag.hardware import _cpu_flags
-
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), "unknown CPU")
-    flags = sorted({"avx512_bf16", "amx_bf16", "avx512f"} & _cpu_flags())
-    return f"{model} ({os.cpu_count()} cores; flags: {', '.join(flags) or 'no AVX-512'})"
-
-
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['cpu']}; load average {report['load_before']} before, {report['load_after']} after; "
              f"{report['date']}. Command: `{report['command']}`.", "",
@@ -134,6 +125,8 @@ def main() -> None:
         return
     runs = args.out / "colocate_step_runs"
     if args.report:
+        if not (args.out / "colocate_step.json").is_file():
+            raise SystemExit(f"--report: no recorded run in {args.out} (colocate_step.json); run without --report first")
         report = json.loads((args.out / "colocate_step.json").read_text())
         report["variants"] = {name: summarise([json.loads((runs / name / f"rank{r}.json").read_text()) for r in (0, 1)])
                               for name in report["variants"]}
@@ -141,14 +134,14 @@ def main() -> None:
         (args.out / "colocate_step.md").write_text(markdown(report))
         print(markdown(report))
         return
-    load_before = os.getloadavg()[0]
-    report = {"cpu": cpu_line(), "date": time.strftime("%Y-%m-%d"), "load_before": round(load_before, 2),
-              "command": "python bench/colocate_step.py " + " ".join(sys.argv[1:]), "variants": {}}
+    from rexrag.hardware import finish_record, run_record
+
+    report = {**run_record("python bench/colocate_step.py " + " ".join(sys.argv[1:])), "variants": {}}
     for name in args.variants.split(","):
         print(f"{name} ...", flush=True)
         report["variants"][name] = summarise(launch(name, args.steps, runs))
         print(json.dumps(report["variants"][name]), flush=True)
-    report["load_after"] = round(os.getloadavg()[0], 2)
+    finish_record(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "colocate_step.json").write_text(json.dumps(report, indent=1))
     (args.out / "colocate_step.md").write_text(markdown(report))

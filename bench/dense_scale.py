@@ -119,7 +119,6 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO / "bench"))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=768)
@@ -135,11 +134,11 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.queries, args.truth, args.res)
         return
-    from colocate_step import cpu_line
+    from rexrag.hardware import finish_record, run_record
 
     args.work.mkdir(parents=True, exist_ok=True)
-    report = {"cpu": cpu_line(), "date": time.strftime("%Y-%m-%d"), "load_before": round(os.getloadavg()[0], 2),
-              "n": args.n, "dim": args.dim, "command": "python bench/dense_scale.py " + " ".join(sys.argv[1:]), "types": {}}
+    report = {**run_record("python bench/dense_scale.py " + " ".join(sys.argv[1:])), "n": args.n, "dim": args.dim,
+              "types": {}}
     vectors = make_vectors(args.work / "vectors.npy", args.n, args.dim, seed=1)
     queries = args.work / "queries.npy"
     np.save(queries, np.asarray(make_vectors(args.work / "q.npy", 256, args.dim, seed=2)))
@@ -155,7 +154,7 @@ def main() -> None:
         report["types"][kind] = rec
         print(json.dumps(rec), flush=True)
         (args.work / f"{kind}.index").unlink()
-    report["load_after"] = round(os.getloadavg()[0], 2)
+    finish_record(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dense_scale.json").write_text(json.dumps(report, indent=1))
     (args.out / "dense_scale.md").write_text(markdown(report))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -75,7 +73,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     import sys
 
-    from colocate_step import cpu_line
+    from rexrag.hardware import finish_record, run_record
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engines", default="vllm:float32,vllm:bfloat16,hf:float32,hf:bfloat16")
@@ -83,13 +81,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
-    report = {"cpu": cpu_line(), "date": time.strftime("%Y-%m-%d"), "load_before": round(os.getloadavg()[0], 2),
-              "command": "python bench/mismatch.py " + " ".join(sys.argv[1:]), "engines": {}}
+    report = {**run_record("python bench/mismatch.py " + " ".join(sys.argv[1:])), "engines": {}}
     for engine in args.engines.split(","):
         print(f"{engine} ...", flush=True)
         report["engines"][engine] = measure(engine, args.rounds, args.prompts, args.out / "mismatch_runs" / engine.replace(":", "_"))
         print(json.dumps(report["engines"][engine]), flush=True)
-    report["load_after"] = round(os.getloadavg()[0], 2)
+    finish_record(report)
     (args.out / "mismatch.json").write_text(json.dumps(report, indent=1))
     (args.out / "mismatch.md").write_text(markdown(report))
     print(markdown(report))

@@ -182,6 +182,10 @@ def test_compressed_cli_builds_converts_and_checks_its_knobs(files, tmp_path, ca
     assert _import(files, tmp_path / "bad_nprobe", files["faiss"], "--index-type", "ivf_flat", "--nlist", "4",
                    "--nprobe", "9") == 2
     assert "exceeds the 4 inverted lists" in capsys.readouterr().err and not (tmp_path / "bad_nprobe").exists()
+    assert _import(files, tmp_path / "neg", files["faiss"], "--index-type", "ivf_flat", "--train-size", "-5") == 2
+    assert "--train-size must be >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+    with pytest.raises(UserError, match="--nprobe must be >= 0"):
+        load_index(tmp_path / "ivf", nprobe=-1)
     assert main(["index", "--corpus", str(files["corpus"]), "--kind", "dense", "--factory", "Bogus,77",
                  "--out", str(tmp_path / "bogus")]) == 2
     err = capsys.readouterr().err.strip()

@@ -24,3 +24,12 @@ def test_reads_this_machines_flags():
         assert "avx512f" in flags
     if capability.startswith("AVX2") or capability.startswith("AVX512"):
         assert "avx2" in flags
+
+
+def test_run_record_names_the_machine_and_the_load_around_a_benchmark():
+    from rexrag.hardware import cpu_description, finish_record, run_record
+
+    rec = run_record("python bench/x.py --n 1")
+    assert rec["cpu"] == cpu_description() and "cores" in rec["cpu"] and rec["command"] == "python bench/x.py --n 1"
+    assert rec["load_before"] >= 0 and "load_after" not in rec
+    assert finish_record(rec)["load_after"] >= 0

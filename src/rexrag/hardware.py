@@ -36,3 +36,34 @@ def has_fast_bf16(device: str | torch.device = "cpu") -> bool:
 def default_compute_dtype(device: str | torch.device) -> str:
     """The rollout engines' ``auto`` dtype: bf16 where matmuls are fast in bf16, fp32 elsewhere."""
     return "bfloat16" if has_fast_bf16(device) else "float32"
+
+
+def cpu_description() -> str:
+    """The CPU model, core count and the flags that decide matmul speed, for benchmark records."""
+    import os
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = sorted({"avx512_bf16", "amx_bf16", "avx512f"} & _cpu_flags())
+    return f"{model} ({os.cpu_count()} cores; flags: {', '.join(flags) or 'no AVX-512'})"
+
+
+def run_record(command: str) -> dict:
+    """The header of a benchmark record: machine, date, the command and the load average before it
+    (``finish_record`` adds the load after), so every figure says how quiet the machine was."""
+    import os
+    import time
+
+    return {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"), "load_before": round(os.getloadavg()[0], 2),
+            "command": command}
+
+
+def finish_record(record: dict) -> dict:
+    import os
+
+    record["load_after"] = round(os.getloadavg()[0], 2)
+    return record

@@ -122,7 +122,7 @@ def rollout_correction(old_logp: Tensor, engine_logp: Tensor, sampled: Tensor, l
         ratio = d.exp()[m]
         out[f"rollout_corr/{kind}/ratio_mean"] = float(ratio.mean())
         out[f"rollout_corr/{kind}/ratio_max"] = float(ratio.max())
-        truncated = weights[m] >= cfg.rollout_correction_cap if cfg.rollout_correction.endswith("_tis") else weights[m] < 0
-        out[f"rollout_corr/{kind}/truncated_frac"] = float(truncated.float().mean())
+        truncated = float((weights[m] >= cfg.rollout_correction_cap).float().mean()) if cfg.rollout_correction.endswith("_tis") else 0.0
+        out[f"rollout_corr/{kind}/truncated_frac"] = truncated
         out[f"rollout_corr/{kind}/rejected_frac"] = float((keep[m] == 0).float().mean())
     return weights, keep, out

@@ -91,11 +91,19 @@ def fill(index, n: int, chunk: Callable[[int, int], np.ndarray], take: Callable[
     return used
 
 
+def check_knobs(**knobs: int) -> None:
+    """Every knob is a count, 0 meaning "the default": a negative one is a ``UserError`` naming its flag."""
+    for name, value in knobs.items():
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = the default), got {value}")
+
+
 def set_search_params(index, nprobe: int = 0, ef_search: int = 0, where: str = "the index") -> dict:
     """Apply ``nprobe`` (IVF) and ``ef_search`` (HNSW) where the index has them; returns what was set.
     ``nprobe`` above the list count is a ``UserError``."""
     import faiss
 
+    check_knobs(nprobe=nprobe, ef_search=ef_search)
     out = {}
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:

@@ -225,6 +225,7 @@ def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_
 
     if not factory and index_type not in INDEX_TYPES:  # before anything is encoded
         C.factory_string(index_type, "", 1, 1)
+    C.check_knobs(nlist=nlist, pq_m=pq_m, train_size=train_size, nprobe=nprobe, ef_search=ef_search)
     encoder = load_encoder(model, device)
     common = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "batch_size": batch_size,
               "normalized": True, "metric": "inner_product"}

@@ -55,7 +55,7 @@ def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, di
 @BACKENDS.register("vllm")
 def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     """``distributed``: one engine per process inside the running torch.distributed world; ``load``:
-    False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engines``)."""
+    False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engine``)."""
     from rexrag.rollout.weights import auto_gpu_memory_utilization
     from rexrag.rollout.vllm_backend import VLLMBackend
 

@@ -26,7 +26,6 @@ error, naming the failing ranks, everywhere, so no process is left waiting in a 
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch import Tensor
@@ -59,10 +58,9 @@ def start_engine(name: str, model, tokenizer, cfg, *, world: int, device, seed: 
     # (each phase of an engine's start-up is agreed by every process inside VLLMBackend)
     backend = build_backend(name, model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
                             distributed=world > 1, load=False)
-    colo = Colocation(backend)
-    colo.sync(model)
+    Colocation(backend).sync(model)
     on_all_ranks(getattr(backend, "smoke_test", lambda: None), f"the first generation of the engine (rollout.backend={name})")
-    return backend, colo
+    return backend
 
 
 class Colocation:
@@ -71,10 +69,10 @@ class Colocation:
     ``backend``: a ``GenerationBackend``; one with ``load_weights`` (vLLM) holds its own weights and is
     synced, one without (HF) samples from the model itself."""
 
-    def __init__(self, backend, *, gather: bool = False):
+    def __init__(self, backend, *, gather: bool = False, synced_step: int | None = None):
         self.backend, self.gather = backend, gather
         self.holds_weights = hasattr(backend, "load_weights")
-        self.synced_step: int | None = None
+        self.synced_step = synced_step  # the step whose weights the engine holds (None: unknown, sync first)
         self.last: dict[str, float] = {}
 
     def reseed(self, seed: int) -> None:
@@ -90,7 +88,7 @@ class Colocation:
         from rexrag.errors import EngineError
 
         stream = stream_weights(model, getattr(torch, self.backend.dtype))
-        t0, before = time.perf_counter(), self.backend.stats.get("weight_sync_bytes", 0)
+        before = self.backend.stats.get("weight_sync_bytes", 0)
 
         def load():
             try:
@@ -100,20 +98,18 @@ class Colocation:
                     pass
 
         on_all_ranks(load, "the weight sync into the vLLM engine", EngineError)
-        self.last = {"timing/weight_sync_s": time.perf_counter() - t0,
-                     "rollout/weight_sync_gib": (self.backend.stats["weight_sync_bytes"] - before) / 2**30}
+        self.last = {"rollout/weight_sync_gib": (self.backend.stats["weight_sync_bytes"] - before) / 2**30}
 
-    def before_rollout(self, model, step: int) -> dict[str, float]:
+    def before_rollout(self, model, step: int) -> None:
         """Wake the engine (staged) and sync it when ``step`` moved on or a level-2 sleep discarded
-        its weights; returns the sync's metrics (empty when none ran)."""
+        its weights; the sync's metrics are in ``last`` (empty when none ran)."""
         self.last = {}
         if not self.holds_weights:
-            return {}
+            return
         if step != self.synced_step or not self.backend.weights_valid:
             self.sync(model)  # wakes the weights first (VLLMBackend.load_weights)
             self.synced_step = step
         self.backend.wake_up()  # then the KV cache
-        return dict(self.last)
 
     @contextlib.contextmanager
     def rollout(self, model):

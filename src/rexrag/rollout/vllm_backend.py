@@ -257,8 +257,8 @@ class VLLMBackend:
 
     def _start(self, dtype: str, cpu: bool, kv_cache_gb: float, gpu_memory_utilization: float, enforce_eager: bool,
                max_num_seqs: int, sleep_mode: bool, distributed: bool):
-        """Check the engine settings, then start the engine. Under several processes each phase is
-        agreed by all of them (``rexrag.sharding.on_all_ranks``): a setting one process's engine
+        """Start the engine. Under several processes vLLM's settings check runs first on its own, and
+        each phase is agreed by all of them (``rexrag.sharding.on_all_ranks``): a setting one process's engine
         rejects fails every process with that rank named, before any of them enters vLLM's own
         collective start-up (where the others would wait for it forever)."""
         from rexrag.sharding import on_all_ranks
@@ -273,7 +273,8 @@ class VLLMBackend:
         _check_version()
         agree = on_all_ranks if distributed else (lambda fn, what: fn())
         hint = "; check the rollout.* settings, or use the hf backend (rollout.backend=hf)"
-        agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
+        if distributed:  # one process: LLM(...) runs the same check first, with the same error
+            agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
         return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
 
     def _check_settings(self, kwargs: dict) -> None:

@@ -89,8 +89,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
                       accelerator=acc, progress=progress)
     if agent.backend is None:  # vLLM: one engine per process, started once the policy is prepared (sharded),
         # the reference placed and the trainer's memory known, on this process's device
-        engine, _ = start_engine(backend_name, trainer.acc.unwrap_model(trainer.model), tokenizer, cfg.rollout,
-                                 world=acc.num_processes, device=acc.device, seed=seed)
-        trainer.attach_backend(engine)
-        trainer.colocation.synced_step = trainer.step_idx  # start_engine loaded the current weights
+        engine = start_engine(backend_name, trainer.acc.unwrap_model(trainer.model), tokenizer, cfg.rollout,
+                              world=acc.num_processes, device=acc.device, seed=seed)
+        trainer.attach_backend(engine, synced_step=trainer.step_idx)  # start_engine loaded the current weights
     return trainer

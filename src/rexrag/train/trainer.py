@@ -200,7 +200,7 @@ class Trainer:
         model.train()
         return model, opt, sched
 
-    def attach_backend(self, backend) -> None:
+    def attach_backend(self, backend, synced_step: int | None = None) -> None:
         """Make ``backend`` the agent's generation backend, driven around the update by a
         ``rexrag.rollout.colocate.Colocation`` (sync, sleep, wake). Under FSDP the HF backend generates
         with the prepared (sharded) model: gathered once per rollout (``rollout.fsdp_gather_for_rollout``),
@@ -208,7 +208,8 @@ class Trainer:
         if self.agent is not None:
             self.agent.backend = backend
         hf_sharded = self.sharded and backend is not None and hasattr(backend, "lockstep")
-        self.colocation = Colocation(backend, gather=hf_sharded and self.cfg.rollout.fsdp_gather_for_rollout)
+        self.colocation = Colocation(backend, gather=hf_sharded and self.cfg.rollout.fsdp_gather_for_rollout,
+                                     synced_step=synced_step)  # an engine holding step synced_step's weights
         if not hf_sharded:
             return
         from rexrag.sharding import Lockstep, dummy_forward
