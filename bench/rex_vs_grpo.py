@@ -13,9 +13,17 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   no KL). GRPO is the same trainer with REX-RAG's explorer set to never probe (bitwise plain GRPO, see
   tests/test_rex_integration.py), so both log the same dead-end statistics. REX-RAG: probes with
   ``rex_token`` correction. Both start from the same policy, prompt order and sampling seed.
+* Four methods (``--methods``): ``grpo``; ``grpo_ds``, GRPO with DAPO's dynamic sampling (groups without
+  reward spread dropped, more prompts sampled, at most ``data.dynamic_sampling_max_rounds`` rounds);
+  ``rex``; ``rex_rc``, REX-RAG with the engine-vs-trainer rollout correction (``RC_SETTINGS``: token-level
+  truncated IS, C = 2, as slime's ``--use-tis`` and verl's token ``rollout_is``). Each method is the recipe
+  plus its ``METHOD_SETTINGS``; pairs in ``PAIRS`` are compared per seed on the same questions.
 * Equal compute: each run trains until the tokens it *sampled* (original rollouts plus probe
   continuations, counted at the generation backend) reach ``--token-budget``; REX-RAG spends part of
   its budget on probes, so it takes fewer steps.
+* Retrieval alone: the warm-up policy is also scored ``retrieve_once`` (``rexrag.eval``: the question as the
+  one query, the observation the agent would read first, one answer turn, the agent's strict rule), so the
+  table shows what multi-turn search adds over the passages of the first search.
 * Held-out evaluation: greedy agent, the full held-out set before RL (once) and after each run; the
   learning curve evaluates a fixed subset (``--curve-per-dataset`` of each) at ``--curve-points``
   equally spaced token counts.
@@ -30,6 +38,11 @@ every invocation) writes ``<out>/results.md`` and ``<out>/curves.png`` from what
     python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md     # the CPU experiment (~40 min per run here)
     python bench/rex_vs_grpo.py --report --append-md          # re-plot and re-tabulate recorded runs
     python bench/rex_vs_grpo.py --smoke --out /tmp/rvg        # pipeline check in minutes (meaningless numbers)
+
+Records are reused across code changes only when the protocol still holds: keys added to the config since a
+run was recorded must sit at their defaults (the code path a run without them took), and ``--replay-steps K``
+re-runs the first K steps of each reused method's first seed and refuses when a step's sampled tokens or
+rewards differ from its record.
 """
 
 from __future__ import annotations
@@ -50,7 +63,12 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 HEADING = "## REX-RAG vs GRPO (bench/rex_vs_grpo.py)"
 DATASETS = {"hotpotqa": "hotpotqa_dev_ctx.flashrag.jsonl", "2wikimultihopqa": "2wikimultihopqa_dev_ctx.flashrag.jsonl"}
-METHODS = ("grpo", "rex")
+METHODS = ("grpo", "grpo_ds", "rex", "rex_rc")
+RC_SETTINGS = ("algo.rollout_correction=token_tis", "algo.rollout_correction_cap=2.0")
+METHOD_SETTINGS = {"grpo": ("rex.probe_prob=0",), "grpo_ds": ("rex.probe_prob=0", "data.dynamic_sampling=true"),
+                   "rex": (), "rex_rc": RC_SETTINGS}
+LABELS = {"grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", "rex": "REX-RAG", "rex_rc": "REX-RAG + rollout correction"}
+PAIRS = (("grpo", "rex"), ("grpo", "grpo_ds"), ("rex", "rex_rc"), ("grpo_ds", "rex"))  # (reference, method)
 # the bench's own settings a recorded run depends on (with the recipe's): other values need another --out
 PROTOCOL = ("heldout_per_dataset", "curve_per_dataset", "curve_points", "token_budget", "warmup_examples", "warmup_steps",
             "smoke")
@@ -61,7 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(REPO / "runs" / "rex_vs_grpo"), help="index, warm-up and training dirs")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "rex_vs_grpo"), help="recorded results")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--methods", default="grpo,rex")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--replay-steps", type=int, default=0,
+                   help="before new runs, re-run this many first steps of each recorded method's first seed and "
+                        "refuse to reuse records that no longer reproduce")
     p.add_argument("--token-budget", type=int, default=10_000, help="sampled tokens per run (originals + probes)")
     p.add_argument("--max-steps", type=int, default=200, help="safety stop")
     p.add_argument("--heldout-per-dataset", type=int, default=150)
@@ -82,6 +103,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.candidates < 1:
         p.error(f"--candidates must be at least 1, got {args.candidates}")
+    unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     if args.smoke:
         args.heldout_per_dataset, args.curve_per_dataset, args.curve_points, args.token_budget = 3, 2, 1, 60
         args.warmup_examples, args.warmup_steps, args.max_steps = 4, 1, 3
@@ -102,10 +126,33 @@ def protocol(args) -> dict:
     from rexrag.config import config_to_dict
 
     cfg = config_to_dict(recipe(args))
+    # the bench builds its one engine itself (make_engine): the recipe's vLLM settings never reach a run
+    cfg["rollout"] = {k: v for k, v in cfg["rollout"].items() if not k.startswith("vllm_")}
     # the selection keys only when used: runs recorded before the option existed trained on all questions
     chosen = {"rl_questions": args.rl_questions, "candidates": args.candidates} if args.rl_questions != "all" else {}
     return {k: getattr(args, k) for k in PROTOCOL} | chosen | {k: cfg[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer")
                                                         if k in cfg} | {"data.batch_size": cfg["data"]["batch_size"]}
+
+
+def protocol_differences(recorded: dict, now: dict) -> dict:
+    """{key: (recorded, now)} of the settings that differ. A key the record lacks (added to the config since
+    it was recorded) differs only when it is off its default, which is the path the recorded run took."""
+    from rexrag.config import Config, config_to_dict
+
+    defaults = config_to_dict(Config())
+    diff = {}
+    for key, value in now.items():
+        old = recorded.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            for sub, v in value.items():
+                if sub in old:
+                    if old[sub] != v:
+                        diff[f"{key}.{sub}"] = (old[sub], v)
+                elif v != defaults.get(key, {}).get(sub, v):
+                    diff[f"{key}.{sub}"] = ("(added since, at its default)", v)
+        elif old != value and not (key not in recorded and isinstance(value, dict)):
+            diff[key] = (old, value)
+    return diff
 
 
 # --------------------------------------------------------------------------- data, index, warm-up
@@ -193,15 +240,15 @@ def make_engine(model, tokenizer, args):
     return build_backend(name, model, tokenizer, cfg, device="cpu", seed=0, max_batch=64)
 
 
-def evaluate(engine, model, tokenizer, retriever, datasets: dict[str, list], args) -> list[dict]:
-    """Greedy agent evaluation; per-question rows {dataset, id, em, f1, cover_em, n_searches}."""
+def evaluate(engine, model, tokenizer, retriever, datasets: dict[str, list], args, method: str = "agent") -> list[dict]:
+    """Greedy evaluation (the agent, or ``retrieve_once``); per-question rows {dataset, id, em, f1, cover_em, n_searches}."""
     from rexrag.eval.evaluate import EvalOptions, run_eval
 
     sync = getattr(engine, "sync_weights", None)
     if sync is not None:
         sync(model)
     rc = recipe(args)  # greedy, with the recipe's search budget
-    opts = EvalOptions(method="agent", topk=rc.retrieval.topk, batch_size=64, max_turns=rc.rollout.max_turns,
+    opts = EvalOptions(method=method, topk=rc.retrieval.topk, batch_size=64, max_turns=rc.rollout.max_turns,
                        max_new_tokens=rc.rollout.max_new_tokens_per_turn, max_obs_tokens=rc.rollout.max_obs_tokens,
                        template=rc.rollout.template)
     data = {name: (Path(args.data_dir) / "derived" / DATASETS[name], exs) for name, exs in datasets.items()}
@@ -273,16 +320,21 @@ def run_config(args, method: str, seed: int, model_dir: Path, out_dir: Path):
     """The recipe for one run; GRPO is the same trainer with an explorer that never probes."""
     return recipe(args, [f"model.name_or_path={model_dir}", f"trainer.out_dir={out_dir}", f"trainer.seed={seed}",
                          f"trainer.steps={args.max_steps}", "trainer.save_every=0", "trainer.log_tensorboard=false",
-                         "rex.enabled=true", *(["rex.probe_prob=0"] if method == "grpo" else [])])
+                         "rex.enabled=true", *METHOD_SETTINGS[method]])
 
 
 STEP_KEYS = ("reward/mean", "rollout/em_rate", "rollout/groups_with_signal", "rollout/groups_with_signal_after_probes",
              "rex/dead_end_frac", "rex/probes_made", "rex/probes_kept", "rex/probe_acc", "rex/dead_groups_rescued",
              "rex/rho", "rex/alpha", "rex/ratio_mean", "rex/ratio_clipfrac", "actor/pg_loss", "rollout/trajectories",
-             "timing/step_s")
+             "timing/step_s", "actor/approx_kl", "actor/ratio_mean", "actor/clip_frac", "mismatch/policy/abs_mean",
+             "mismatch/policy/abs_max", "mismatch/policy/kl_k3", "rollout_corr/policy/ratio_max",
+             "rollout_corr/policy/truncated_frac", "rollout/dynamic_rounds", "rollout/dynamic_groups_dropped",
+             "rollout/dynamic_groups_filled")
 
 
-def run_one(args, method, seed, model_dir, engine, retriever, heldout, rl_examples, work: Path) -> dict:
+def run_one(args, method, seed, model_dir, engine, retriever, heldout, rl_examples, work: Path, replay: int = 0) -> dict:
+    """One run to the token budget with its curve and held-out rows; ``replay`` > 0: only that many steps,
+    no evaluation (``check_replay``)."""
     from rexrag.train.build import build_trainer
     from rexrag.train.rundir import clear_run
 
@@ -296,19 +348,21 @@ def run_one(args, method, seed, model_dir, engine, retriever, heldout, rl_exampl
     subset = curve_subset(heldout, args)
     marks = [args.token_budget * (i + 1) / (args.curve_points + 1) for i in range(args.curve_points)]
     steps, curve, t0 = [], [], time.perf_counter()
-    while counter.tokens < args.token_budget and len(steps) < args.max_steps:
+    while counter.tokens < args.token_budget and len(steps) < (replay or args.max_steps):
         m = trainer.step()
         steps.append({k: m[k] for k in STEP_KEYS if k in m} | {"tokens": counter.tokens,
                                                                 "wall_s": time.perf_counter() - t0})
         print(f"  {method} s{seed} step {len(steps)}: tokens {counter.tokens}, reward {m.get('reward/mean', 0):.3f}, "
               f"dead-end {m.get('rex/dead_end_frac', float('nan')):.2f}, kept {m.get('rex/probes_kept', 0):.0f}", flush=True)
-        while marks and counter.tokens >= marks[0] and counter.tokens < args.token_budget:
+        while marks and counter.tokens >= marks[0] and counter.tokens < args.token_budget and not replay:
             marks.pop(0)
             t = time.perf_counter()
             rows = evaluate(engine, policy, tokenizer, retriever, subset, args)
             curve.append({"step": len(steps), "tokens": counter.tokens, "em": mean_em(rows)})
             t0 += time.perf_counter() - t  # evaluation time is not training time
     train_s = time.perf_counter() - t0
+    if replay:
+        return {"steps": steps}
     final = evaluate(engine, policy, tokenizer, retriever, heldout, args)
     ids = {(name, e.id) for name, exs in subset.items() for e in exs}
     curve.append({"step": len(steps), "tokens": counter.tokens, "em": mean_em(final, ids)})
@@ -332,13 +386,42 @@ def check_baseline(out: Path, args, sha: str) -> dict | None:
     if not path.is_file():
         return None
     base = json.loads(path.read_text())
-    if base["protocol"] != protocol(args):
-        diff = {k: (base["protocol"].get(k), v) for k, v in protocol(args).items() if base["protocol"].get(k) != v}
+    diff = protocol_differences(base["protocol"], protocol(args))
+    if diff:
         raise SystemExit(f"{path} was recorded with other settings {diff} (recorded, now): use another --out")
     if base["warmup_sha256"] != sha:
         raise SystemExit(f"{path} was recorded from warm-up weights {base['warmup_sha256'][:12]}, this warm-up is "
                          f"{sha[:12]}: runs from different starting policies cannot be compared; use another --out")
     return base
+
+
+REPLAYED = ("tokens", "reward/mean", "rollout/em_rate", "rex/probes_kept")
+
+
+def check_replay(args, out: Path, run) -> None:
+    """Re-run the first ``--replay-steps`` steps of each recorded method's first seed (``run(method, seed, k)``
+    gives their step records) and refuse when sampled tokens, rewards, rollout EM or kept probes differ:
+    the records were made by code that no longer behaves the same, and mixing them would compare apples
+    with pears. Writes ``<out>/replay.json``."""
+    if args.replay_steps < 1:
+        return
+    checked = {}
+    for method in METHODS:
+        mine = sorted((r for r in recorded_runs(out) if r["method"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        rec, k = mine[0], min(args.replay_steps, len(mine[0]["steps"]))
+        steps = run(method, rec["seed"], k)
+        for i, (old, new) in enumerate(zip(rec["steps"][:k], steps)):
+            bad = {key: (old.get(key), new.get(key)) for key in REPLAYED
+                   if not math.isclose(old.get(key, 0.0), new.get(key, 0.0), rel_tol=1e-6, abs_tol=1e-9)}
+            if bad:
+                raise SystemExit(f"{method} seed {rec['seed']} step {i + 1} no longer reproduces its record {bad} "
+                                 "(recorded, now): record these runs again under another --out")
+        checked[f"{method}_s{rec['seed']}"] = k
+        print(f"replay: {method} s{rec['seed']} reproduces its first {k} recorded steps", flush=True)
+    atomic_json(out / "replay.json", {"steps_reproduced": checked, "keys": list(REPLAYED),
+                                      "date": time.strftime("%Y-%m-%d %H:%M")})
 
 
 def recorded_runs(out: Path) -> list[dict]:
@@ -382,8 +465,11 @@ def main(argv=None) -> int:
         if args.rl_questions == "solvable":
             rl = select_rl_questions(args, out, engine, model, tokenizer, retriever, rl)
             print(f"RL questions: {len(rl)} of the first {args.candidates} (solved greedily by the warm-up policy)", flush=True)
+        ensure_retrieve_once(args, out, engine, model, tokenizer, retriever, heldout)
         del model
         release()
+        check_replay(args, out, lambda method, seed, k: run_one(args, method, seed, model_dir, engine, retriever, heldout,
+                                                                rl, work, replay=k)["steps"])
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             for method in [m for m in args.methods.split(",") if m]:
                 path = out / "records" / f"{method}_s{seed}.json"
@@ -399,6 +485,15 @@ def main(argv=None) -> int:
     finally:
         getattr(engine, "close", lambda: None)()
     return report(out, args)
+
+
+def ensure_retrieve_once(args, out: Path, engine, model, tokenizer, retriever, heldout: dict[str, list]) -> None:
+    """``<out>/retrieve_once.json``: the warm-up policy's held-out rows with retrieval alone, computed once."""
+    if (out / "retrieve_once.json").is_file():
+        return
+    print("held-out evaluation of the warm-up policy, retrieve once", flush=True)
+    atomic_json(out / "retrieve_once.json", {"heldout": evaluate(engine, model, tokenizer, retriever, heldout, args,
+                                                                 method="retrieve_once")})
 
 
 def ensure_ceiling(args, out: Path, work: Path, retriever=None, tokenizer=None, heldout=None) -> None:
@@ -440,11 +535,32 @@ def _avg(steps: list[dict], key: str) -> float:
     return statistics.mean(xs) if xs else float("nan")
 
 
+def _max(steps: list[dict], key: str) -> float:
+    xs = [s[key] for s in steps if key in s and not math.isnan(s[key])]
+    return max(xs) if xs else float("nan")
+
+
+EXCURSIONS = ("actor/ratio_mean", "actor/approx_kl", "mismatch/policy/abs_max", "rollout_corr/policy/ratio_max")
+
+
+def sampled_signal(steps: list[dict], batch_size: int) -> float:
+    """Share of the groups a run *sampled* whose rewards differ (after probes). With dynamic sampling a step
+    samples ``rounds x B`` groups and the dropped ones (and those it had to fill up with) had none."""
+    total = signal = 0.0
+    for st in steps:
+        if "rollout/dynamic_rounds" in st:
+            n = st["rollout/dynamic_rounds"] * batch_size
+            total, signal = total + n, signal + n - st["rollout/dynamic_groups_dropped"] - st["rollout/dynamic_groups_filled"]
+        elif "rollout/groups_with_signal_after_probes" in st:
+            total, signal = total + batch_size, signal + batch_size * st["rollout/groups_with_signal_after_probes"]
+    return signal / total if total else float("nan")
+
+
 def summarize(base: dict, runs: list[dict]) -> dict:
     from rexrag.eval.report import paired_difference
     from rexrag.eval.report import summarize as eval_summary
 
-    out = {}
+    out, batch = {}, base["protocol"]["data.batch_size"]
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
         if not mine:
@@ -454,6 +570,8 @@ def summarize(base: dict, runs: list[dict]) -> dict:
             s = eval_summary(r["heldout"])
             d = paired_difference(base["heldout"], r["heldout"])
             per_seed.append({"seed": r["seed"], "em": s["average"]["em"], "f1": s["average"]["f1"],
+                             "cover_em": s["average"]["cover_em"], "sampled_signal": sampled_signal(r["steps"], batch),
+                             **{f"max:{k}": _max(r["steps"], k) for k in EXCURSIONS},
                              "by_dataset": {k: v["em"] for k, v in s.items() if k != "average"}, "vs_warmup": d,
                              "steps": len(r["steps"]), "tokens": r["tokens"], "train_s": r["train_s"],
                              **{k: _avg(r["steps"], k) for k in STEP_KEYS}})
@@ -463,6 +581,11 @@ def summarize(base: dict, runs: list[dict]) -> dict:
 
 
 REX_ONLY = ("rex/probe_acc", "rex/rho", "rex/alpha")
+COLORS = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rex": "tab:orange", "rex_rc": "tab:red"}
+
+
+def is_rex(method: str) -> bool:
+    return method.startswith("rex")
 SMOOTH = 5  # steps: with B=2 a step's group fractions are 0, 0.5 or 1
 
 
@@ -487,13 +610,13 @@ def plot(runs: list[dict], base_em: float, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, panels):
         for r in runs:
-            style = {"color": "tab:orange" if r["method"] == "rex" else "tab:blue", "alpha": 0.8,
-                     "linestyle": "-" if r["method"] == "rex" else "--", "label": f"{r['method']} s{r['seed']}"}
+            style = {"color": COLORS[r["method"]], "alpha": 0.8, "linestyle": "-" if is_rex(r["method"]) else "--",
+                     "label": f"{r['method']} s{r['seed']}"}
             if key == "curve":
                 ax.plot([0] + [c["tokens"] for c in r["curve"]], [100 * base_em] + [100 * c["em"] for c in r["curve"]],
                         marker="o", **style)
                 ax.set_xlabel("sampled tokens")
-            elif r["method"] == "rex" or key not in REX_ONLY:  # GRPO's explorer never probes: nothing to show
+            elif is_rex(r["method"]) or key not in REX_ONLY:  # GRPO's explorer never probes: nothing to show
                 ys = running_mean([s.get(key, float("nan")) for s in r["steps"]], SMOOTH)
                 if not all(math.isnan(y) for y in ys):
                     ax.plot([s["tokens"] for s in r["steps"]], ys, marker=".", **style)
@@ -545,34 +668,22 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
                   "by every run and not counted in their budgets.", ""]
     if args.note:
         lines += [args.note, ""]
-    lines += ["| policy | seeds | held-out EM | F1 | " + " | ".join(f"{k} EM" for k in n) +
-              " | steps | sampled tokens | train min | dead-end groups | groups with signal (after probes) | probes kept/step | probe acc | rho | alpha |",
-              "|---|---|---|---|" + "---|" * len(n) + "---|---|---|---|---|---|---|---|---|",
-              f"| warm-up (start) | – | {100 * b['average']['em']:.1f} | {100 * b['average']['f1']:.1f} | "
-              + " | ".join(f"{100 * b[k]['em']:.1f}" for k in n) + " | | | | | | | | | |"]
-    for method, s in summ.items():
-        seeds = s["seeds"]
-
-        def avg(key, scale=1.0, fmt=".2f", seeds=seeds):
-            return format(scale * statistics.mean(x[key] for x in seeds), fmt)
-
-        rex = method == "rex"
-        lines.append(
-            f"| {'REX-RAG' if rex else 'GRPO'} | {len(seeds)} | {_ci(s['em'])} | {_ci(s['f1'])} | "
-            + " | ".join(f"{100 * statistics.mean(x['by_dataset'][k] for x in seeds):.1f}" for k in n)
-            + f" | {avg('steps', fmt='.0f')} | {avg('tokens', fmt=',.0f')} | {avg('train_s', 1 / 60, '.1f')} | {avg('rex/dead_end_frac')} | "
-            f"{avg('rollout/groups_with_signal')} ({avg('rollout/groups_with_signal_after_probes')}) | "
-            + (f"{avg('rex/probes_kept')} | {avg('rex/probe_acc')} | {avg('rex/rho', fmt='.3f')} | {avg('rex/alpha', fmt='.3f')} |"
-               if rex else "– | – | – | – |"))
-    lines.append("")
-    for r in sorted(runs, key=lambda r: (r["seed"], r["method"])):
+    once = json.loads((out / "retrieve_once.json").read_text())["heldout"] if (out / "retrieve_once.json").is_file() else None
+    lines += table(b, once and eval_summary(once), summ, n)
+    for r in sorted(runs, key=lambda r: (r["seed"], METHODS.index(r["method"]))):
         d = paired_difference(base["heldout"], r["heldout"])
         lines.append(f"- {r['method']} seed {r['seed']}: " + difference_sentence(d, "RL", "the warm-up policy"))
-    for seed in sorted({r["seed"] for r in runs}):
-        pair = {r["method"]: r for r in runs if r["seed"] == seed}
-        if set(pair) >= set(METHODS):
-            d = paired_difference(pair["grpo"]["heldout"], pair["rex"]["heldout"])
-            lines.append(f"- seed {seed}, REX-RAG against GRPO: " + difference_sentence(d, "REX-RAG", "GRPO"))
+    for ref, method in PAIRS:
+        for seed in sorted({r["seed"] for r in runs}):
+            pair = {r["method"]: r for r in runs if r["seed"] == seed}
+            if ref in pair and method in pair:
+                d = paired_difference(pair[ref]["heldout"], pair[method]["heldout"])
+                lines.append(f"- seed {seed}, {LABELS[method]} against {LABELS[ref]}: "
+                             + difference_sentence(d, LABELS[method], LABELS[ref]))
+    if once:
+        d = paired_difference(once, base["heldout"])
+        lines.append("- warm-up policy, its own multi-turn search against retrieve-once: "
+                     + difference_sentence(d, "searching", "retrieval alone"))
     ceiling = json.loads((out / "ceiling.json").read_text()) if (out / "ceiling.json").is_file() else None
     if ceiling:
         k = ret["topk"]
@@ -584,6 +695,38 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
                   + "; in the top-5 whole for " + ", ".join(f"{100 * c['top5_whole']:.0f} %" for c in ceiling.values()) + "."]
     lines += ["", f"![curves]({where}/curves.png)", ""]
     return "\n".join(lines)
+
+
+def table(b: dict, once: dict | None, summ: dict, n: dict) -> list[str]:
+    """The results table: the warm-up policy (agent, and retrieve-once), then each method over its seeds.
+    Stability columns are the largest per-step value over a run, averaged over seeds."""
+    cols = ["held-out EM", "F1", "cover-EM", *(f"{k} EM" for k in n), "steps", "sampled tokens", "train min",
+            "dead-end groups (trained)", "groups with signal, sampled", "rounds/step", "probes kept/step", "probe acc",
+            "max ratio", "max approx KL", "max engine abs dlogp", "max IS weight"]
+    lines = ["| policy | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    blank = " | ".join([""] * (len(cols) - 3 - len(n)))
+    for label, s in (("warm-up (start), agent", b), ("warm-up, retrieve once", once)):
+        if s:
+            lines.append(f"| {label} | – | {100 * s['average']['em']:.1f} | {100 * s['average']['f1']:.1f} | "
+                         f"{100 * s['average']['cover_em']:.1f} | " + " | ".join(f"{100 * s[k]['em']:.1f}" for k in n)
+                         + f" | {blank} |")
+    for method, s in summ.items():
+        seeds = s["seeds"]
+
+        def avg(key, scale=1.0, fmt=".2f", seeds=seeds):
+            xs = [x[key] for x in seeds if not math.isnan(x[key])]
+            return format(scale * statistics.mean(xs), fmt) if xs else "–"
+
+        rex = is_rex(method)
+        lines.append(
+            f"| {LABELS[method]} | {len(seeds)} | {_ci(s['em'])} | {_ci(s['f1'])} | {avg('cover_em', 100, '.1f')} | "
+            + " | ".join(f"{100 * statistics.mean(x['by_dataset'][k] for x in seeds):.1f}" for k in n)
+            + f" | {avg('steps', fmt='.0f')} | {avg('tokens', fmt=',.0f')} | {avg('train_s', 1 / 60, '.1f')} | "
+            f"{avg('rex/dead_end_frac')} | {avg('sampled_signal')} | {avg('rollout/dynamic_rounds', fmt='.1f')} | "
+            + (f"{avg('rex/probes_kept')} | {avg('rex/probe_acc')} | " if rex else "– | – | ")
+            + f"{avg('max:actor/ratio_mean', fmt='.3f')} | {avg('max:actor/approx_kl', fmt='.1e')} | "
+            f"{avg('max:mismatch/policy/abs_max', fmt='.2f')} | {avg('max:rollout_corr/policy/ratio_max', fmt='.2f')} |")
+    return lines + [""]
 
 
 def report(out: Path, args) -> int:

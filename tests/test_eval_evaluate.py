@@ -56,7 +56,7 @@ def _examples():
 ANSWERS = {"France": "Paris", "ocean": "the Pacific ocean", "Hamlet": "Marlowe"}
 
 
-@pytest.mark.parametrize("method", ["direct", "rag", "agent"])
+@pytest.mark.parametrize("method", ["direct", "rag", "retrieve_once", "agent"])
 def test_methods_score_scripted_answers(method, smol_tokenizer, tmp_path):
     tok = smol_tokenizer
     backend = ScriptedBackend(tok, ANSWERS, search_first=method == "agent")
@@ -69,7 +69,7 @@ def test_methods_score_scripted_answers(method, smol_tokenizer, tmp_path):
     assert [r["em"] for r in rows] == [1.0, 1.0, 0.0]  # "the" is dropped by normalisation
     assert all(t == 0.0 for _, t in backend.calls)  # greedy
     assert max(n for n, _ in backend.calls) <= 2  # batched by batch_size
-    expected_searches = {"direct": 0, "rag": 1, "agent": 1}[method]
+    expected_searches = {"direct": 0, "rag": 1, "retrieve_once": 1, "agent": 1}[method]
     assert all(r["n_searches"] == expected_searches for r in rows)
     assert all(r["format_ok"] for r in rows)
     assert len(retriever.queries) == (0 if method == "direct" else 3)
@@ -122,6 +122,48 @@ def test_one_shot_baselines_score_the_whole_response_without_tags(method, smol_t
     assert not any(r["format_ok"] for r in rows)
     md = (tmp_path / "o" / "metrics.md").read_text()
     assert "cover-EM (x100)" in md and "| plain | 66.7 | 66.7 |" in md
+
+
+class RecordingBackend:
+    """Writes the warm-up's first search turn while no observation is in the prompt, then answers; records prompts."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.prompts = tokenizer, []
+
+    def generate(self, prompts, stops, params):
+        from rexrag.warmup import search_query, search_turn_text
+
+        outs = []
+        for p in prompts:
+            self.prompts.append(list(p))
+            text = self.tok.decode(p)
+            if "<information>" in text.split("assistant")[-1]:
+                reply, stop = "<think> known </think>\n<answer> Paris </answer>", "</answer>"
+            else:
+                question = next(e.question for e in _examples() if e.question in text)
+                reply, stop = search_turn_text(search_query(question)), "</search>"
+            ids = self.tok(reply, add_special_tokens=False)["input_ids"]
+            outs.append(GenOutput(ids, [0.0] * len(ids), "stop", stop))
+        return outs
+
+
+def test_retrieve_once_reads_exactly_what_the_agent_reads_after_its_first_search(smol_tokenizer):
+    """Token for token, the retrieve-once answer prompt is the agent's context after it writes the warm-up's
+    first search: same query, same passages, same observation cut and tags; and the agent's strict rule."""
+    kw = dict(topk=2, max_new_tokens=48, max_obs_tokens=12, batch_size=8)
+    agent_backend, once_backend = RecordingBackend(smol_tokenizer), RecordingBackend(smol_tokenizer)
+    retr_a, retr_o = FakeRetriever(), FakeRetriever()
+    E.evaluate_examples(_examples(), None, smol_tokenizer, retr_a, E.EvalOptions(method="agent", max_turns=2, **kw),
+                        backend=agent_backend)
+    rows = E.evaluate_examples(_examples(), None, smol_tokenizer, retr_o, E.EvalOptions(method="retrieve_once", **kw),
+                               backend=once_backend)
+    assert retr_o.queries == retr_a.queries == ["What is the capital of France", "Which ocean is largest", "Who wrote Hamlet"]
+    assert once_backend.prompts == agent_backend.prompts[3:]  # the agent's second turn, all three questions
+    assert "<information>" in smol_tokenizer.decode(once_backend.prompts[0])
+    assert [r["prediction"] for r in rows] == ["Paris"] * 3 and [r["em"] for r in rows] == [1.0, 0.0, 0.0]
+    plain = E.evaluate_examples(_examples(), None, smol_tokenizer, FakeRetriever(),
+                                E.EvalOptions(method="retrieve_once", **kw), backend=PlainBackend(smol_tokenizer, PLAIN))
+    assert all(r["prediction"] is None and r["em"] == 0.0 for r in plain)  # no answer span: no answer
 
 
 def test_agent_without_answer_tags_scores_zero(smol_tokenizer):

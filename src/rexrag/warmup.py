@@ -89,6 +89,12 @@ def search_query(question: str) -> str:
     return " ".join(question.strip().rstrip("?").split())
 
 
+def search_turn_text(query: str, turn: int = 0) -> str:
+    """The policy's search turn as the warm-up teaches it (a thought, then the query in search tags)."""
+    thought = "I need to search for this." if turn == 0 else f"I should also look up {query}."
+    return f"{THINK_OPEN} {thought} {THINK_CLOSE}\n{SEARCH_OPEN} {query} {SEARCH_CLOSE}"
+
+
 def second_query(example: QAExample, first_hits) -> str | None:
     """A follow-up query for a multi-hop question, or None when none would add anything."""
     seen = {p.title.lower() for p in first_hits}
@@ -117,8 +123,7 @@ def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str,
     traj = Trajectory(group_id=example.group_id, example=example)
     traj.extend(build_prompt_ids(tokenizer, example.question, cfg.template), Seg.PROMPT, 0)
     for turn, (query, passages) in enumerate(hops):
-        thought = "I need to search for this." if turn == 0 else f"I should also look up {query}."
-        action = _ids(tokenizer, f"{THINK_OPEN} {thought} {THINK_CLOSE}\n{SEARCH_OPEN} {query} {SEARCH_CLOSE}")
+        action = _ids(tokenizer, search_turn_text(query, turn))
         traj.extend(action, Seg.POLICY, turn, [0.0] * len(action))
         traj.extend(info_ids(passages, tokenizer, cfg.max_obs_tokens), Seg.INFO, turn)
     gold = example.golden_answers[0].strip()

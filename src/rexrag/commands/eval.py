@@ -28,7 +28,7 @@ question, and the main process merges the rows in the original order and writes 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model/checkpoint on QA sets (direct | rag | agent)",
+    p = sub.add_parser("eval", help="evaluate a model/checkpoint on QA sets (direct | rag | retrieve_once | agent)",
                        description=__doc__, epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model dir, `rexrag train`/`warmup` checkpoint (full or LoRA), or smollm2-135m")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=FILE", help="a QA file (FlashRAG jsonl or Search-R1 parquet; a parquet with several data_source values is scored per source); repeatable")
@@ -37,7 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--index", default="", help="index directory built by `rexrag index`")
     p.add_argument("--retriever-url", default="", help="Search-R1-compatible /retrieve endpoint (instead of --index)")
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="passages per search")
-    p.add_argument("--method", default="agent", choices=["agent", "rag", "direct"])
+    p.add_argument("--method", default="agent", choices=["agent", "retrieve_once", "rag", "direct"],
+                   help="agent: multi-turn search; retrieve_once: the agent's format with one search for the question "
+                        "written for it, then one answer turn; rag / direct: one-shot baselines (see rexrag.eval.evaluate)")
     p.add_argument("--limit", type=int, default=0, help="at most N questions per dataset (0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
     p.add_argument("--max-turns", type=int, default=4, help="agent: search turns before the answer-only turn")

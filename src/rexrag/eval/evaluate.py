@@ -1,4 +1,4 @@
-"""Evaluate a model or checkpoint on QA sets: ``direct``, ``rag`` or ``agent`` (multi-turn search).
+"""Evaluate a model or checkpoint on QA sets: ``direct``, ``rag``, ``retrieve_once`` or ``agent`` (multi-turn search).
 
 All methods decode greedily (temperature 0) in batches, so a run is deterministic for a given model,
 data and retriever. Scores follow Search-R1 / REX-RAG: the prediction is the last complete
@@ -12,6 +12,12 @@ writes tags, so without this rule a baseline row would be 0 whatever the model k
 method keeps the strict rule (no answer span scores 0), as Search-R1 and REX-RAG evaluate agents; so
 on the same model a baseline's EM counts an answer anywhere in its text and the agent's does not —
 compare them on cover-EM too, which every table reports.
+
+``retrieve_once`` is retrieval alone in the agent's own format, scored by the agent's strict rule: the
+agent prompt, the warm-up's first search turn written for the model (the question as the query), the
+observation exactly as the agent inserts it (top-k cut to ``max_obs_tokens``), then one answer turn.
+Against ``agent`` on the same checkpoint it shows what the model's own searching adds over reading the
+passages its first search would bring.
 
 Benchmark files: ``--benchmarks nq,hotpotqa --data-dir DIR`` looks for FlashRAG-format files in
 ``DIR/<name>/`` (see ``resolve_benchmark``): ``test.jsonl`` / ``dev.jsonl`` / ``val.jsonl`` as
@@ -48,7 +54,7 @@ from rexrag.protocol import ANSWER_CLOSE, ANSWER_OPEN, DEFAULT_TOPK, THINK_CLOSE
 
 BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 BENCHMARK_ALIASES = {"2wiki": "2wikimultihopqa", "tqa": "triviaqa", "hotpot": "hotpotqa"}
-METHODS = ("direct", "rag", "agent")
+METHODS = ("direct", "rag", "retrieve_once", "agent")
 _SPLIT_TIERS = ("test", "dev", "val")
 
 DIRECT_TEMPLATE = (
@@ -214,6 +220,29 @@ def _run_one_shot(examples, backend, tokenizer, retriever, opts: EvalOptions) ->
     return rows
 
 
+def _run_retrieve_once(examples, backend, tokenizer, retriever, opts: EvalOptions) -> list[dict]:
+    from rexrag.prompts import build_prompt_ids
+    from rexrag.rewards import extract_answer, format_ok
+    from rexrag.rollout.engine import SamplingParams
+    from rexrag.warmup import info_ids, search_query, search_turn_text
+
+    queries = [search_query(e.question) for e in examples]
+    passages = retriever.search(queries, opts.topk)
+    prompts = [build_prompt_ids(tokenizer, e.question, opts.template)
+               + list(tokenizer(search_turn_text(q), add_special_tokens=False)["input_ids"])
+               + info_ids(ps, tokenizer, opts.max_obs_tokens) for e, q, ps in zip(examples, queries, passages)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=opts.max_new_tokens)
+    outs = backend.generate(prompts, [stop_strings(final_turn=True)] * len(prompts), params)
+    rows = []
+    for ps, out in zip(passages, outs):
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        answer = extract_answer(text)  # the agent's strict rule: no answer span scores 0
+        rows.append({"prediction": answer, "answer_source": "tags" if answer is not None else None, "response": text,
+                     "n_searches": 1, "format_ok": bool(format_ok(text)), "stop_reason": out.finish,
+                     "retrieved": [p.id for p in ps]})
+    return rows
+
+
 def rollout_config(opts: EvalOptions):
     """The greedy rollout settings evaluation uses (agent turns, token caps, backend)."""
     from rexrag.config import RolloutConfig
@@ -281,7 +310,12 @@ def evaluate_examples(examples: list[QAExample], model, tokenizer, retriever, op
     for s in range(0, len(examples), opts.batch_size):
         chunk = examples[s : s + opts.batch_size]
         with torch.no_grad():
-            results = _run_agent(chunk, agent, tokenizer) if agent else _run_one_shot(chunk, backend, tokenizer, retriever, opts)
+            if agent:
+                results = _run_agent(chunk, agent, tokenizer)
+            elif opts.method == "retrieve_once":
+                results = _run_retrieve_once(chunk, backend, tokenizer, retriever, opts)
+            else:
+                results = _run_one_shot(chunk, backend, tokenizer, retriever, opts)
         for ex, res in zip(chunk, results):
             rows.append({"dataset": dataset or ex.data_source, "id": ex.id, "question": ex.question,
                          "golden_answers": list(ex.golden_answers), **score_row(res["prediction"], ex.golden_answers),
