@@ -6,8 +6,9 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   ``--heldout-per-dataset`` questions of each; the rest are training questions: a seeded sample for the
   format warm-up, the others for RL (never evaluated).
 * Policy: SmolLM2-135M-Instruct after the format warm-up (``rexrag.warmup``, the demo's settings), run
-  once and shared by every run. The sha256 of its weights is recorded; a later invocation that rebuilds
-  a different warm-up refuses to mix its runs with the recorded ones.
+  once and shared by every run. The sha256 of its weights names its baseline (``<out>/baselines/<sha>.json``:
+  the warm-up's held-out rows, agent and retrieve-once). A warm-up rebuilt on another CPU differs in the last
+  bits (other kernels, other rounding), so its runs form their own group, paired only with each other.
 * Retrieval: BM25 (bm25s) over the closed corpus, top-2, observations cut to ``--max-obs-tokens``.
 * RL: the demo's recipe (``rexrag.demo``: B prompts x G rollouts, 2 search turns, T=0.7, em_format,
   no KL). GRPO is the same trainer with REX-RAG's explorer set to never probe (bitwise plain GRPO, see
@@ -28,7 +29,7 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   learning curve evaluates a fixed subset (``--curve-per-dataset`` of each) at ``--curve-points``
   equally spaced token counts.
 
-Per run, ``<out>/records/<method>_s<seed>.json`` holds the per-step metrics (reward, rollout EM, dead-end
+Per run, ``<out>/records/<method>_s<seed>_<warm-up sha>.json`` holds the per-step metrics (reward, rollout EM, dead-end
 group fraction, groups with a non-zero advantage before/after probes, probes made/kept, probe accuracy,
 rho, alpha, tokens, wall time), the curve and the per-question held-out scores. A run whose file exists
 is skipped, so ``--seeds 0,1,2`` can be completed over several invocations. ``--report`` (or the end of
@@ -260,14 +261,15 @@ def curve_subset(heldout: dict[str, list], args) -> dict[str, list]:
     return {name: exs[: args.curve_per_dataset] for name, exs in heldout.items()}
 
 
-def select_rl_questions(args, out: Path, engine, model, tokenizer, retriever, rl: list) -> list:
+def select_rl_questions(args, out: Path, sha: str, engine, model, tokenizer, retriever, rl: list) -> list:
     """``--rl-questions solvable``: of the first ``--candidates`` RL questions, those the warm-up policy answers
     right greedily (``rexrag.demo.pick_rl_questions``: GRPO learns only from groups whose rewards differ, and
     a question the policy solves greedily is one its samples get right sometimes). The greedy pass runs once;
-    its choice and sampled tokens are recorded in ``<out>/rl_questions.json`` and shared by every run."""
+    its choice and sampled tokens are recorded in ``<out>/rl_questions_<warm-up sha>.json`` and shared by every
+    run from that warm-up."""
     from rexrag.demo import pick_rl_questions
 
-    path, candidates = out / "rl_questions.json", rl[: args.candidates]
+    path, candidates = out / f"rl_questions_{sha[:12]}.json", rl[: args.candidates]
     if not path.is_file():
         by_dataset: dict[str, list] = {}
         for e in candidates:
@@ -380,25 +382,33 @@ def atomic_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
+def recorded_baselines(out: Path) -> dict[str, dict]:
+    """{warm-up sha256: its baseline}: one per warm-up the runs in ``out`` started from. A warm-up rebuilt on
+    another CPU is not bitwise the same (its kernels round differently), so runs are grouped by the warm-up
+    they started from: differences to the warm-up and between methods are paired within a group only."""
+    return {b["warmup_sha256"]: b for b in (json.loads(p.read_text()) for p in sorted((out / "baselines").glob("*.json")))}
+
+
+def baseline_path(out: Path, sha: str) -> Path:
+    return out / "baselines" / f"{sha[:12]}.json"
+
+
 def check_baseline(out: Path, args, sha: str) -> dict | None:
-    """The recorded baseline (warm-up's held-out rows) when it matches this protocol and warm-up, else an error."""
-    path = out / "baseline.json"
-    if not path.is_file():
-        return None
-    base = json.loads(path.read_text())
-    diff = protocol_differences(base["protocol"], protocol(args))
-    if diff:
-        raise SystemExit(f"{path} was recorded with other settings {diff} (recorded, now): use another --out")
-    if base["warmup_sha256"] != sha:
-        raise SystemExit(f"{path} was recorded from warm-up weights {base['warmup_sha256'][:12]}, this warm-up is "
-                         f"{sha[:12]}: runs from different starting policies cannot be compared; use another --out")
-    return base
+    """The baseline (warm-up's held-out rows) recorded for this warm-up, None when there is none yet; an error
+    when any recorded baseline in ``out`` was made under another protocol."""
+    bases = recorded_baselines(out)
+    for base in bases.values():
+        diff = protocol_differences(base["protocol"], protocol(args))
+        if diff:
+            raise SystemExit(f"{baseline_path(out, base['warmup_sha256'])} was recorded with other settings {diff} "
+                             "(recorded, now): use another --out")
+    return bases.get(sha)
 
 
 REPLAYED = ("tokens", "reward/mean", "rollout/em_rate", "rex/probes_kept")
 
 
-def check_replay(args, out: Path, run) -> None:
+def check_replay(args, out: Path, sha: str, run) -> None:
     """Re-run the first ``--replay-steps`` steps of each recorded method's first seed (``run(method, seed, k)``
     gives their step records) and refuse when sampled tokens, rewards, rollout EM or kept probes differ:
     the records were made by code that no longer behaves the same, and mixing them would compare apples
@@ -407,7 +417,8 @@ def check_replay(args, out: Path, run) -> None:
         return
     checked = {}
     for method in METHODS:
-        mine = sorted((r for r in recorded_runs(out) if r["method"] == method), key=lambda r: r["seed"])
+        mine = sorted((r for r in recorded_runs(out) if r["method"] == method and r["warmup_sha256"] == sha),
+                      key=lambda r: r["seed"])
         if not mine:
             continue
         rec, k = mine[0], min(args.replay_steps, len(mine[0]["steps"]))
@@ -459,20 +470,21 @@ def main(argv=None) -> int:
         if base is None:
             print(f"held-out evaluation of the warm-up policy ({sum(map(len, heldout.values()))} questions)", flush=True)
             base = {"protocol": protocol(args), "warmup_sha256": sha, "heldout": evaluate(engine, model, tokenizer, retriever, heldout, args),
-                    "splits": {"heldout": {k: len(v) for k, v in heldout.items()}, "warmup": len(warm), "rl": len(rl)}}
-            atomic_json(out / "baseline.json", base)
+                    "splits": {"heldout": {k: len(v) for k, v in heldout.items()}, "warmup": len(warm), "rl": len(rl)},
+                    "machine": machine(), "cpu": cpu(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            atomic_json(baseline_path(out, sha), base)
         ensure_ceiling(args, out, work, retriever, tokenizer, heldout)
         if args.rl_questions == "solvable":
-            rl = select_rl_questions(args, out, engine, model, tokenizer, retriever, rl)
+            rl = select_rl_questions(args, out, sha, engine, model, tokenizer, retriever, rl)
             print(f"RL questions: {len(rl)} of the first {args.candidates} (solved greedily by the warm-up policy)", flush=True)
-        ensure_retrieve_once(args, out, engine, model, tokenizer, retriever, heldout)
+        ensure_retrieve_once(args, out, base, engine, model, tokenizer, retriever, heldout)
         del model
         release()
-        check_replay(args, out, lambda method, seed, k: run_one(args, method, seed, model_dir, engine, retriever, heldout,
+        check_replay(args, out, sha, lambda method, seed, k: run_one(args, method, seed, model_dir, engine, retriever, heldout,
                                                                 rl, work, replay=k)["steps"])
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             for method in [m for m in args.methods.split(",") if m]:
-                path = out / "records" / f"{method}_s{seed}.json"
+                path = out / "records" / f"{method}_s{seed}_{sha[:12]}.json"
                 if path.is_file():
                     print(f"{path.name}: recorded, skipped", flush=True)
                     continue
@@ -487,13 +499,13 @@ def main(argv=None) -> int:
     return report(out, args)
 
 
-def ensure_retrieve_once(args, out: Path, engine, model, tokenizer, retriever, heldout: dict[str, list]) -> None:
-    """``<out>/retrieve_once.json``: the warm-up policy's held-out rows with retrieval alone, computed once."""
-    if (out / "retrieve_once.json").is_file():
+def ensure_retrieve_once(args, out: Path, base: dict, engine, model, tokenizer, retriever, heldout: dict[str, list]) -> None:
+    """The warm-up policy's held-out rows with retrieval alone (``retrieve_once``), once, in its baseline."""
+    if "retrieve_once" in base:
         return
     print("held-out evaluation of the warm-up policy, retrieve once", flush=True)
-    atomic_json(out / "retrieve_once.json", {"heldout": evaluate(engine, model, tokenizer, retriever, heldout, args,
-                                                                 method="retrieve_once")})
+    base["retrieve_once"] = evaluate(engine, model, tokenizer, retriever, heldout, args, method="retrieve_once")
+    atomic_json(baseline_path(out, base["warmup_sha256"]), base)
 
 
 def ensure_ceiling(args, out: Path, work: Path, retriever=None, tokenizer=None, heldout=None) -> None:
@@ -507,6 +519,12 @@ def ensure_ceiling(args, out: Path, work: Path, retriever=None, tokenizer=None, 
     tokenizer = tokenizer or load_tokenizer(str(work / "warmup"))
     heldout = heldout or load_splits(args)[0]
     atomic_json(out / "ceiling.json", retrieval_ceiling(args, retriever, tokenizer, heldout))
+
+
+def cpu() -> str:
+    from rexrag.hardware import cpu_description
+
+    return cpu_description()
 
 
 def machine() -> str:
@@ -598,7 +616,8 @@ def running_mean(ys: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: list[dict], base_em: float, path: Path) -> None:
+def plot(runs: list[dict], base_em: dict[str, float], path: Path) -> None:
+    """Curves of every run; a run's held-out curve starts at its own warm-up's EM (``base_em[sha]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -611,9 +630,9 @@ def plot(runs: list[dict], base_em: float, path: Path) -> None:
     for ax, (key, title) in zip(axes.flat, panels):
         for r in runs:
             style = {"color": COLORS[r["method"]], "alpha": 0.8, "linestyle": "-" if is_rex(r["method"]) else "--",
-                     "label": f"{r['method']} s{r['seed']}"}
+                     "label": f"{r['method']} s{r['seed']} ({r['warmup_sha256'][:6]})"}
             if key == "curve":
-                ax.plot([0] + [c["tokens"] for c in r["curve"]], [100 * base_em] + [100 * c["em"] for c in r["curve"]],
+                ax.plot([0] + [c["tokens"] for c in r["curve"]], [100 * base_em[r["warmup_sha256"]]] + [100 * c["em"] for c in r["curve"]],
                         marker="o", **style)
                 ax.set_xlabel("sampled tokens")
             elif is_rex(r["method"]) or key not in REX_ONLY:  # GRPO's explorer never probes: nothing to show
@@ -635,41 +654,74 @@ def _ci(t) -> str:
     return f"{m:.1f}" if lo == hi else f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
-    from rexrag.eval.report import difference_sentence, paired_difference
-    from rexrag.eval.report import summarize as eval_summary
-
-    b = eval_summary(base["heldout"])
+def markdown(bases: dict[str, dict], runs: list[dict], args, out: Path) -> str:
+    """The results section: the shared protocol, then one block per warm-up (its runs, table and comparisons)."""
+    base = next(iter(bases.values()))
     p = base["protocol"]
     ret, ro, al, rx, tr = (p[k] for k in ("retrieval", "rollout", "algo", "rex", "trainer"))
-    n = {k: v["n"] for k, v in b.items() if k != "average"}
-    recorded = ", ".join(sorted(f"{r['method']} s{r['seed']} ({r['date']})" for r in runs)) or "none"
+    n = {k: len(v) for k, v in _by_dataset(base["heldout"]).items()}
     where = repo_relative(out)
-    lines = [section_heading(out), "", f"Recorded runs: {recorded}; machine: {runs[0]['machine'] if runs else machine()}.", "",
+    lines = [section_heading(out), "",
              (f"Command: `{command(args, out, runs)}` (resumable: recorded runs are skipped; `--report --append-md` "
-              f"rebuilds this section). Results: `{where}/` (baseline.json, records/*.json, curves.png)."), "",
+              f"rebuilds this section). Results: `{where}/` (baselines/*.json, records/*.json, curves.png)."), "",
              f"Protocol: SmolLM2-135M-Instruct after the format warm-up ({p['warmup_examples']} questions, "
-             f"{p['warmup_steps']} steps; weights sha256 {base['warmup_sha256'][:12]}), BM25 top-{ret['topk']} over the "
+             f"{p['warmup_steps']} steps), BM25 top-{ret['topk']} over the "
              f"23,630-passage closed corpus, {ro['max_turns']} search turns of {ro['max_new_tokens_per_turn']} tokens, "
              f"observations {ro['max_obs_tokens']} tokens; RL on {base['splits']['rl']} training questions (never "
              f"evaluated), recipe `configs/cpu_experiment.yaml`{' with ' + ' '.join(args.set) if args.set else ''}: "
              f"B={p['data.batch_size']} x G={ro['n']}, T={ro['temperature']}, lr {tr['lr']}, reward {tr['reward']}, "
              f"KL {al['kl_coef']}; REX-RAG p={rx['probe_prob']}, rho0={rx['keep_ratio']}, keep_min={rx['keep_min']}, "
-             f"{rx['correction']}; each run stops at {p['token_budget']:,} sampled tokens (originals + probe "
+             f"{rx['correction']}; " + "; ".join(f"{LABELS[m]}: {' '.join(METHOD_SETTINGS[m]) or 'as is'}" for m in METHODS)
+             + f"; each run stops at {p['token_budget']:,} sampled tokens (originals + probe "
              "continuations). Held-out: "
              + ", ".join(f"{k} n={v}" for k, v in n.items()) + " (greedy agent); intervals over seeds are 95 % "
-             "Student-t, per-run differences to the warm-up a 95 % paired bootstrap over questions.", ""]
-    sel = out / "rl_questions.json"
+             "Student-t, per-run differences to the warm-up a 95 % paired bootstrap over questions. Runs are grouped "
+             "by the warm-up they started from (a warm-up rebuilt on another CPU is not bitwise the same); comparisons "
+             "are paired within a group.", ""]
+    if args.note:
+        lines += [args.note, ""]
+    for sha, b in bases.items():
+        mine = [r for r in runs if r["warmup_sha256"] == sha]
+        lines += block(out, b, mine, n)
+    ceiling = json.loads((out / "ceiling.json").read_text()) if (out / "ceiling.json").is_file() else None
+    if ceiling:
+        k = ret["topk"]
+        lines += ["", f"Retrieval ceiling (the question itself as the query, BM25): the gold answer string appears in the "
+                  f"observation the agent reads (top-{k} cut to {ro['max_obs_tokens']} tokens) for "
+                  + ", ".join(f"{100 * c['observation']:.0f} % of {d}" for d, c in ceiling.items())
+                  + f"; in the top-{k} passages whole for "
+                  + ", ".join(f"{100 * c[f'top{k}_whole']:.0f} %" for c in ceiling.values())
+                  + "; in the top-5 whole for " + ", ".join(f"{100 * c['top5_whole']:.0f} %" for c in ceiling.values()) + "."]
+    lines += ["", f"![curves]({where}/curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _by_dataset(rows: list[dict]) -> dict[str, list]:
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["dataset"], []).append(r)
+    return by
+
+
+def block(out: Path, base: dict, runs: list[dict], n: dict) -> list[str]:
+    """One warm-up's part of the section: where it ran, its table, and its paired comparisons."""
+    from rexrag.eval.report import difference_sentence, paired_difference
+    from rexrag.eval.report import summarize as eval_summary
+
+    sha = base["warmup_sha256"]
+    recorded = ", ".join(f"{r['method']} s{r['seed']} ({r['date']})"
+                         for r in sorted(runs, key=lambda r: (r["seed"], METHODS.index(r["method"])))) or "none"
+    where = base.get("cpu") or (runs[0]["machine"] if runs else "not recorded")
+    lines = [f"### Warm-up {sha[:12]}", "", f"Machine: {where}. Recorded runs: {recorded}.", ""]
+    sel = out / f"rl_questions_{sha[:12]}.json"
     if sel.is_file():
         info = json.loads(sel.read_text())
         lines += [f"RL questions (`--rl-questions solvable`): the {len(info['ids'])} of the first {info['candidates']} RL "
                   f"questions that the warm-up policy answers right greedily ({info['candidates_em']} exact, the rest "
                   f"containing the gold answer); the one-off greedy pass sampled {info['greedy_tokens']:,} tokens, shared "
                   "by every run and not counted in their budgets.", ""]
-    if args.note:
-        lines += [args.note, ""]
-    once = json.loads((out / "retrieve_once.json").read_text())["heldout"] if (out / "retrieve_once.json").is_file() else None
-    lines += table(b, once and eval_summary(once), summ, n)
+    once = base.get("retrieve_once")
+    lines += table(eval_summary(base["heldout"]), once and eval_summary(once), summarize(base, runs), n)
     for r in sorted(runs, key=lambda r: (r["seed"], METHODS.index(r["method"]))):
         d = paired_difference(base["heldout"], r["heldout"])
         lines.append(f"- {r['method']} seed {r['seed']}: " + difference_sentence(d, "RL", "the warm-up policy"))
@@ -684,17 +736,7 @@ def markdown(base: dict, runs: list[dict], summ: dict, args, out: Path) -> str:
         d = paired_difference(once, base["heldout"])
         lines.append("- warm-up policy, its own multi-turn search against retrieve-once: "
                      + difference_sentence(d, "searching", "retrieval alone"))
-    ceiling = json.loads((out / "ceiling.json").read_text()) if (out / "ceiling.json").is_file() else None
-    if ceiling:
-        k = ret["topk"]
-        lines += ["", f"Retrieval ceiling (the question itself as the query, BM25): the gold answer string appears in the "
-                  f"observation the agent reads (top-{k} cut to {ro['max_obs_tokens']} tokens) for "
-                  + ", ".join(f"{100 * c['observation']:.0f} % of {d}" for d, c in ceiling.items())
-                  + f"; in the top-{k} passages whole for "
-                  + ", ".join(f"{100 * c[f'top{k}_whole']:.0f} %" for c in ceiling.values())
-                  + "; in the top-5 whole for " + ", ".join(f"{100 * c['top5_whole']:.0f} %" for c in ceiling.values()) + "."]
-    lines += ["", f"![curves]({where}/curves.png)", ""]
-    return "\n".join(lines)
+    return lines + [""]
 
 
 def table(b: dict, once: dict | None, summ: dict, n: dict) -> list[str]:
@@ -730,15 +772,14 @@ def table(b: dict, once: dict | None, summ: dict, n: dict) -> list[str]:
 
 
 def report(out: Path, args) -> int:
-    path = out / "baseline.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run the experiment first")
-    base, runs = json.loads(path.read_text()), recorded_runs(out)
-    summ = summarize(base, runs)
+    bases = recorded_baselines(out)
+    if not bases:
+        raise SystemExit(f"{out / 'baselines'} holds no baseline: run the experiment first")
+    runs = recorded_runs(out)
     from rexrag.eval.report import summarize as eval_summary
 
-    plot(runs, eval_summary(base["heldout"])["average"]["em"], out / "curves.png")
-    text = markdown(base, runs, summ, args, out)
+    plot(runs, {sha: eval_summary(b["heldout"])["average"]["em"] for sha, b in bases.items()}, out / "curves.png")
+    text = markdown(bases, runs, args, out)
     from rexrag.fsutil import atomic_write_text
 
     atomic_write_text(out / "results.md", text)
