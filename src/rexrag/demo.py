@@ -29,7 +29,7 @@ from pathlib import Path
 from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bundled data lives with the loaders)
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
-from rexrag.memory import release
+from rexrag.memory import peak_rss_mb, phase_peak_mb, release, rss_mb
 from rexrag.protocol import ANSWER_OPEN
 
 
@@ -90,16 +90,21 @@ DEMO_MAX_TOKENS = 1024  # prompt + response cap of one demo trajectory (training
 
 
 class _Clock:
-    """Wall and CPU seconds per phase. CPU time (all threads of this process) is what the phase costs
-    on an otherwise idle machine, which wall time on a shared machine is not."""
+    """Wall and CPU seconds and memory per phase. CPU time (all threads of this process) is what the phase
+    costs on an otherwise idle machine, which wall time on a shared machine is not. Memory: the phase's
+    peak RSS (``phase_peak_mb``) and the RSS left once it ended and freed memory went back to the OS."""
 
     def __init__(self):
         self.t0 = self.t = time.perf_counter()
         self.c0 = self.c = time.process_time()
         self.times: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {}
+        phase_peak_mb()  # start the first phase's high-water mark here
 
     def lap(self, name: str) -> None:
+        peak = phase_peak_mb()
         release()  # hand what the phase freed (models, optimizer state, activations) back to the OS
+        self.memory[name] = {"peak_mb": round(peak), "after_mb": round(rss_mb())}
         now, cpu = time.perf_counter(), time.process_time()
         self.times[name], self.times[f"cpu_{name}"] = now - self.t, cpu - self.c
         self.t, self.c = now, cpu
@@ -425,9 +430,10 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
 
     _say("9/9 writing the report")
     report = write_report(out, tokenizer, p, evals, warm, history, probes, times, "quick" if quick else "default",
-                          str(ckpt / "model"), rl_info)
+                          str(ckpt / "model"), rl_info, clock.memory)
     print(headline_text(out))
-    _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min)")  # the CLI prints the report path
+    _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min), "
+         f"peak RSS {peak_rss_mb() / 1024:.1f} GiB")  # the CLI prints the report path
     return report
 
 
@@ -501,7 +507,8 @@ def headline_text(out: str | Path) -> str:
 
 
 def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], warm: dict, history: list[dict],
-                 probes: list, times: dict, profile: str, checkpoint: str, rl_info: dict | None = None) -> Path:
+                 probes: list, times: dict, profile: str, checkpoint: str, rl_info: dict | None = None,
+                 memory: dict | None = None) -> Path:
     """report.md + summary.json + plots/*.png in ``out``; returns the report path.
 
     ``evals``: ``run_eval`` results keyed like ``LABELS`` (untrained, rag, warmup, trained), all on the
@@ -524,7 +531,10 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
     lines = [
         "# rexrag demo report", "",
         (f"Profile `{profile}`; total wall time {times['total'] / 60:.1f} min on this machine ({phases}); "
-        f"CPU time {times.get('cpu_total', 0.0) / 60:.1f} min ({cpu})."), "",
+        f"CPU time {times.get('cpu_total', 0.0) / 60:.1f} min ({cpu})."
+        + (" Peak RSS per phase, then what it left (MiB): "
+           + ", ".join(f"{k} {v['peak_mb']:.0f} / {v['after_mb']:.0f}" for k, v in memory.items()) + "." if memory else "")),
+        "",
         "- model: SmolLM2-135M-Instruct (offline default `smollm2-135m`)",
         "- corpus: bundled demo subset, 1,796 Wikipedia paragraphs (HotpotQA + 2WikiMultihopQA dev contexts; see NOTICE)",
         f"- retriever: BM25 (bm25s), top-{p.topk}, agent observations cut to {p.max_obs_tokens} tokens",
@@ -581,6 +591,7 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
                "evals": summaries, "before": summaries.get("untrained"), "after": summaries.get("trained"),
                "paired": numbers, "signal": signal, "rl_questions": rl_info, "headline": headline,
                "warmup_losses": warm["losses"], "plots": {k: str(v) for k, v in plots.items()},
-               "probes_seen": len(probes), "checkpoint": checkpoint}
+               "probes_seen": len(probes), "checkpoint": checkpoint, "memory_mb": memory or {},
+               "peak_rss_mb": round(peak_rss_mb())}
     R.write_metrics_json(out / "summary.json", summary)
     return report_path

@@ -25,9 +25,37 @@ import sys
 _KIB = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
+_PEAK_BEFORE_RESET = 0.0  # MiB: the high-water mark as it stood before ``phase_peak_mb`` last reset it
+
+
 def peak_rss_mb() -> float:
-    """Highest RSS this process has had (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20
+    """Highest RSS this process has had (MiB), phase resets (``phase_peak_mb``) included."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20, _PEAK_BEFORE_RESET)
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def phase_peak_mb() -> float:
+    """Peak RSS (MiB) since the previous call, then the kernel's high-water mark is reset to the current RSS
+    (Linux: ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``), so each phase of a job reports its
+    own peak. ``peak_rss_mb`` keeps the overall peak across resets. Elsewhere: the overall peak."""
+    global _PEAK_BEFORE_RESET
+    hwm = _status_mb("VmHWM:")
+    if hwm is None:
+        return peak_rss_mb()
+    _PEAK_BEFORE_RESET = max(_PEAK_BEFORE_RESET, hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not permitted here: later phases report the running peak instead
+        pass
+    return hwm
 
 
 def peak_rss_children_mb() -> float:
