@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--types", default="sq8,fp16,ivf_flat,ivf_pq,opq_ivf_pq,hnsw,hnsw_sq8")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dense_real"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--corpus", type=Path, default=DATA / "derived" / "multihop_dev_corpus.flashrag.jsonl",
+                    help="another corpus (a pipeline check): questions keep the gold paragraphs it holds")
     args = ap.parse_args()
     from rexrag.cli import quiet_libraries
 
@@ -88,14 +90,15 @@ def main() -> None:
     from rexrag.retrieval.dense import encode
 
     report = {**run_record("python bench/dense_real.py " + " ".join(sys.argv[1:])), "types": {}}
-    corpus = DATA / "derived" / "multihop_dev_corpus.flashrag.jsonl"
+    corpus = args.corpus
     args.work.mkdir(parents=True, exist_ok=True)
     flat = flat_index(args.work, corpus)
     base = load_index(flat, expect_kind="dense")
     row_of = {p.id: i for i, p in enumerate(base.passages)}
     texts = [p.contents for p in base.passages]
-    exs = [e for f in QUESTIONS.values() for e in load_qa(DATA / "derived" / f)]
-    golds = [[row_of[d] for d in e.metadata["supporting_doc_ids"]] for e in exs]
+    exs = [e for f in QUESTIONS.values() for e in load_qa(DATA / "derived" / f)
+           if any(d in row_of for d in e.metadata["supporting_doc_ids"])]
+    golds = [[row_of[d] for d in e.metadata["supporting_doc_ids"] if d in row_of] for e in exs]
     answers = [list(e.golden_answers) for e in exs]
     queries = encode(base.encoder, [base.query_prefix + e.question for e in exs])
     truth, info = search_ids(flat, queries)

@@ -105,15 +105,32 @@ def measure(path: Path, queries: Path, truth: Path | None, work: Path) -> dict:
     return json.loads(res.read_text())
 
 
+def previous_types(path: Path, n: int, dim: int) -> dict:
+    """The types an earlier run at the same size recorded (each with its own machine record), kept beside
+    the ones this run measures: a type can be added (e.g. HNSW) without rebuilding the others."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("n"), old.get("dim")) != (n, dim):
+        return {}
+    header = {k: old[k] for k in ("cpu", "date", "command", "load_before", "load_after") if k in old}
+    return {k: {"run": header, **v} for k, v in old["types"].items()}
+
+
+def _mb(x) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
 def markdown(report: dict) -> str:
     n = report["n"]
-    lines = [f"Machine: {report['cpu']}; load average {report['load_before']} before, {report['load_after']} after; "
-             f"{report['date']}. Command: `{report['command']}`.", "",
+    runs = {json.dumps(r["run"], sort_keys=True): r["run"] for r in report["types"].values() if "run" in r}
+    lines = [f"Machine: {r['cpu']}; load average {r['load_before']} before, {r['load_after']} after; {r['date']}. "
+             f"Command: `{r['command']}`." for r in runs.values()] + ["",
              f"| type | factory | build (s) | file (MB) | RSS loaded / serving (MB) | q/s batch 1 | 64 | 512 | recall@10 vs Flat | "
              f"wiki-18 file (GB, x{WIKI18 / n:.1f}) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, r in report["types"].items():
         lines.append(f"| {kind} | `{r['factory']}` | {r['build_s']:.0f} | {r['file_bytes'] / 2**20:.0f} | "
-                     f"{r['rss_loaded_mb']:.0f} / {r['peak_rss_mb']:.0f} | {r['qps']['1']:.0f} | {r['qps']['64']:.0f} | {r['qps']['512']:.0f} | "
+                     f"{r['rss_loaded_mb']:.0f} / {_mb(r.get('peak_rss_mb'))} | {r['qps']['1']:.0f} | {r['qps']['64']:.0f} | {r['qps']['512']:.0f} | "
                      f"{r.get('recall_at_10', 1.0):.3f} | {r['file_bytes'] * WIKI18 / n / 1e9:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -139,6 +156,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     report = {**run_record("python bench/dense_scale.py " + " ".join(sys.argv[1:])), "n": args.n, "dim": args.dim,
               "types": {}}
+    earlier = previous_types(args.out / "dense_scale.json", args.n, args.dim)
     vectors = make_vectors(args.work / "vectors.npy", args.n, args.dim, seed=1)
     queries = args.work / "queries.npy"
     np.save(queries, np.asarray(make_vectors(args.work / "q.npy", 256, args.dim, seed=2)))
@@ -155,6 +173,8 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         (args.work / f"{kind}.index").unlink()
     finish_record(report)
+    run = {k: report[k] for k in ("cpu", "date", "command", "load_before", "load_after")}
+    report["types"] = {**earlier, **{k: {**v, "run": run} for k, v in report["types"].items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dense_scale.json").write_text(json.dumps(report, indent=1))
     (args.out / "dense_scale.md").write_text(markdown(report))
