@@ -56,3 +56,33 @@ def test_phase_peak_is_per_phase_and_the_overall_peak_survives_resets():
     first, second, overall = map(float, out.stdout.split())
     assert first - second > 300  # the second phase does not report the first one's 400 MiB
     assert overall >= first  # ru_maxrss may drop with the reset; the overall peak does not
+
+
+def test_heap_caching_is_bounded_so_freed_tensors_leave_the_resident_set():
+    import torch
+
+    from rexrag.memory import bound_heap_caching, release, rss_mb
+
+    assert bound_heap_caching()  # glibc (Linux CI): mallopt accepted both settings
+    before = rss_mb()
+    for _ in range(3):  # blocks of growing size: glibc's dynamic threshold would keep later ones on the heap
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page touched
+        del x
+    release()
+    assert rss_mb() - before < 32  # all of it went back to the OS
+
+
+def test_a_loaded_model_is_not_backed_by_its_checkpoint_file(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rexrag.config import ModelConfig
+    from rexrag.models import load_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    model = load_model(ModelConfig(name_or_path=str(tmp_path / "m")))
+    with open("/proc/self/maps") as f:
+        mapped = [ln for ln in f if str(tmp_path / "m") in ln]
+    assert mapped == []  # read, not memory-mapped: freeing the model frees its pages
+    assert sum(p.numel() for p in model.parameters()) > 0

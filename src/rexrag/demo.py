@@ -104,6 +104,7 @@ class _Clock:
     def lap(self, name: str) -> None:
         peak = phase_peak_mb()
         release()  # hand what the phase freed (models, optimizer state, activations) back to the OS
+        phase_peak_mb()  # the next phase's high-water mark starts from what is left, not from this phase's end
         self.memory[name] = {"peak_mb": round(peak), "after_mb": round(rss_mb())}
         now, cpu = time.perf_counter(), time.process_time()
         self.times[name], self.times[f"cpu_{name}"] = now - self.t, cpu - self.c

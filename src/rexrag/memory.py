@@ -10,6 +10,11 @@ among waited-for children. Linux reads ``/proc``; elsewhere the live-children fi
 ``release`` runs the garbage collector and asks glibc to return free heap pages to the kernel
 (``malloc_trim``): after a phase drops a model, an optimizer or an engine, glibc otherwise keeps
 the freed arenas mapped and the RSS stays at the phase's peak.
+
+``bound_heap_caching`` stops glibc from keeping freed activations at all: by default glibc raises its
+mmap threshold each time a large block is freed (up to 32 MiB), so the next step's activations come
+from the heap, whose freed pages stay resident; measured on the demo's update (BENCHMARKS.md, "Demo
+memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB).
 """
 
 from __future__ import annotations
@@ -101,6 +106,24 @@ def _malloc_trim():
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glibc malloc.h)
+
+
+def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold_bytes`` or more with its own mmap (returned to the OS when
+    freed) and trim the heap above that much free space: a fixed threshold also turns off glibc's
+    dynamic raise. Costs a page fault per fresh page of a large tensor (zero-filled by the kernel).
+    False where it does not apply (not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
 
 
 def release() -> None:

@@ -8,8 +8,8 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline offline on CPU in minutes, ending in a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Default: about 15 minutes on 2 CPU cores (15.2 min measured, vLLM backend); --quick: about 5 minutes "
-                              "(4.3 measured). "
+                       epilog="Default: about 10 minutes on 2 CPU cores (vLLM backend); --quick: under 3 minutes "
+                              "(2.2 min measured on 2026-12-04). "
                               "Prints the held-out table (untrained, warm-up, warm-up + RL; 95 % intervals) and "
                               "whether RL added anything beyond the warm-up; the full report is OUT/report.md.")
     p.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run)")
@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from rexrag.memory import bound_heap_caching
+
+    bound_heap_caching()  # freed activations go back to the OS between micro-batches (rexrag.memory)
     from rexrag.demo import run_demo
 
     if args.threads > 0:
