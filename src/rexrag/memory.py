@@ -14,7 +14,7 @@ the freed arenas mapped and the RSS stays at the phase's peak.
 ``bound_heap_caching`` stops glibc from keeping freed activations at all: by default glibc raises its
 mmap threshold each time a large block is freed (up to 32 MiB), so the next step's activations come
 from the heap, whose freed pages stay resident; measured on the demo's update (BENCHMARKS.md, "Demo
-memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB).
+memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB). Not called by default yet: it costs page faults (issue 24).
 """
 
 from __future__ import annotations

@@ -22,9 +22,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from rexrag.memory import bound_heap_caching
-
-    bound_heap_caching()  # freed activations go back to the OS between micro-batches (rexrag.memory)
     from rexrag.demo import run_demo
 
     if args.threads > 0:

@@ -73,9 +73,6 @@ def _resolve_config(args):
 
 
 def run(args) -> int:
-    from rexrag.memory import bound_heap_caching
-
-    bound_heap_caching()  # freed activations go back to the OS between micro-batches (rexrag.memory)
     if args.help_config:
         _print_config_help()
         return 0
