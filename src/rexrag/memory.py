@@ -100,11 +100,12 @@ def children_rss_mb() -> float:
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc(symbol: str):
+    """``symbol`` of the C library, None where it is not there (musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return getattr(ctypes.CDLL(name), symbol) if name else None
+    except (OSError, AttributeError):
         return None
 
 
@@ -116,11 +117,7 @@ def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
     freed) and trim the heap above that much free space: a fixed threshold also turns off glibc's
     dynamic raise. Costs a page fault per fresh page of a large tensor (zero-filled by the kernel).
     False where it does not apply (not glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
+    mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
@@ -129,6 +126,6 @@ def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
 def release() -> None:
     """Collect garbage and return free heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
