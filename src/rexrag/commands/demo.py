@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); use 1 when other jobs share the cores")
     p.add_argument("--backend", default="auto", help="generation backend: auto (vllm when installed, else hf) | hf | vllm")
+    p.add_argument("--max-memory-gb", default=None, metavar="GIB",
+                   help="memory cap in GiB: the fastest settings whose worst case fits it (gradient checkpointing, tokens "
+                        "per forward/backward, KV cache; rexrag.memory_plan), or one line with the floor and exit 2 "
+                        "(default 4, a laptop; 0 = no cap, fastest settings)")
     p.set_defaults(func=run)
 
 
@@ -30,6 +34,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     from rexrag.rollout.backends import resolve_backend_name
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, backend=resolve_backend_name(args.backend))
+    from rexrag.demo import DEFAULT_MAX_MEMORY_GB
+
+    cap = DEFAULT_MAX_MEMORY_GB if args.max_memory_gb is None else args.max_memory_gb
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, backend=resolve_backend_name(args.backend),
+                      max_memory_gb=cap)
     print(f"report: {report}")
     return 0

@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
                         "checkpoints/, tensorboard/)")
     p.add_argument("--help-config", action="store_true", help="list every config key with default and doc, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--max-memory-gb", default=None, metavar="GIB",
+                   help="host-memory cap in GiB for a CPU run: turns on gradient checkpointing, a token budget per "
+                        "forward/backward and a smaller vLLM KV cache as far as needed (rexrag.memory_plan), or "
+                        "stops with the floor for this model and configuration (exit 2) before anything loads")
     p.set_defaults(func=run)
 
 
@@ -72,11 +76,30 @@ def _resolve_config(args):
     return cfg
 
 
+def _plan_memory(cfg, cap_gb: str) -> None:
+    """Fit ``cfg`` to ``--max-memory-gb`` (rexrag.memory_plan) or raise its one-line error."""
+    import torch
+
+    from rexrag.errors import UserError
+    from rexrag.memory_plan import apply_plan, describe_run, parse_cap_gb, plan, workload_from_config
+
+    if torch.cuda.is_available():
+        raise UserError("--max-memory-gb plans host memory for CPU runs; on a GPU the engine's share is "
+                        "rollout.vllm_gpu_memory_utilization")
+    w = workload_from_config(cfg)
+    what = describe_run(cfg)
+    chosen = plan(w, parse_cap_gb(cap_gb, w, what), what)
+    apply_plan(cfg, chosen, w)
+    print(chosen.summary())
+
+
 def run(args) -> int:
     if args.help_config:
         _print_config_help()
         return 0
     cfg = _resolve_config(args)
+    if args.max_memory_gb is not None:
+        _plan_memory(cfg, args.max_memory_gb)
     trainer = build_trainer(cfg, progress=not args.no_progress)
     history = trainer.train()
     if trainer.acc.is_main_process:

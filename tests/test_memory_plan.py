@@ -1,0 +1,121 @@
+"""rexrag.memory_plan: the estimate per part, the ladder of settings, the cap's errors, and the
+commands' --max-memory-gb refusing before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from rexrag import cli
+from rexrag.config import Config
+from rexrag.memory_plan import (GIB, MemoryBudgetError, ModelShape, Workload, apply_plan, estimate, floor_bytes,
+                                ladder, parse_cap_gb, plan, total, workload_from_config)
+from rexrag.models import tiny_llama
+
+from conftest import REPO_ROOT
+
+SMOL = ModelShape(params=134_515_008, layers=30, hidden=576, kv_elements_per_token=11_520)
+DEMO = Workload(SMOL, engine=True, engine_bytes=2, full_finetune=True, reference=False, critic=False,
+                max_tokens=1024, micro_tokens=4096, kv_tokens=17 * 1024, step_rows=8)
+
+
+def test_shape_counts_parameters_without_weights():
+    model = tiny_llama(500)
+    shape = ModelShape.from_config(model.config)
+    c = model.config
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.kv_elements_per_token == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+
+
+def test_estimate_of_the_demo_matches_the_measured_parts():
+    parts = estimate(DEMO, ladder(DEMO)[0])
+    mb = {k: v / 2**20 for k, v in parts.items()}
+    assert mb["policy"] == pytest.approx(513, abs=1) and mb["optimizer"] == pytest.approx(1026, abs=1)  # 540 / 1,080 MB
+    assert mb["activations"] == pytest.approx(750 + 0.85 * 4096, rel=1e-3)  # 4 x 1024 tokens measured: 4,205 MB
+    assert mb["engine"] == pytest.approx(257 + 17 * 1024 * 11_520 * 2 / 2**20 + 390, rel=1e-3)
+
+
+def test_ladder_saves_memory_at_every_rung_and_plan_takes_the_first_that_fits():
+    rungs = ladder(DEMO)
+    totals = [total(estimate(DEMO, s)) for s in rungs]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals) == 4
+    assert plan(DEMO, 100 * GIB, "x").settings == rungs[0]
+    assert plan(DEMO, totals[1], "x").settings == rungs[1]  # exactly the estimate fits
+    assert plan(DEMO, totals[1] - 1, "x").settings == rungs[2]
+    chosen = plan(DEMO, totals[3], "x")
+    assert chosen.settings.gradient_checkpointing and chosen.settings.micro_tokens == 1024
+    assert chosen.settings.kv_tokens == (8 + 1) * 1024
+    assert floor_bytes(DEMO) == totals[3]
+
+
+def test_below_the_floor_is_one_line_naming_it():
+    floor = floor_bytes(DEMO)
+    with pytest.raises(MemoryBudgetError) as err:
+        plan(DEMO, floor - 1, "the demo")
+    text = str(err.value)
+    assert "\n" not in text and "below the floor for the demo" in text and f"at least {floor / GIB:.2f} GiB" in text
+
+
+@pytest.mark.parametrize("value", ["abc", "", "-1", "0", "nan", "inf"])
+def test_a_cap_that_is_not_a_positive_number_names_the_floor(value):
+    with pytest.raises(MemoryBudgetError, match=f"at least {floor_bytes(DEMO) / GIB:.2f} GiB"):
+        parse_cap_gb(value, DEMO, "the demo")
+    assert parse_cap_gb("2.5", DEMO, "x") == int(2.5 * GIB)
+
+
+def test_lora_and_no_engine_need_less_and_a_critic_more():
+    base = total(estimate(DEMO, ladder(DEMO)[0]))
+    assert total(estimate(replace(DEMO, full_finetune=False), ladder(DEMO)[0])) == base - 12 * SMOL.params
+    hf = replace(DEMO, engine=False, kv_tokens=0)
+    assert "engine" not in estimate(hf, ladder(hf)[0]) and len(ladder(hf)) == 3
+    assert total(estimate(replace(DEMO, critic=True), ladder(DEMO)[0])) > base + 16 * SMOL.params
+
+
+def test_apply_plan_changes_only_what_the_cap_needs():
+    cfg = Config()
+    cfg.rollout.backend, cfg.rollout.max_total_tokens, cfg.trainer.micro_batch_size = "vllm", 1024, 4
+    w = workload_from_config(cfg)
+    assert w.model.params == SMOL.params and w.micro_tokens == 4096 and w.reference  # kl_coef > 0 by default
+    roomy = plan(w, 100 * GIB, "x")
+    apply_plan(cfg, roomy, w)
+    assert not cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens == 0 and cfg.rollout.vllm_kv_cache_gb == 1.0
+    tight = plan(w, floor_bytes(w), "x")
+    apply_plan(cfg, tight, w)
+    assert cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens == 1024
+    assert cfg.rollout.vllm_kv_cache_gb < 1.0
+    assert workload_from_config(cfg).kv_tokens == pytest.approx(tight.settings.kv_tokens, abs=1)
+
+
+def _nothing_may_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model, an index or an engine was loaded before the memory cap was checked")
+
+    import rexrag.models
+    import rexrag.retrieval
+    import rexrag.train.build
+
+    for mod, name in [(rexrag.models, "load_model"), (rexrag.models, "resolve_model_path"),
+                      (rexrag.retrieval, "build_index"), (rexrag.train.build, "build_trainer")]:
+        monkeypatch.setattr(mod, name, refuse)
+
+
+@pytest.mark.parametrize("value", ["1", "lots"])
+def test_demo_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys, tmp_path, value):
+    _nothing_may_load(monkeypatch)
+    rc = cli.main(["demo", "--quick", "--backend", "hf", "--out", str(tmp_path / "d"), "--max-memory-gb", value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "at least" in err and "GiB" in err and "--max-memory-gb" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_train_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys, tmp_path):
+    _nothing_may_load(monkeypatch)
+    import rexrag.commands.train as train_cmd
+
+    monkeypatch.setattr(train_cmd, "build_trainer", lambda *a, **k: pytest.fail("build_trainer ran"))
+    rc = cli.main(["train", "--config", str(REPO_ROOT / "configs" / "demo_cpu.yaml"), f"trainer.out_dir={tmp_path / 'run'}",
+                   "--max-memory-gb", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "below the floor for model" in err
