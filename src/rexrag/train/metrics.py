@@ -62,3 +62,17 @@ def rollout_metrics(tokenizer, originals: list[Trajectory], batch, old_logp: Ten
     out.update({k if k.startswith("rollout/") else f"rollout/{k}": float(v) for k, v in agent_metrics.items()
                 if isinstance(v, (int, float))})
     return out
+
+
+def update_flops(lengths: Tensor, params: int, trained_params: int, layers: int, hidden: int) -> float:
+    """Floating-point operations of one forward+backward over rows of ``lengths`` [B] real tokens.
+
+    ``params``: the parameters that multiply (an untied input embedding is a lookup: leave it out).
+    Matmuls: 2 FLOPs a parameter a token forward, 2 backward for the activations' gradients and 2 for
+    the weights' (trained parameters only): ``(4 * params + 2 * trained_params) * tokens``, i.e. the
+    usual 6 x parameters x tokens for full fine-tuning. Attention scores and their weighted sum:
+    ``6 * layers * hidden * T**2`` a row of T tokens (the 12 L d T of PaLM's count, halved for the causal
+    mask). Padding and gradient checkpointing's recomputation are not counted: they are overhead.
+    """
+    t = lengths.double()
+    return float((4 * params + 2 * trained_params) * t.sum() + 6 * layers * hidden * (t * t).sum())

@@ -75,7 +75,7 @@ from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
 from rexrag.train.logging import MetricsLogger, memory_metrics
 from rexrag.train.dynamic import sample_step
-from rexrag.train.metrics import rollout_metrics
+from rexrag.train.metrics import rollout_metrics, update_flops
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
 # Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
@@ -107,6 +107,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _flop_shape(model) -> dict | None:
+    """What ``update_flops`` needs of the policy; None for a model without a transformers config."""
+    c = getattr(model, "config", None)
+    if getattr(c, "num_hidden_layers", None) is None or getattr(c, "hidden_size", None) is None:
+        return None
+    # an input embedding is a lookup, not a matmul, unless the output head shares its weight
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    lookup = emb.weight if head is None or head.weight is not emb.weight else None
+    params = [p for p in model.parameters() if p is not lookup]
+    return {"params": sum(p.numel() for p in params), "trained_params": sum(p.numel() for p in params if p.requires_grad),
+            "layers": c.num_hidden_layers, "hidden": c.hidden_size}
 
 
 def _finite(x: Tensor | float) -> bool:
@@ -165,6 +178,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:  # load_model enables it too; a model built elsewhere gets it here
             enable_gradient_checkpointing(model)
         self.model, self.optimizer, self.scheduler = self._prepare(model)
+        self.flop_shape = _flop_shape(self.acc.unwrap_model(self.model))
         ckpt.register_state(self.acc, scheduler=self.scheduler, sampler=self.sampler, explorer=explorer)
         self.step_idx, self.nan_skips = 0, 0
         self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
@@ -266,6 +280,9 @@ class Trainer:
         n_tok = float(batch.attention_mask.sum()) * self.world
         metrics.update({f"timing/{k}_s": v for k, v in t.items() if k != "start"})
         metrics.update({"timing/step_s": t_total, "timing/tokens_per_s": n_tok / max(t_total, 1e-9), **memory_metrics()})
+        if self.flop_shape is not None and t.get("update"):  # this process's update: its rows, its time
+            flops = update_flops(batch.lengths, **self.flop_shape) * self.passes["update"]
+            metrics.update({"timing/update_gflops": flops / t["update"] / 1e9, "timing/update_share": t["update"] / t_total})
         if self.reference is not None:  # this process's part of the frozen reference (a shard under FSDP)
             metrics["memory/reference_gib"] = module_bytes(self.reference) / 2**30
         return metrics
