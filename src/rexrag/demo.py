@@ -29,7 +29,7 @@ from pathlib import Path
 from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bundled data lives with the loaders)
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
-from rexrag.memory import PhasePeaks, peak_rss_mb, release, rss_mb
+from rexrag.memory import PhasePeaks, bound_heap_caching, peak_rss_mb, release, rss_mb
 from rexrag.memory_plan import Plan, Settings, Workload
 from rexrag.protocol import ANSWER_OPEN
 
@@ -357,6 +357,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     settings = mplan.settings if mplan else None
     if mplan:
         _say(mplan.summary())
+        bound_heap_caching()  # under a cap, freed activations go back to the OS (rexrag.memory)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
