@@ -33,20 +33,21 @@ def test_estimate_of_the_demo_matches_the_measured_parts():
     mb = {k: v / 2**20 for k, v in parts.items()}
     assert mb["policy"] == pytest.approx(513, abs=1) and mb["optimizer"] == pytest.approx(1026, abs=1)  # 540 / 1,080 MB
     assert mb["activations"] == pytest.approx(750 + 0.85 * 4096, rel=1e-3)  # 4 x 1024 tokens measured: 4,205 MB
-    assert mb["engine"] == pytest.approx(257 + 17 * 1024 * 11_520 * 2 / 2**20 + 390, rel=1e-3)
+    assert mb["engine"] == pytest.approx(257 + 17 * 1024 * 11_520 * 2 / 2**20 + 436, rel=1e-3)
 
 
 def test_ladder_saves_memory_at_every_rung_and_plan_takes_the_first_that_fits():
     rungs = ladder(DEMO)
     totals = [total(estimate(DEMO, s)) for s in rungs]
-    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals) == 4
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals) == 5
     assert plan(DEMO, 100 * GIB, "x").settings == rungs[0]
     assert plan(DEMO, totals[1], "x").settings == rungs[1]  # exactly the estimate fits
     assert plan(DEMO, totals[1] - 1, "x").settings == rungs[2]
     chosen = plan(DEMO, totals[3], "x")
     assert chosen.settings.gradient_checkpointing and chosen.settings.micro_tokens == 1024
-    assert chosen.settings.kv_tokens == (8 + 1) * 1024
-    assert floor_bytes(DEMO) == totals[3]
+    assert chosen.settings.kv_tokens == (8 + 1) * 1024 and chosen.settings.optimizer_state_dtype == "float32"
+    assert plan(DEMO, totals[4], "x").settings.optimizer_state_dtype == "bfloat16"
+    assert floor_bytes(DEMO) == totals[4] == totals[3] - 4 * SMOL.params
 
 
 def test_below_the_floor_is_one_line_naming_it():
@@ -68,7 +69,8 @@ def test_lora_and_no_engine_need_less_and_a_critic_more():
     base = total(estimate(DEMO, ladder(DEMO)[0]))
     assert total(estimate(replace(DEMO, full_finetune=False), ladder(DEMO)[0])) == base - 12 * SMOL.params
     hf = replace(DEMO, engine=False, kv_tokens=0)
-    assert "engine" not in estimate(hf, ladder(hf)[0]) and len(ladder(hf)) == 3
+    assert "engine" not in estimate(hf, ladder(hf)[0]) and len(ladder(hf)) == 4
+    assert len(ladder(replace(DEMO, full_finetune=False))) == 4  # no AdamW state worth halving under LoRA
     assert total(estimate(replace(DEMO, critic=True), ladder(DEMO)[0])) > base + 16 * SMOL.params
 
 
@@ -83,7 +85,7 @@ def test_apply_plan_changes_only_what_the_cap_needs():
     tight = plan(w, floor_bytes(w), "x")
     apply_plan(cfg, tight, w)
     assert cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens == 1024
-    assert cfg.rollout.vllm_kv_cache_gb < 1.0
+    assert cfg.rollout.vllm_kv_cache_gb < 1.0 and cfg.trainer.optimizer_state_dtype == "bfloat16"
     assert workload_from_config(cfg).kv_tokens == pytest.approx(tight.settings.kv_tokens, abs=1)
 
 
@@ -119,3 +121,12 @@ def test_train_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys,
                    "--max-memory-gb", "0.5"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "below the floor for model" in err
+
+
+def test_a_local_index_counts_its_size(tmp_path):
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "part.bin").write_bytes(b"\0" * 3_000_000)
+    cfg = Config()
+    cfg.retrieval.index = str(tmp_path / "idx")
+    w = workload_from_config(cfg)
+    assert w.index_bytes == 3_000_000 and estimate(w, ladder(w)[0])["job"] == 420 * 2**20 + 3_000_000

@@ -565,3 +565,13 @@ def test_update_flops_match_the_matmuls_torch_counts():
 def test_step_reports_the_update_rate_and_share(tmp_path):
     m = make_trainer(tmp_path).step()
     assert m["timing/update_gflops"] > 0 and 0 < m["timing/update_share"] <= 1
+
+
+def test_trainer_with_bf16_adamw_moments_updates_every_parameter(tmp_path):
+    model = toy_model()
+    before = _params(model)
+    tr = make_trainer(tmp_path, "trainer.optimizer_state_dtype=bfloat16", model=model, reward=_varied_reward)
+    tr.step()
+    states = list(tr.optimizer.state.values())
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+    assert all(not torch.equal(before[n], p) for n, p in _params(model).items())

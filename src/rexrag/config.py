@@ -265,6 +265,8 @@ class TrainerConfig:
     reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
                                      "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    optimizer_state_dtype: str = doc("AdamW moments' dtype: float32 (torch.optim.AdamW) | bfloat16 (half the state, "
+                                     "stochastically rounded; rexrag.train.optim).", "float32")
     reward: str | list[dict[str, Any]] = doc(
         "Reward registered in rexrag.rewards (shipped: em | f1 | cover_em | format | em_format) or a dotted path "
         "'pkg.module:fn'; a weighted sum as 'em + 0.1*format' or a YAML list [{name: em, weight: 1.0}, ...].", "em")
@@ -282,6 +284,7 @@ class TrainerConfig:
         for name, _ in reward_terms(self.reward):  # raises ConfigError on a malformed spec
             if not is_reward_path(name):
                 _choices("trainer.reward", name, available_rewards(), " or a dotted path 'pkg.module:fn'")
+        _choices("trainer.optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
         if self.micro_batch_size > self.mini_batch_size:
             raise ConfigError("trainer.micro_batch_size must be <= trainer.mini_batch_size")
 

