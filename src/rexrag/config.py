@@ -265,6 +265,9 @@ class TrainerConfig:
     reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
                                      "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)
+    logprob_chunk_tokens: int = doc("Tokens per slice of the LM head in the update's forward (their logits are "
+                                    "recomputed in backward): smaller holds less (~18 bytes x vocabulary a token), "
+                                    "slightly slower.", 512)
     optimizer_state_dtype: str = doc("AdamW moments' dtype: float32 (torch.optim.AdamW) | bfloat16 (half the state, "
                                      "stochastically rounded; rexrag.train.optim).", "float32")
     reward: str | list[dict[str, Any]] = doc(
@@ -285,6 +288,8 @@ class TrainerConfig:
             if not is_reward_path(name):
                 _choices("trainer.reward", name, available_rewards(), " or a dotted path 'pkg.module:fn'")
         _choices("trainer.optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        if self.logprob_chunk_tokens < 1:
+            raise ConfigError(f"trainer.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")
         if self.micro_batch_size > self.mini_batch_size:
             raise ConfigError("trainer.micro_batch_size must be <= trainer.mini_batch_size")
 

@@ -302,6 +302,7 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
         trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=DEMO_MICRO_ROWS,
                               micro_batch_tokens=micro_tokens,
                               optimizer_state_dtype=settings.optimizer_state_dtype if settings else "float32",
+                              logprob_chunk_tokens=settings.logprob_chunk_tokens if settings else 512,
                               reward="em_format", seed=seed, out_dir=str(out / "train"), keep_last=1,
                               log_tensorboard=False),
     )

