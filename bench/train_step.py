@@ -319,15 +319,15 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
     model_path = spec["rex_model"] if Path(spec["rex_model"]).is_dir() else resolve_model_path(DEFAULT_MODEL)
     build_index(demo_file("corpus.jsonl"), "bm25", out_dir / "index", overwrite=True)
     p = PROFILES["default"]
-    settings = None
+    mplan = None
     if spec.get("memory_gb"):  # the demo's memory plan under this cap (issue 24: what `rexrag demo` now runs)
         from rexrag.demo import memory_plan
         from rexrag.memory import bound_heap_caching
         from rexrag.rollout.backends import resolve_backend_name
 
-        settings = memory_plan(p, resolve_backend_name("auto"), spec["memory_gb"]).settings
+        mplan = memory_plan(p, resolve_backend_name("auto"), spec["memory_gb"])
         bound_heap_caching()
-    cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto", settings=settings) if settings else \
+    cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto", mplan=mplan) if mplan else \
         _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto")
     cfg.trainer.steps = spec["steps"] + 1
     # pinned, so that a before/after pair samples alike (older demo profiles sampled RL rollouts at 1.0)
@@ -349,7 +349,7 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
     used = {"model": str(model_path), "warmed_up": str(model_path) == spec["rex_model"],
             "backend": type(backend).__name__, "precision": "bf16 autocast" if cfg.model.autocast_bf16 else "fp32",
             "kl_coef": cfg.algo.kl_coef, "B x G": f"{p.rl_prompts} x {p.rl_rollouts}", "max_turns": p.rl_max_turns,
-            "new_tokens_per_turn": p.rl_max_new_tokens, "memory_plan": str(settings) if settings else "none"}
+            "new_tokens_per_turn": p.rl_max_new_tokens, "memory_plan": mplan.summary() if mplan else "none"}
     return {"steps": steps, "used": used, "startup_s": startup}
 
 

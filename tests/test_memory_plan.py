@@ -81,10 +81,10 @@ def test_apply_plan_changes_only_what_the_cap_needs():
     w = workload_from_config(cfg)
     assert w.model.params == SMOL.params and w.micro_tokens == 4096 and w.reference  # kl_coef > 0 by default
     roomy = plan(w, 100 * GIB, "x")
-    apply_plan(cfg, roomy, w)
+    apply_plan(cfg, roomy)
     assert not cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens == 0 and cfg.rollout.vllm_kv_cache_gb == 1.0
     tight = plan(w, floor_bytes(w), "x")
-    apply_plan(cfg, tight, w)
+    apply_plan(cfg, tight)
     assert cfg.model.gradient_checkpointing and cfg.trainer.micro_batch_tokens == 1024 and cfg.trainer.logprob_chunk_tokens == 128
     assert cfg.rollout.vllm_kv_cache_gb < 1.0 and cfg.trainer.optimizer_state_dtype == "bfloat16"
     assert workload_from_config(cfg).kv_tokens == pytest.approx(tight.settings.kv_tokens, abs=1)
@@ -131,3 +131,16 @@ def test_a_local_index_counts_its_size(tmp_path):
     cfg.retrieval.index = str(tmp_path / "idx")
     w = workload_from_config(cfg)
     assert w.index_bytes == 3_000_000 and estimate(w, ladder(w)[0])["job"] == 420 * 2**20 + 3_000_000
+
+
+def test_the_demo_trains_with_its_plan(tmp_path):
+    from rexrag.demo import PROFILES, _rl_config, memory_plan
+
+    p = PROFILES["default"]
+    mplan = memory_plan(p, "vllm", 4.0, bf16=True)
+    cfg = _rl_config(p, "m", "idx", tmp_path, 0, "vllm", mplan=mplan, bf16=True)
+    s = mplan.settings
+    assert (cfg.model.gradient_checkpointing, cfg.trainer.micro_batch_tokens, cfg.trainer.optimizer_state_dtype,
+            cfg.trainer.logprob_chunk_tokens) == (True, s.micro_tokens, s.optimizer_state_dtype, s.logprob_chunk_tokens)
+    plain = _rl_config(p, "m", "idx", tmp_path, 0, "vllm", bf16=True)
+    assert not plain.model.gradient_checkpointing and plain.trainer.optimizer_state_dtype == "float32"

@@ -30,7 +30,7 @@ from rexrag.data import DEMO_FILES, demo_file  # noqa: F401 (re-exported; the bu
 from rexrag.errors import UserError
 from rexrag.hardware import has_fast_bf16
 from rexrag.memory import PhasePeaks, bound_heap_caching, peak_rss_mb, release, rss_mb
-from rexrag.memory_plan import Plan, Settings, Workload
+from rexrag.memory_plan import Plan, Workload
 from rexrag.protocol import ANSWER_OPEN
 
 
@@ -93,15 +93,20 @@ EVAL_ROWS = 16  # rows the shared engine generates together in evaluation
 DEFAULT_MAX_MEMORY_GB = 4.0  # the demo's memory cap unless --max-memory-gb says otherwise (issue 24: a laptop)
 
 
+def _engine_dtype(bf16: bool | None, device: str = "cpu") -> str:
+    """The shared engine's dtype: the hardware's default (None), else bf16 or fp32 as asked."""
+    from rexrag.hardware import default_compute_dtype
+
+    return default_compute_dtype(device) if bf16 is None else ("bfloat16" if bf16 else "float32")
+
+
 def demo_workload(p: DemoProfile, backend: str, bf16: bool | None = None) -> Workload:
     """What the demo holds at its largest, for ``rexrag.memory_plan`` (no weights are read)."""
-    from rexrag.hardware import default_compute_dtype
     from rexrag.memory_plan import ENGINE_BYTES, ModelShape
     from rexrag.models import DEFAULT_MODEL, model_config
 
     engine = backend == "vllm"
-    return Workload(ModelShape.from_config(model_config(DEFAULT_MODEL)), engine,
-                    ENGINE_BYTES[default_compute_dtype("cpu")] if bf16 is None else (2 if bf16 else 4),
+    return Workload(ModelShape.from_config(model_config(DEFAULT_MODEL)), engine, ENGINE_BYTES[_engine_dtype(bf16)],
                     full_finetune=True, reference=False, critic=False,
                     max_tokens=DEMO_MAX_TOKENS, micro_tokens=DEMO_MICRO_ROWS * DEMO_MAX_TOKENS,
                     kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts)
@@ -279,19 +284,16 @@ def pick_examples(eval_rows: list[dict], probes: list) -> tuple:
 
 
 def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int, backend: str = "auto",
-               device: str = "cpu", train_file: str | Path | None = None, settings: Settings | None = None,
+               device: str = "cpu", train_file: str | Path | None = None, mplan: Plan | None = None,
                bf16: bool | None = None):
-    """The RL run's config; ``settings`` (a memory plan's) set gradient checkpointing and the token budget
-    per forward/backward (None: neither, 4 rows per micro-batch)."""
+    """The RL run's config, with a memory plan's settings applied (``rexrag.memory_plan.apply_plan``)."""
     from rexrag.config import (AlgoConfig, Config, DataConfig, ModelConfig, RetrievalConfig, RexConfig,
                                RolloutConfig, TrainerConfig)
+    from rexrag.memory_plan import apply_plan
 
     n = p.rl_prompts * p.rl_rollouts
-    checkpointing = bool(settings and settings.gradient_checkpointing)
-    micro_tokens = settings.micro_tokens if settings and settings.micro_tokens < DEMO_MICRO_ROWS * DEMO_MAX_TOKENS else 0
-    return Config(
-        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device) if bf16 is None else bf16,
-                          gradient_checkpointing=checkpointing),
+    cfg = Config(
+        model=ModelConfig(name_or_path=model_path, autocast_bf16=has_fast_bf16(device) if bf16 is None else bf16),
         retrieval=RetrievalConfig(index=index, topk=p.topk),
         rollout=RolloutConfig(n=p.rl_rollouts, max_turns=p.rl_max_turns, max_new_tokens_per_turn=p.rl_max_new_tokens,
                               max_obs_tokens=p.max_obs_tokens, max_total_tokens=DEMO_MAX_TOKENS, temperature=p.rl_temperature,
@@ -300,12 +302,12 @@ def _rl_config(p: DemoProfile, model_path: str, index: str, out: Path, seed: int
         rex=RexConfig(enabled=True, probe_prob=p.probe_prob, keep_ratio=p.keep_ratio, keep_min=1),
         data=DataConfig(train_files=[str(train_file or demo_file("train.jsonl"))], batch_size=p.rl_prompts),
         trainer=TrainerConfig(steps=p.rl_steps, lr=p.rl_lr, mini_batch_size=2 * n, micro_batch_size=DEMO_MICRO_ROWS,
-                              micro_batch_tokens=micro_tokens,
-                              optimizer_state_dtype=settings.optimizer_state_dtype if settings else "float32",
-                              logprob_chunk_tokens=settings.logprob_chunk_tokens if settings else 512,
                               reward="em_format", seed=seed, out_dir=str(out / "train"), keep_last=1,
                               log_tensorboard=False),
     )
+    if mplan is not None:
+        apply_plan(cfg, mplan)
+    return cfg
 
 
 def _evaluate(model, tokenizer, retriever, p: DemoProfile, datasets, out: Path, label: str, device: str,
@@ -333,13 +335,12 @@ def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_to
     what the demo can have in flight, ``EVAL_ROWS`` rows of at most ``DEMO_MAX_TOKENS`` tokens (+ 1 row
     vLLM keeps back). A memory plan may give it less: rows beyond it queue."""
     from rexrag.config import RolloutConfig
-    from rexrag.hardware import default_compute_dtype
     from rexrag.memory_plan import ENGINE_BYTES, GIB, ModelShape, kv_bytes_per_token
     from rexrag.rollout.backends import build_backend
 
     if backend != "vllm":
         return None
-    dtype = default_compute_dtype(device) if bf16 is None else ("bfloat16" if bf16 else "float32")
+    dtype = _engine_dtype(bf16, device)
     per_token = kv_bytes_per_token(ModelShape.from_config(model.config), ENGINE_BYTES[dtype])
     kv_gb = (kv_tokens or (EVAL_ROWS + 1) * DEMO_MAX_TOKENS) * per_token / GIB
     cfg = RolloutConfig(max_total_tokens=DEMO_MAX_TOKENS, vllm_kv_cache_gb=kv_gb, engine_dtype=dtype)
@@ -463,8 +464,7 @@ def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer,
     clock.lap("rl_questions")
     _say(f"7/9 REX-RAG training: {p.rl_steps} steps x {p.rl_prompts} prompts x {p.rl_rollouts} rollouts "
          f"(T={p.rl_temperature:g}) on {len(rl_qs)} training questions")
-    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"],
-                     mplan.settings if mplan else None, bf16)
+    cfg = _rl_config(p, str(out / "warmup"), str(out / "index"), out, seed, backend, device, rl_info["file"], mplan, bf16)
     clear_run(out / "train")  # the demo starts over each time (a previous demo's run is replaced)
     trainer = build_trainer(cfg, progress=True, backend=engine)
     trainer.explorer = RecordingExplorer(trainer.explorer)

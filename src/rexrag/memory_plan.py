@@ -162,6 +162,7 @@ class Plan:
     settings: Settings
     parts: dict[str, int]
     cap_bytes: int
+    workload: Workload  # what the settings were planned for (``apply_plan`` compares against it)
 
     def summary(self) -> str:
         s = self.settings
@@ -197,7 +198,7 @@ def plan(w: Workload, cap_bytes: int, what: str) -> Plan:
     for s in rungs:
         parts = estimate(w, s)
         if total(parts) <= cap_bytes:
-            return Plan(s, parts, cap_bytes)
+            return Plan(s, parts, cap_bytes, w)
     smallest = estimate(w, rungs[-1])
     raise MemoryBudgetError(f"--max-memory-gb {cap_bytes / GIB:g} is below the floor for {what}: at least "
                             f"{total(smallest) / GIB:.2f} GiB ({describe(smallest)})")
@@ -227,10 +228,11 @@ def workload_from_config(cfg) -> Workload:
                     index_bytes=index_bytes)
 
 
-def apply_plan(cfg, p: Plan, w: Workload) -> None:
+def apply_plan(cfg, p: Plan) -> None:
     """Write ``p``'s settings into ``cfg`` (model.gradient_checkpointing, trainer.micro_batch_tokens,
-    rollout.vllm_kv_cache_gb), changing only what the plan had to change."""
-    s = p.settings
+    rollout.vllm_kv_cache_gb, trainer.optimizer_state_dtype, trainer.logprob_chunk_tokens), changing only
+    what the plan had to change."""
+    s, w = p.settings, p.workload
     cfg.model.gradient_checkpointing = cfg.model.gradient_checkpointing or s.gradient_checkpointing
     if s.micro_tokens < w.micro_tokens:
         cfg.trainer.micro_batch_tokens = s.micro_tokens

@@ -89,7 +89,7 @@ def _plan_memory(cfg, cap_gb: str) -> None:
     w = workload_from_config(cfg)
     what = describe_run(cfg)
     chosen = plan(w, parse_cap_gb(cap_gb, w, what), what)
-    apply_plan(cfg, chosen, w)
+    apply_plan(cfg, chosen)
     print(chosen.summary())
 
 
