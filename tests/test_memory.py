@@ -1,5 +1,6 @@
 """rexrag.memory: the figures behind memory/* metrics, and release()."""
 
+import os
 import subprocess
 import sys
 import time
@@ -80,6 +81,50 @@ def test_bounded_heap_serves_large_tensors_from_their_own_mapping(mode, on_heap)
     out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == on_heap
+
+
+KERNEL_PROBE = """
+import sys
+from rexrag.memory import bound_kernel_caches
+if sys.argv[1] == "bound":
+    bound_kernel_caches(16)
+import torch
+torch.set_num_threads(1)
+def anon():
+    return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("RssAnon")) / 1024
+lin, x = torch.nn.Linear(256, 512), torch.randn(400, 256, requires_grad=True)
+def run(lengths):
+    for n in lengths:  # every length a new matmul shape: new kernels
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x[:n])
+        y.float().sum().backward()
+run(range(8, 40))  # the allocator's and torch's one-off growth
+base = anon()
+run(range(40, 240))
+print(anon() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is read from /proc")
+def test_bounded_kernel_caches_stop_rss_growing_with_new_shapes():
+    # A subprocess: the caches' size is read once, when torch builds its first kernel.
+    env = {k: v for k, v in os.environ.items() if k not in memory.KERNEL_CACHE_ENV}
+    growth = {}
+    for mode in ("default", "bound"):
+        out = subprocess.run([sys.executable, "-c", KERNEL_PROBE, mode], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth[mode] = float(out.stdout.split()[-1])
+    assert growth["bound"] < 0.3 * growth["default"], growth
+
+
+def test_the_cli_bounds_kernel_caches_unless_the_user_chose(monkeypatch):
+    from rexrag.cli import main
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    assert main(["demo", "--max-memory-gb", "lots"]) == 2  # refused before loading anything
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128" and os.environ["LRU_CACHE_CAPACITY"] == "512"
 
 
 def test_a_loaded_model_is_not_backed_by_its_checkpoint_file(tmp_path):

@@ -34,7 +34,9 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from rexrag.errors import EngineError, UserError
+    from rexrag.memory import bound_kernel_caches
 
+    bound_kernel_caches()  # before the parser's imports load torch
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:

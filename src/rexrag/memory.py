@@ -14,7 +14,9 @@ the freed arenas mapped and the RSS stays at the phase's peak.
 ``bound_heap_caching`` stops glibc from keeping freed activations at all: by default glibc raises its
 mmap threshold each time a large block is freed (up to 32 MiB), so the next step's activations come
 from the heap, whose freed pages stay resident; measured on the demo's update (BENCHMARKS.md, "Demo
-memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB). Not called by default yet: it costs page faults (issue 24).
+memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB). It costs
+page faults, so the demo calls it under a memory cap only. ``bound_kernel_caches`` bounds the other
+thing that grows step after step: compiled matmul kernels kept for every new shape.
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+
+
+KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's cache; ideep's, in torch
+
+
+def bound_kernel_caches(entries: int = 128) -> None:
+    """Keep at most ``entries`` compiled CPU matmul kernels in each of oneDNN's and torch's (ideep)
+    caches (default 1,024 each); a user's own setting wins. Each new matmul shape (an update's micro-batch
+    of a new length) compiles and keeps kernels of about 2 MiB: measured 673 MiB for one bf16 linear over
+    300 lengths, 50 MiB with both caches at 16; on the demo's RL steps, +60-75 MiB of RSS a step
+    (BENCHMARKS.md, "Demo memory"). A step cycles through far fewer kernels than 128 (update time unchanged).
+    Read when torch first builds a kernel: call before any bf16 matmul runs."""
+    for name in KERNEL_CACHE_ENV:
+        os.environ.setdefault(name, str(entries))
 
 
 def trim_heap() -> None:
