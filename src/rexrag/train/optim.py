@@ -7,6 +7,8 @@ average that moves by less than half a unit in the last place per step (the seco
 beta2 = 0.999 moves 0.1 % a step, bf16 resolves 0.4 %) never moves under round-to-nearest; rounded
 up or down with the probabilities that make the stored value unbiased, it follows the fp32 average
 on expectation. Large parameters are processed in slices so that the fp32 temporaries stay small.
+The rounding noise is drawn once a step and shared by every slice: each stored value is still unbiased,
+and drawing 2 x 135M numbers a step took 0.8 s of a 1.4 s step.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ STATE_DTYPES = ("float32", "bfloat16")
 _SLICE = 1 << 22  # elements per slice of a parameter (16 MiB of fp32 temporaries)
 
 
-def stochastic_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def rounding_noise(n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """[n] int32 uniform on [0, 2**16): what ``stochastic_bf16`` adds below the bits bf16 keeps."""
+    return torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=device, generator=generator)
+
+
+def stochastic_bf16(x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
     """fp32 ``x`` rounded to bf16 stochastically: up or down to a neighbouring bf16 value with the
-    probabilities that make the result's expectation ``x`` (same shape, dtype bfloat16)."""
+    probabilities that make the result's expectation ``x`` (same shape, dtype bfloat16). ``noise``:
+    at least ``x.numel()`` values of ``rounding_noise`` to use (drawn here when None)."""
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    noise = rounding_noise(x.numel(), x.device, generator) if noise is None else noise[: x.numel()]
+    noise = noise.view(x.shape)
     # adding noise below the 16 bits bf16 drops, then dropping them, rounds the magnitude up with
     # probability (dropped bits) / 2**16; the sign bit is untouched
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
@@ -45,13 +54,17 @@ class BF16StateAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        noise: dict[torch.device, Tensor] = {}  # one draw a step and device, for the moments' two roundings
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group)
+                    if p.device not in noise:
+                        gen = self.generator if p.device.type == "cpu" else None
+                        noise[p.device] = rounding_noise(2 * _SLICE, p.device, gen).view(2, _SLICE)
+                    self._update(p, group, noise[p.device])
         return loss
 
-    def _update(self, p: Tensor, group: dict) -> None:
+    def _update(self, p: Tensor, group: dict, noise: Tensor) -> None:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -60,7 +73,6 @@ class BF16StateAdamW(torch.optim.Optimizer):
         state["step"] += 1
         t = float(state["step"])
         (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
-        gen = self.generator if p.device.type == "cpu" else None
         flat = [x.view(-1) for x in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
         for w, g, m16, v16 in zip(*(x.split(_SLICE) for x in flat)):
             g = g.float()
@@ -68,8 +80,8 @@ class BF16StateAdamW(torch.optim.Optimizer):
             v = v16.float().mul_(b2).addcmul_(g, g, value=1 - b2)
             w.mul_(1 - lr * wd)
             w.addcdiv_(m, (v / (1 - b2**t)).sqrt_().add_(group["eps"]), value=-lr / (1 - b1**t))
-            m16.copy_(stochastic_bf16(m, gen))
-            v16.copy_(stochastic_bf16(v, gen))
+            m16.copy_(stochastic_bf16(m, noise=noise[0]))
+            v16.copy_(stochastic_bf16(v, noise=noise[1]))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # torch casts floating state to the parameter's dtype: undo that
