@@ -393,7 +393,12 @@ def spawn(spec: dict) -> dict:
     """Run ``worker(spec)`` in a fresh interpreter; its result, or the error it died with."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as fh:
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out", fh.name]
-        proc = subprocess.run(cmd, check=False, text=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if spec["framework"].startswith("rexrag"):  # what the rexrag CLI sets before torch loads
+            from rexrag.memory import kernel_cache_env
+
+            env.update(kernel_cache_env())
+        proc = subprocess.run(cmd, check=False, text=True, capture_output=True, env=env)
         text = Path(fh.name).read_text()
     if proc.returncode != 0 or not text:
         lines = (proc.stderr or proc.stdout).strip().splitlines()

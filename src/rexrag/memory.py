@@ -130,17 +130,22 @@ def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
 
 
 KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's cache; ideep's, in torch
+KERNEL_CACHE_ENTRIES = 128
 
 
-def bound_kernel_caches(entries: int = 128) -> None:
+def kernel_cache_env(entries: int = KERNEL_CACHE_ENTRIES) -> dict[str, str]:
+    """The environment ``bound_kernel_caches`` sets (a user's own values kept), e.g. for a child process."""
+    return {name: os.environ.get(name, str(entries)) for name in KERNEL_CACHE_ENV}
+
+
+def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
     """Keep at most ``entries`` compiled CPU matmul kernels in each of oneDNN's and torch's (ideep)
     caches (default 1,024 each); a user's own setting wins. Each new matmul shape (an update's micro-batch
     of a new length) compiles and keeps kernels of about 2 MiB: measured 673 MiB for one bf16 linear over
     300 lengths, 50 MiB with both caches at 16; on the demo's RL steps, +60-75 MiB of RSS a step
     (BENCHMARKS.md, "Demo memory"). A step cycles through far fewer kernels than 128 (update time unchanged).
     Read when torch first builds a kernel: call before any bf16 matmul runs."""
-    for name in KERNEL_CACHE_ENV:
-        os.environ.setdefault(name, str(entries))
+    os.environ.update(kernel_cache_env(entries))
 
 
 def trim_heap() -> None:
