@@ -113,6 +113,31 @@ def test_demo_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys, 
     assert not (tmp_path / "d").exists()
 
 
+def test_the_default_cap_plans_the_floor_where_it_is_below_it_an_explicit_one_refuses():
+    """Without bf16 units the engine is fp32 and the default profile's floor is above 4 GiB: the demo's default
+    cap must still run (its smallest settings, said so), a cap the user typed is kept or refused."""
+    from rexrag.demo import DEFAULT_MAX_MEMORY_GB, PROFILES, memory_plan
+
+    p = PROFILES["default"]
+    with pytest.raises(MemoryBudgetError):
+        memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=False)
+    floor = memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=False, cap_is_default=True)
+    assert floor.settings == ladder(floor.workload)[-1]
+    assert "below this run's floor" in floor.summary() and "--max-memory-gb" in floor.summary()
+    fits = memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=True, cap_is_default=True)
+    assert fits.summary().startswith("memory plan for a 4 GiB cap")
+
+
+@pytest.mark.parametrize("argv, default", [([], True), (["--max-memory-gb", "4"], False)])
+def test_the_demo_command_says_whether_the_cap_was_typed(monkeypatch, tmp_path, argv, default):
+    import rexrag.demo
+
+    seen = {}
+    monkeypatch.setattr(rexrag.demo, "run_demo", lambda out, **kw: seen.update(kw) or tmp_path / "report.md")
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), *argv]) == 0
+    assert seen["cap_is_default"] is default and float(seen["max_memory_gb"]) == 4.0
+
+
 def test_train_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys, tmp_path):
     _nothing_may_load(monkeypatch)
     import rexrag.commands.train as train_cmd

@@ -112,16 +112,19 @@ def demo_workload(p: DemoProfile, backend: str, bf16: bool | None = None) -> Wor
                     kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts)
 
 
-def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None, bf16: bool | None = None) -> Plan | None:
+def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None, bf16: bool | None = None,
+                cap_is_default: bool = False) -> Plan | None:
     """The demo's settings under ``max_memory_gb`` (GiB; None or 0: no cap, the fastest settings);
-    raises ``MemoryBudgetError`` (a one-line UserError with the floor) below the floor or for a non-number."""
+    raises ``MemoryBudgetError`` (a one-line UserError with the floor) below the floor or for a non-number,
+    except for the default cap (``cap_is_default``), which plans the floor: on a CPU without bf16 units the
+    fp32 engine puts the default profile's floor above 4 GiB, and the demo must still run there."""
     from rexrag.memory_plan import parse_cap_gb, plan
 
     if max_memory_gb in (None, 0, "0"):
         return None
     w = demo_workload(p, backend, bf16)
     what = f"the demo (SmolLM2-135M, {backend} backend)"
-    return plan(w, parse_cap_gb(max_memory_gb, w, what), what)
+    return plan(w, parse_cap_gb(max_memory_gb, w, what), what, floor_if_over=cap_is_default)
 
 
 class _Clock:
@@ -348,9 +351,10 @@ def _shared_engine(backend: str, model, tokenizer, device: str, seed: int, kv_to
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, backend: str = "auto",
-             max_memory_gb: str | float | None = None, precision: str = "auto") -> Path:
+             max_memory_gb: str | float | None = None, precision: str = "auto", cap_is_default: bool = False) -> Path:
     """Run the whole demo into ``out``; returns the path of ``report.md``. ``backend``: generation backend;
-    ``max_memory_gb``: a cap in GiB the settings are planned to (``memory_plan``; None: no cap);
+    ``max_memory_gb``: a cap in GiB the settings are planned to (``memory_plan``; None: no cap; refused
+    below the floor unless ``cap_is_default``, which plans the floor);
     ``precision``: auto (bf16 where ``hardware.has_fast_bf16``) | fp32 | bf16, for the engine and the
     updates' autocast alike."""
     import torch
@@ -365,7 +369,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision {precision!r}: choose auto, fp32 or bf16")
     bf16 = has_fast_bf16("cuda" if torch.cuda.is_available() else "cpu") if precision == "auto" else precision == "bf16"
-    mplan = memory_plan(p, backend, max_memory_gb, bf16)  # a cap that cannot be met fails here, before any loading
+    mplan = memory_plan(p, backend, max_memory_gb, bf16, cap_is_default)  # a cap that cannot be met fails here, before loading
     settings = mplan.settings if mplan else None
     _say(f"precision: {'bf16' if bf16 else 'fp32'} (engine and update autocast; --precision {precision})")
     if mplan:

@@ -166,7 +166,11 @@ class Plan:
 
     def summary(self) -> str:
         s = self.settings
-        return (f"memory plan for a {self.cap_bytes / GIB:g} GiB cap: gradient checkpointing "
+        over = total(self.parts) > self.cap_bytes  # the floor, planned because the cap was only a default
+        head = (f"memory plan: the default {self.cap_bytes / GIB:g} GiB cap is below this run's floor, so its smallest "
+                f"settings (--max-memory-gb sets a cap that is kept or refused)" if over
+                else f"memory plan for a {self.cap_bytes / GIB:g} GiB cap")
+        return (f"{head}: gradient checkpointing "
                 f"{'on' if s.gradient_checkpointing else 'off'}, {s.micro_tokens} tokens per forward/backward "
                 f"({s.logprob_chunk_tokens}-token LM-head slices)"
                 + (f", KV cache {s.kv_tokens} tokens" if s.kv_tokens else "")
@@ -191,15 +195,18 @@ def parse_cap_gb(value: str | float, w: Workload, what: str) -> int:
     return int(gb * GIB)
 
 
-def plan(w: Workload, cap_bytes: int, what: str) -> Plan:
+def plan(w: Workload, cap_bytes: int, what: str, floor_if_over: bool = False) -> Plan:
     """The first rung of ``ladder(w)`` whose estimate fits ``cap_bytes``; ``what`` names the model and
-    configuration in the error raised when none fits."""
+    configuration in the error raised when none fits. ``floor_if_over``: a cap the user did not choose
+    (the demo's default) plans the smallest rung instead of refusing (its summary says so)."""
     rungs = ladder(w)
     for s in rungs:
         parts = estimate(w, s)
         if total(parts) <= cap_bytes:
             return Plan(s, parts, cap_bytes, w)
     smallest = estimate(w, rungs[-1])
+    if floor_if_over:
+        return Plan(rungs[-1], smallest, cap_bytes, w)
     raise MemoryBudgetError(f"--max-memory-gb {cap_bytes / GIB:g} is below the floor for {what}: at least "
                             f"{total(smallest) / GIB:.2f} GiB ({describe(smallest)})")
 

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-memory-gb", default=None, metavar="GIB",
                    help="memory cap in GiB: the fastest settings whose worst case fits it (gradient checkpointing, tokens "
                         "per forward/backward, KV cache; rexrag.memory_plan), or one line with the floor and exit 2 "
-                        "(default 4, a laptop; 0 = no cap, fastest settings)")
+                        "(default 4, a laptop: where this run's floor is above it, e.g. an fp32 engine on a CPU without bf16 "
+                        "units, the default plans the floor instead of refusing; 0 = no cap, fastest settings)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +42,6 @@ def run(args) -> int:
 
     cap = DEFAULT_MAX_MEMORY_GB if args.max_memory_gb is None else args.max_memory_gb
     report = run_demo(args.out, quick=args.quick, seed=args.seed, backend=resolve_backend_name(args.backend),
-                      max_memory_gb=cap, precision=args.precision)
+                      max_memory_gb=cap, precision=args.precision, cap_is_default=args.max_memory_gb is None)
     print(f"report: {report}")
     return 0
