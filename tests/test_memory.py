@@ -115,7 +115,8 @@ def test_bounded_kernel_caches_stop_rss_growing_with_new_shapes():
                              timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
         growth[mode] = float(out.stdout.split()[-1])
-    assert growth["bound"] < 0.3 * growth["default"], growth
+    # (On a CPU whose bf16 matmuls do not go through oneDNN nothing grows either way: the 16 MiB floor.)
+    assert growth["bound"] < max(0.3 * growth["default"], 16), growth
 
 
 def test_the_cli_bounds_kernel_caches_unless_the_user_chose(monkeypatch):
