@@ -307,7 +307,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TokenLogprob(torch.autograd.Function):
-    """logits [N, V] (any float dtype), targets [N] long -> log p(target) [N] float32, computed in float32.
+    """logits [..., V] (any float dtype), targets [...] long -> log p(target) [...] float32, computed in float32.
 
     The same numbers as ``logits.float().gather(...) - logits.float().logsumexp(-1)`` (bitwise), with a
     backward written out: ``d lp / d logits = onehot(target) - softmax``, built in one [N, V] float32
