@@ -327,6 +327,7 @@ def run_multiturn(spec: dict, out_dir: Path) -> dict:
 
         mplan = memory_plan(p, resolve_backend_name("auto"), spec["memory_gb"])
         bound_heap_caching()
+    # (without a plan, the call an older checkout's _rl_config also takes, for a before/after row)
     cfg = _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto", mplan=mplan) if mplan else \
         _rl_config(p, str(model_path), str(out_dir / "index"), out_dir, 0, "auto")
     cfg.trainer.steps = spec["steps"] + 1

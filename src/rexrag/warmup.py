@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+from rexrag.config import OPTIMIZER_STATE_DTYPES
 from rexrag.data import QAExample
 from rexrag.errors import UserError
 from rexrag.fsutil import atomic_dir
+from rexrag.memory import trim_heap
 from rexrag.protocol import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -48,7 +50,6 @@ from rexrag.protocol import (
     format_information,
 )
 from rexrag.rollout.trajectory import Seg, Trajectory, to_batch
-from rexrag.memory import trim_heap
 from rexrag.train.optim import make_optimizer
 
 
@@ -74,6 +75,8 @@ class WarmupConfig:
             raise UserError(f"warmup second_hop={self.second_hop!r}; choose 'auto' or 'never'")
         if min(self.steps, self.batch_size, self.topk, self.max_obs_tokens) < 1 or self.n_examples < 0:
             raise UserError("warmup steps, batch_size, topk and max_obs_tokens must be >= 1 (n_examples >= 0)")
+        if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
+            raise UserError(f"warmup optimizer_state_dtype={self.optimizer_state_dtype!r}; choose one of {OPTIMIZER_STATE_DTYPES}")
 
 
 # --------------------------------------------------------------------------- building trajectories

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-STATE_DTYPES = ("float32", "bfloat16")
+from rexrag.config import OPTIMIZER_STATE_DTYPES
+
 _SLICE = 1 << 22  # elements per slice of a parameter (16 MiB of fp32 temporaries)
 
 
@@ -92,9 +93,9 @@ class BF16StateAdamW(torch.optim.Optimizer):
 
 
 def make_optimizer(groups, lr: float, weight_decay: float, state_dtype: str = "float32", seed: int = 0):
-    """AdamW over ``groups`` with its moments in ``state_dtype`` (``STATE_DTYPES``)."""
+    """AdamW over ``groups`` with its moments in ``state_dtype`` (``rexrag.config.OPTIMIZER_STATE_DTYPES``)."""
     if state_dtype == "float32":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if state_dtype == "bfloat16":
         return BF16StateAdamW(groups, lr=lr, weight_decay=weight_decay, seed=seed)
-    raise ValueError(f"optimizer state dtype {state_dtype!r}: choose one of {STATE_DTYPES}")
+    raise ValueError(f"optimizer state dtype {state_dtype!r}: choose one of {OPTIMIZER_STATE_DTYPES}")
