@@ -42,6 +42,23 @@ def test_release_returns_freed_heap():
     assert memory.rss_mb() - base < 64
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) zero-fill is Linux's")
+def test_released_pages_leave_the_resident_set_and_read_back_as_zeros():
+    import torch
+
+    t = torch.ones(64 * 2**20 // 4)  # 64 MiB, resident once written
+    views = [t[: t.numel() // 2], t[t.numel() // 2 :], t]  # one storage: counted once
+    memory.release()
+    before = memory.rss_mb()
+    released = memory.release_pages(views)
+    assert 63 * 2**20 <= released <= 64 * 2**20
+    assert before - memory.rss_mb() > 56, "the released pages are still resident"
+    # still valid: its whole pages come back zero-filled, the partial ones at its ends keep their values
+    assert float(t.sum()) <= 2 * 4096 / 4
+    t.fill_(2.0)  # and writable where it was
+    assert float(t[-1]) == 2.0 and memory.release_pages([torch.ones(8)]) == 0  # less than a page: nothing
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS is read from /proc")
 def test_phase_peaks_are_per_phase_and_leave_the_kernel_peak_alone():
     """Run in a fresh interpreter: the test process's own peak (models loaded by other tests) would hide it."""

@@ -75,6 +75,22 @@ def test_lora_and_no_engine_need_less_and_a_critic_more():
     assert total(estimate(replace(DEMO, critic=True), ladder(DEMO)[0])) > base + 16 * SMOL.params
 
 
+def test_an_engine_asleep_through_the_update_counts_at_the_larger_phase():
+    """Level 2: the update holds no engine weights or KV cache, the rollout no gradients or activations."""
+    awake_parts = estimate(DEMO, ladder(DEMO)[3])
+    asleep = replace(DEMO, engine_sleep_level=2)
+    parts = estimate(asleep, ladder(asleep)[3])
+    kv = 9 * 1024 * SMOL.kv_elements_per_token * 2
+    assert "engine" not in parts and parts["engine asleep"] == awake_parts["engine"] - 2 * SMOL.params - kv
+    assert total(parts) == total(awake_parts) - 2 * SMOL.params - kv
+    kv_only = estimate(replace(DEMO, engine_sleep_level=1), ladder(asleep)[3])
+    assert total(kv_only) == total(awake_parts) - kv
+    # LoRA (no gradients to speak of) with a large KV cache: the rollout is the larger phase, engine awake
+    lora = replace(asleep, full_finetune=False, kv_tokens=200 * 1024, micro_tokens=1024)
+    rollout = estimate(lora, ladder(lora)[0])
+    assert "engine" in rollout and "activations" not in rollout and "gradients" not in rollout
+
+
 def test_apply_plan_changes_only_what_the_cap_needs():
     cfg = Config()
     cfg.rollout.backend, cfg.rollout.max_total_tokens, cfg.trainer.micro_batch_size = "vllm", 1024, 4
@@ -114,18 +130,20 @@ def test_demo_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys, 
 
 
 def test_the_default_cap_plans_the_floor_where_it_is_below_it_an_explicit_one_refuses():
-    """Without bf16 units the engine is fp32 and the default profile's floor is above 4 GiB: the demo's default
-    cap must still run (its smallest settings, said so), a cap the user typed is kept or refused."""
+    """A default cap below a run's floor (it was, before the engine slept through the update, for the fp32 engine
+    of a CPU without bf16 units) must still run at its smallest settings, and say so; a cap the user typed is kept
+    or refused. 3 GiB stands in for a default below the floor."""
     from rexrag.demo import DEFAULT_MAX_MEMORY_GB, PROFILES, memory_plan
 
     p = PROFILES["default"]
     with pytest.raises(MemoryBudgetError):
-        memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=False)
-    floor = memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=False, cap_is_default=True)
+        memory_plan(p, "vllm", 3.0, bf16=False)
+    floor = memory_plan(p, "vllm", 3.0, bf16=False, cap_is_default=True)
     assert floor.settings == ladder(floor.workload)[-1]
     assert "below this run's floor" in floor.summary() and "--max-memory-gb" in floor.summary()
-    fits = memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=True, cap_is_default=True)
-    assert fits.summary().startswith("memory plan for a 4 GiB cap")
+    for bf16 in (True, False):  # the default cap fits either engine
+        fits = memory_plan(p, "vllm", DEFAULT_MAX_MEMORY_GB, bf16=bf16, cap_is_default=True)
+        assert fits.summary().startswith("memory plan for a 4 GiB cap")
 
 
 @pytest.mark.parametrize("argv, default", [([], True), (["--max-memory-gb", "4"], False)])

@@ -137,6 +137,52 @@ def test_weight_sync_is_seen_by_the_next_generation(engine, model, smol_tokenize
     assert [o.token_ids for o in engine.generate(prompts, [[]] * 3, params)] == [o.token_ids for o in before]
 
 
+def _write_kv_cache(worker) -> None:
+    for t in worker.model_runner.kv_caches:
+        t.zero_()
+
+
+@pytest.mark.parametrize("level", [2, 1])
+def test_cpu_sleep_releases_memory_and_the_engine_generates_the_same_after(engine, model, smol_tokenizer, level):
+    """The CPU analogue of sleep mode: the KV cache's pages (and at level 2 the weights') go back to the OS;
+    after the sync (level 2) the engine samples exactly what it sampled before."""
+    from rexrag.memory import release, rss_mb
+
+    prompts, params = _prompts(smol_tokenizer), SamplingParams(temperature=0, max_new_tokens=12)
+    before = engine.generate(prompts, [[]] * 3, params)
+    engine.sleep_level = level
+    try:
+        engine._rpc(_write_kv_cache)  # every page of it resident, whatever earlier tests released
+        release()
+        awake = rss_mb()
+        engine.sleep()
+        assert awake - rss_mb() > 0.8 * CFG.vllm_kv_cache_gb * 1024  # the KV cache (written in full by vLLM) at least
+        if level == 2:
+            assert engine.asleep == {"weights", "kv_cache"} and not engine.weights_valid
+            with pytest.raises(EngineError, match="load_weights"):
+                engine.generate(prompts, [[]] * 3, params)
+            engine.sync_weights(model)
+        else:
+            assert engine.asleep == {"kv_cache"} and engine.weights_valid
+        after = engine.generate(prompts, [[]] * 3, params)
+        assert not engine.asleep
+        assert [(o.token_ids, o.logprobs) for o in after] == [(o.token_ids, o.logprobs) for o in before]
+    finally:
+        engine.sleep_level = CFG.vllm_sleep_level
+        engine.wake_up()
+        engine.sync_weights(model, force=True)
+
+
+def test_a_reload_that_leaves_a_released_kernel_missing_is_an_error(engine, model):
+    engine._released_kernels = ["model.layers.0.no_such_projection"]
+    try:
+        with pytest.raises(EngineError, match="did not rebuild the packed weights"):
+            engine.sync_weights(model, force=True)
+    finally:
+        engine._released_kernels = []
+        engine.sync_weights(model, force=True)
+
+
 def test_lora_weights_are_merged_into_the_engine(engine, model, smol_tokenizer):
     from peft import LoraConfig, get_peft_model
 

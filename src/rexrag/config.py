@@ -116,7 +116,7 @@ class RolloutConfig:
     vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB (per process).", 1.0)
     vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of the GPU the engine may hold; 0 = derived when the engine starts (after the policy, reference and optimizer are placed) from the free memory less what the update still needs (rexrag.rollout.colocate.auto_gpu_memory_utilization).", 0.0)
     vllm_enforce_eager: bool | None = doc("vLLM: no torch.compile / CUDA graphs. null = eager on the CPU (start-up in seconds), CUDA graphs on GPUs (launch-bound decode otherwise).", None)
-    vllm_sleep_level: int = doc("vLLM on GPU: sleep mode during the update: 0 off, 1 (weights offloaded to host), 2 (weights and KV cache discarded; the sync refills the weights). The CPU build has no sleep mode.", 2)
+    vllm_sleep_level: int = doc("vLLM sleep mode during the update: 0 off, 1 (KV cache released; weights offloaded to host on a GPU, kept on the CPU), 2 (weights and KV cache released; the sync refills the weights). On the CPU the engine's pages go back to the OS (rexrag.memory.release_pages) and vLLM rebuilds its packed weights at the reload.", 2)
     vllm_tensor_parallel_size: int = doc("vLLM: processes sharing one engine (tensor parallel). Only 1 is built: each process owns one engine.", 1)
     fsdp_gather_for_rollout: bool = doc("FSDP + hf backend: gather the policy's full weights once per rollout (no collective per decode step; holds the full weights while generating) instead of per forward.", True)
 

@@ -102,6 +102,7 @@ def _engine_dtype(bf16: bool | None, device: str = "cpu") -> str:
 
 def demo_workload(p: DemoProfile, backend: str, bf16: bool | None = None) -> Workload:
     """What the demo holds at its largest, for ``rexrag.memory_plan`` (no weights are read)."""
+    from rexrag.config import RolloutConfig
     from rexrag.memory_plan import ENGINE_BYTES, ModelShape
     from rexrag.models import DEFAULT_MODEL, model_config
 
@@ -109,7 +110,8 @@ def demo_workload(p: DemoProfile, backend: str, bf16: bool | None = None) -> Wor
     return Workload(ModelShape.from_config(model_config(DEFAULT_MODEL)), engine, ENGINE_BYTES[_engine_dtype(bf16)],
                     full_finetune=True, reference=False, critic=False,
                     max_tokens=DEMO_MAX_TOKENS, micro_tokens=DEMO_MICRO_ROWS * DEMO_MAX_TOKENS,
-                    kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts)
+                    kv_tokens=(EVAL_ROWS + 1) * DEMO_MAX_TOKENS if engine else 0, step_rows=p.rl_prompts * p.rl_rollouts,
+                    engine_sleep_level=RolloutConfig().vllm_sleep_level if engine else 0)
 
 
 def memory_plan(p: DemoProfile, backend: str, max_memory_gb: str | float | None, bf16: bool | None = None,

@@ -17,6 +17,10 @@ from the heap, whose freed pages stay resident; measured on the demo's update (B
 memory"), RSS after a backward stayed at the forward's peak (5.9 GB) instead of falling back (3.4 GB). It costs
 page faults, so the demo calls it under a memory cap only. ``bound_kernel_caches`` bounds the other
 thing that grows step after step: compiled matmul kernels kept for every new shape.
+
+``release_pages`` hands the pages of tensors whose contents will be rewritten before they are read
+back to the OS without freeing the tensors: the CPU analogue of vLLM's sleep mode
+(``rexrag.rollout.vllm_backend``) releases the engine's KV cache and weights with it for the update.
 """
 
 from __future__ import annotations
@@ -127,6 +131,35 @@ def bound_heap_caching(threshold_bytes: int = 1 << 20) -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+
+
+_MADV_DONTNEED = 4  # Linux: the pages are dropped; the next touch maps fresh zero-filled ones
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_pages(tensors) -> int:
+    """Give the resident pages of each CPU tensor's storage back to the OS now; returns the bytes released.
+
+    The tensors stay valid and keep their addresses, but read as zeros afterwards (Linux ``madvise``
+    ``MADV_DONTNEED`` on private anonymous memory): only for memory that is rewritten before it is read
+    again. Only whole pages inside a storage are released (an allocator's bookkeeping next to it is left
+    alone); a storage shared by several views counts once. 0 and nothing changed off Linux or off glibc."""
+    madvise = _glibc("madvise") if sys.platform.startswith("linux") else None
+    if madvise is None:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    seen: set[int] = set()
+    released = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        start, nbytes = storage.data_ptr(), storage.nbytes()
+        if t.device.type != "cpu" or start in seen:
+            continue
+        seen.add(start)
+        first, end = -(-start // _PAGE) * _PAGE, (start + nbytes) // _PAGE * _PAGE
+        if end > first and madvise(first, end - first, _MADV_DONTNEED) == 0:
+            released += end - first
+    return released
 
 
 KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's cache; ideep's, in torch

