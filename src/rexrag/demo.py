@@ -442,6 +442,8 @@ def _phases(p, out, clock, seed, device, backend, engine, held: list, tokenizer,
                         topk=p.topk, max_obs_tokens=p.max_obs_tokens, autocast_bf16=bf16, seed=seed,
                         gradient_checkpointing=bool(mplan and mplan.settings.gradient_checkpointing),
                         optimizer_state_dtype=mplan.settings.optimizer_state_dtype if mplan else "float32")
+    if engine is not None:  # the warm-up trains with no engine to serve: it sleeps (rollout.vllm_sleep_level) as in RL
+        engine.sleep()
     warm = run_warmup(model, tokenizer, retriever, warm_qs, wcfg, out / "warmup", device=device)
     clock.lap("warmup")
 
