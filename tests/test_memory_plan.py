@@ -167,6 +167,18 @@ def test_train_refuses_a_cap_below_its_floor_before_loading(monkeypatch, capsys,
     assert rc == 2 and len(err.splitlines()) == 1 and "below the floor for model" in err
 
 
+def test_train_with_a_cap_that_fits_plans_and_bounds_the_heap_as_its_estimate_assumes(monkeypatch, capsys, tmp_path):
+    import rexrag.memory
+    from rexrag.commands.train import _plan_memory
+
+    bounded = []
+    monkeypatch.setattr(rexrag.memory, "bound_heap_caching", lambda *a: bounded.append(a) or True)
+    cfg = Config()
+    _plan_memory(cfg, "8")
+    assert bounded and cfg.model.gradient_checkpointing
+    assert capsys.readouterr().out.startswith("memory plan for a 8 GiB cap")
+
+
 def test_a_local_index_counts_its_size(tmp_path):
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "part.bin").write_bytes(b"\0" * 3_000_000)

@@ -55,6 +55,21 @@ def test_bf16_moments_train_a_model_like_fp32_adamw():
     assert ref[-1] < 0.5 * ref[0] and half[-1] == pytest.approx(ref[-1], rel=0.05)
 
 
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_a_step_is_seen_as_a_change_of_the_weights(state_dtype):
+    """An engine is synced only when ``weights_version`` moved: an update that bypassed the parameters' version
+    counters (``p.data``) left the demo's engine serving the untrained weights to the warm-up's evaluation."""
+    from rexrag.rollout.engine import weights_version
+
+    model = tiny_llama(64, hidden=32, heads=2)
+    opt = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.0, state_dtype=state_dtype)
+    before = weights_version(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert weights_version(model) > before
+
+
 def test_state_is_half_the_bytes_and_stays_bf16_through_a_checkpoint():
     model = tiny_llama(300, hidden=64, layers=2, heads=2)
     opts = {d: make_optimizer(list(model.parameters()), 1e-3, 0.0, d) for d in ("float32", "bfloat16")}

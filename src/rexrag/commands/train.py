@@ -81,6 +81,7 @@ def _plan_memory(cfg, cap_gb: str) -> None:
     import torch
 
     from rexrag.errors import UserError
+    from rexrag.memory import bound_heap_caching
     from rexrag.memory_plan import apply_plan, describe_run, parse_cap_gb, plan, workload_from_config
 
     if torch.cuda.is_available():
@@ -90,6 +91,7 @@ def _plan_memory(cfg, cap_gb: str) -> None:
     what = describe_run(cfg)
     chosen = plan(w, parse_cap_gb(cap_gb, w, what), what)
     apply_plan(cfg, chosen)
+    bound_heap_caching()  # the estimate's heap slack assumes freed activations go back to the OS, as in the demo
     print(chosen.summary())
 
 

@@ -74,7 +74,9 @@ class BF16StateAdamW(torch.optim.Optimizer):
         state["step"] += 1
         t = float(state["step"])
         (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
-        flat = [x.view(-1) for x in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+        # p.detach(), not p.data: it shares p's version counter, so the update is seen as a change of the
+        # weights (rexrag.rollout.engine.weights_version decides whether an engine needs a sync)
+        flat = [x.view(-1) for x in (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"])]
         for w, g, m16, v16 in zip(*(x.split(_SLICE) for x in flat)):
             g = g.float()
             m = m16.float().lerp_(g, 1 - b1)
