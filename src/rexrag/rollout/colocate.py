@@ -3,15 +3,15 @@
 Per RL step the trainer (``Trainer.sample`` / ``Trainer.step``) calls, on every process, in this order:
 
 1. :meth:`Colocation.before_rollout` -- an engine that holds its own copy of the weights (vLLM) gets the
-   new ones: weights woken (GPU sleep mode), the policy streamed in (:func:`stream_weights`), then the
+   new ones: weights woken (sleep mode), the policy streamed in (:func:`stream_weights`), then the
    KV cache woken. Whether to sync is decided by the step counter (the same on every process; a level-2
    sleep discarded the weights, so a sync always follows one), never by a per-process "unchanged" test
    that could send processes into different collectives.
 2. :meth:`Colocation.rollout` (a context) -- the HF backend under FSDP gathers the sharded policy once
    for the whole rollout (``fsdp_gather_for_rollout``): its decode steps then run no collective and
    need no lockstep, instead of all-gathering every layer for every generated token.
-3. :meth:`Colocation.after_rollout` -- the engine sleeps (level 2 by default on GPUs) so the update has
-   its memory.
+3. :meth:`Colocation.after_rollout` -- the engine sleeps (level 2 by default; vLLM's sleep mode on GPUs, its
+   pages handed back to the OS on the CPU) so the update has its memory.
 4. :func:`mismatch_metrics` -- how far the engine's sampling log-probs are from the trainer's own
    recomputation on the same tokens (measured here; corrected for by the off-policy rule, not here).
 
@@ -128,7 +128,7 @@ class Colocation:
             self.backend.lockstep = lockstep
 
     def after_rollout(self) -> None:
-        """Release the engine's memory for the update (GPU sleep mode), then wait for every process's
+        """Release the engine's memory for the update (sleep mode), then wait for every process's
         rollouts (their lengths differ: ``rexrag.train.dynamic.sample_step`` times the wait)."""
         fn = getattr(self.backend, "sleep", None)
         if fn is not None:
