@@ -6,12 +6,18 @@ seconds without loading SmolLM2 weights (those tests are marked ``slow``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from rexrag.models import load_tokenizer, tiny_llama
+from rexrag.sharding import STRICT_ENV
+
+# Every process a test starts (and this one) checks NCCL's rules at each collective (rexrag.sharding):
+# a collective that works on gloo but would crash on GPUs fails here.
+os.environ.setdefault(STRICT_ENV, "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it: <repo>/../shared/data.

@@ -45,7 +45,7 @@ def gen(out: Path) -> None:
     from rexrag.sharding import Lockstep, dummy_forward
 
     backend = HFBackend(model, tok, device="cpu", seed=0)
-    backend.lockstep = Lockstep(dummy_forward(model, acc.device), acc.device)
+    backend.lockstep = Lockstep(dummy_forward(model, acc.device))
     sharded = _generate(backend, rank)
     p = next(model.parameters())
     info = {"full": full, "sharded": sharded, "fsdp_module": is_fsdp_module(model), "param_type": type(p).__name__,
@@ -68,6 +68,9 @@ def train(out: Path, overrides: list[str]) -> None:
             "reference_fsdp": is_fsdp_module(tr.reference), "steps": len(hist), "step_idx": tr.step_idx,
             "history": hist, "distributed_type": str(tr.acc.distributed_type)}
     (out / f"info_rank{tr.rank}.json").write_text(json.dumps(info))
+    # this process's own copy (DDP: a full replica; FSDP: its shards), to compare replicas bitwise
+    local = {n: (q.to_local() if hasattr(q, "to_local") else q).detach().clone() for n, q in tr.model.named_parameters()}
+    torch.save(local, out / f"params_rank{tr.rank}.pt")
     tr.acc.wait_for_everyone()
 
 

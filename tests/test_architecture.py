@@ -256,3 +256,64 @@ def test_graph_reader_sees_function_level_relative_and_package_imports(tmp_path,
         bad
         == "src/rexrag/retrieval/uses.py:1: from ..rollout.agent import X  (rexrag.retrieval must not import rexrag.rollout)"
     )
+
+
+# --------------------------------------------------------------------------- collectives live in sharding.py
+
+COLLECTIVES = frozenset({
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
+    "barrier", "monitored_barrier", "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce",
+    "reduce_scatter", "reduce_scatter_tensor", "scatter", "scatter_object_list", "send", "recv", "isend", "irecv"})
+ACCELERATE_COLLECTIVES = frozenset({"gather", "gather_object", "reduce", "broadcast", "broadcast_object_list",
+                                    "pad_across_processes", "gather_for_metrics"})
+ACCELERATOR_NAMES = frozenset({"acc", "accelerator"})
+COLLECTIVES_HOME = "src/rexrag/sharding.py"
+
+
+def _dist_aliases(tree: ast.AST) -> set[str]:
+    """Names bound to ``torch.distributed`` anywhere in the module."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            names |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    return names
+
+
+def _is_torch_distributed(node: ast.expr, aliases: set[str]) -> bool:
+    """``dist``, ``self.dist`` (an alias kept on an object) or ``torch.distributed``."""
+    if isinstance(node, ast.Name) or (isinstance(node, ast.Attribute) and node.attr in aliases):
+        return _receiver_name(node) in aliases
+    return (isinstance(node, ast.Attribute) and node.attr == "distributed" and isinstance(node.value, ast.Name)
+            and node.value.id == "torch")
+
+
+def _receiver_name(node: ast.expr) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def collective_calls(path: Path) -> list[str]:
+    """``file:line: what`` for every collective that ``path`` runs or imports itself."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    aliases, rel = _dist_aliases(tree), path.relative_to(SRC.parent)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("torch.distributed", "accelerate.utils"):
+            names = COLLECTIVES if node.module == "torch.distributed" else ACCELERATE_COLLECTIVES
+            found += [f"{rel}:{node.lineno}: from {node.module} import {a.name}" for a in node.names if a.name in names]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            attr, recv = node.func.attr, node.func.value
+            if attr in COLLECTIVES and _is_torch_distributed(recv, aliases):
+                found.append(f"{rel}:{node.lineno}: torch.distributed.{attr}")
+            elif attr in ACCELERATE_COLLECTIVES and _receiver_name(recv) in ACCELERATOR_NAMES:
+                found.append(f"{rel}:{node.lineno}: accelerator.{attr}")
+    return found
+
+
+def test_collectives_are_called_from_sharding_only():
+    """A collective anywhere else would escape the strict mode's checks and the comm-device rule."""
+    home = SRC.parent / COLLECTIVES_HOME
+    assert collective_calls(home), "the scan finds nothing in sharding.py itself: it is broken"
+    stray = [hit for path in sorted((SRC / PACKAGE).rglob("*.py")) if path != home for hit in collective_calls(path)]
+    assert not stray, "collectives outside rexrag.sharding (use its reduce_values / gather_objects / barrier):\n" + "\n".join(stray)

@@ -203,3 +203,58 @@ def test_token_tis_in_the_trainer_reports_ratios_near_one_for_the_same_model(tmp
     tr = make_trainer(tmp_path, "algo.rollout_correction=token_tis")
     hist = tr.train()
     assert abs(hist[-1]["rollout_corr/policy/ratio_mean"] - 1) < 1e-4 and hist[-1]["passes/old_logprobs"] == 1.0
+
+
+def _positive_varied(completions, answers, **kw):
+    return [1.0 + len(set(c)) / max(len(c), 1) for c in completions]
+
+
+def _advantages_with_row_0_rejected(tmp_path, monkeypatch, reject: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B, T], loss mask [B, T]) of one toy step with KL in the reward; row 0 wholly
+    rejected by the rollout correction when ``reject``."""
+    import rexrag.train.trainer as trainer_mod
+    from test_trainer import make_trainer
+
+    real = trainer_mod.rollout_correction
+
+    def rejecting(*args, **kw):
+        w, keep, m = real(*args, **kw)
+        if reject:
+            keep = keep.clone()
+            keep[0] = 0
+        return w, keep, m
+
+    monkeypatch.setattr(trainer_mod, "rollout_correction", rejecting)
+    tr = make_trainer(tmp_path, "algo.rollout_correction=token_tis", "algo.kl_in_reward=true", "algo.kl_coef=0.01",
+                      "trainer.steps=1", reward=_positive_varied)
+    seen = {}
+
+    def update(batch, targets, chunks):
+        seen["adv"], seen["mask"] = targets.advantages.clone(), batch.loss_mask.clone()
+        return {}, None
+
+    monkeypatch.setattr(tr, "update", update)
+    tr.step()
+    return seen["adv"], seen["mask"]
+
+
+def test_a_rejected_row_keeps_its_outcome_in_its_group(tmp_path, monkeypatch, one_thread):
+    """Rejection removes tokens from the loss, not a rollout from its GRPO group: the other rows'
+    advantages are those of the unrejected batch (before the fix row 0 scored 0 in its group)."""
+    adv, mask = _advantages_with_row_0_rejected(tmp_path / "a", monkeypatch, reject=False)
+    adv_r, mask_r = _advantages_with_row_0_rejected(tmp_path / "b", monkeypatch, reject=True)
+    assert mask_r[0].sum() == 0 and torch.equal(mask_r[1:], mask[1:])
+    others = mask[1:] > 0
+    assert adv[1:][others].abs().max() > 0.1  # the group has signal
+    torch.testing.assert_close(adv_r[1:][others], adv[1:][others], rtol=0, atol=1e-6)
+
+
+def test_dynamic_sampling_rounds_draw_with_fresh_seeds(tmp_path, one_thread, monkeypatch):
+    from rexrag.train.dynamic import sample_step
+
+    tr = _toy(tmp_path, "data.batch_size=4", "data.dynamic_sampling_max_rounds=4")
+    seeds: list[int] = []
+    monkeypatch.setattr(tr.colocation, "reseed", seeds.append)
+    _, _, _, m = sample_step(tr, {})
+    assert m["dynamic_rounds"] >= 2 and len(seeds) == m["dynamic_rounds"]
+    assert len(set(seeds)) == len(seeds), f"rounds reused sampling seeds: {seeds}"

@@ -20,6 +20,7 @@ one-token dummy forwards until every process is done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ def make_accelerator():
     from accelerate.utils import DistributedType
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    install_strict_mode()  # REXRAG_STRICT_COLLECTIVES=1: NCCL's rules checked at every collective
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU:
         _force_cpu_fsdp(acc)
@@ -98,16 +100,13 @@ class Lockstep:
     once it has none left in the current phase; every process must drain exactly once per phase.
     """
 
-    def __init__(self, dummy: Callable[[], object], device: torch.device | str = "cpu"):
-        self.dummy, self.device = dummy, torch.device(device)
+    def __init__(self, dummy: Callable[[], object]):
+        self.dummy = dummy
         self.dummy_forwards = 0
 
-    def _any(self, active: bool) -> bool:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if active else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    @staticmethod
+    def _any(active: bool) -> bool:
+        return reduce_values([1.0 if active else 0.0], "max")[0] > 0
 
     def tick(self) -> None:
         """Announce one real forward (the others run a dummy one if they are draining)."""
@@ -140,20 +139,15 @@ def drain(obj) -> None:
 
 def global_sum(acc, x: float) -> float:
     """``x`` summed over the processes (float64; ``x`` itself in one process)."""
-    if acc.num_processes == 1:
-        return x
-    return float(acc.reduce(torch.tensor([x], dtype=torch.float64, device=acc.device), "sum")[0])
+    return x if acc.num_processes == 1 else reduce_values([x], "sum", torch.float64)[0]
 
 
 def global_max(acc, x: float) -> float:
-    if acc.num_processes == 1:
-        return x
-    return float(acc.reduce(torch.tensor([float(x)], device=acc.device), "max")[0])
+    return x if acc.num_processes == 1 else reduce_values([float(x)], "max", torch.float64)[0]
 
 
 def global_min(acc, x: int) -> int:
-    # accelerate's reduce knows sum / mean / max only (any other name sums): min(x) = -max(-x)
-    return int(-global_max(acc, -float(x))) if acc.num_processes > 1 else x
+    return x if acc.num_processes == 1 else int(reduce_values([float(x)], "min", torch.float64)[0])
 
 
 def module_bytes(module: torch.nn.Module | None) -> int:
@@ -206,14 +200,6 @@ def _restore_reshard_setting(unit, setting: tuple) -> None:
         group.post_forward_mesh_info = None if root_auto else info
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def on_all_ranks(fn: Callable[[], object], what: str, error: type[Exception] | None = None):
     """Run ``fn()`` on this process, then agree with every other process: when it raised on any of
     them, raise ``error`` on all, naming each failing rank and its one-line reason. ``fn`` must keep its
@@ -230,12 +216,261 @@ def on_all_ranks(fn: Callable[[], object], what: str, error: type[Exception] | N
         if world == 1:
             raise
     if world > 1:
-        import torch.distributed as dist
-
-        reasons: list[str | None] = [None] * world
-        dist.all_gather_object(reasons, reason)
+        reasons = gather_objects(reason)
         bad = [(r, why) for r, why in enumerate(reasons) if why]
         if bad:
             detail = "; ".join(f"rank {r}: {why}" for r, why in bad)
             raise error(f"{what} failed on {len(bad)} of {world} processes ({detail})")
     return result
+
+
+# --------------------------------------------------------------------------- collectives: their only home
+#
+# Every collective rexrag runs is one of the functions below (tests/test_architecture.py fails on a
+# ``torch.distributed`` or accelerate collective called anywhere else). They are written against NCCL's
+# rules, which gloo does not enforce: a tensor a collective sends lives on the process's communication
+# device (``cuda:<current device>`` under NCCL; a CPU tensor is refused there), so every such tensor is
+# created here, by :func:`comm_tensor`; object collectives pickle through a CUDA tensor under NCCL and
+# are for small plain-Python payloads only (:func:`gather_objects`).
+#
+# **Strict mode** (``REXRAG_STRICT_COLLECTIVES=1``; the test suite sets it, so every multi-process test
+# runs in it) checks those rules at every collective on the CPU too: ``torch.distributed``'s collectives
+# are wrapped (:func:`install_strict_mode`) so that one called from rexrag code outside this module,
+# a tensor that :func:`comm_tensor` did not make (the CPU analogue of "not on cuda:N"), a tensor on
+# another device than :func:`comm_device`, or a tensor inside an object collective's payload raises
+# :class:`CollectiveError` instead of working on gloo and crashing on the first GPU run.
+
+STRICT_ENV = "REXRAG_STRICT_COLLECTIVES"
+_MARK = "_rexrag_comm_tensor"  # set on the tensors comm_tensor made
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+# torch.distributed functions the strict mode wraps -> position of the tensor they send (None: none)
+_WRAPPED = {"all_reduce": 0, "broadcast": 0, "all_gather": 1, "reduce": 0, "barrier": None, "all_gather_object": None,
+            "gather_object": None, "broadcast_object_list": None, "scatter_object_list": None, "send": 0, "recv": 0}
+
+
+class CollectiveError(RuntimeError):
+    """A collective broke a rule of the GPU backend (NCCL) that the CPU backend (gloo) would let pass."""
+
+
+def strict() -> bool:
+    """True when collectives check NCCL's rules on every backend (``REXRAG_STRICT_COLLECTIVES=1``)."""
+    return os.environ.get(STRICT_ENV, "0").lower() not in ("", "0", "false")
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _is_nccl() -> bool:
+    import torch.distributed as dist
+
+    return "nccl" in str(dist.get_backend()).lower()
+
+
+def comm_device() -> torch.device:
+    """Where a collective's tensors must live: ``cuda:<current device>`` when the process group is NCCL
+    (accelerate sets the current device to the local rank), the CPU for gloo."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and _is_nccl():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def comm_tensor(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[len(values)] tensor of ``values`` on the communication device: the only way rexrag makes a
+    tensor that a collective sends."""
+    t = torch.tensor(values, dtype=dtype, device=comm_device())
+    setattr(t, _MARK, True)
+    return t
+
+
+def check_sendable(t: torch.Tensor, what: str) -> None:
+    """Raise :class:`CollectiveError` for a tensor NCCL would refuse (or, in strict mode, one that
+    :func:`comm_tensor` did not make, which on a GPU machine would be a CPU tensor)."""
+    dev = comm_device()
+    if t.device != dev:
+        raise CollectiveError(f"{what}: a tensor on {t.device} sent to a collective whose device is {dev} "
+                              "(NCCL takes tensors on the process's CUDA device only); make it with rexrag.sharding.comm_tensor")
+    if strict() and not getattr(t, _MARK, False):
+        raise CollectiveError(f"{what}: a tensor not made by rexrag.sharding.comm_tensor was sent to a collective "
+                              f"(here a {t.device} tensor works; under NCCL a CPU tensor crashes the run)")
+
+
+def reduce_values(values: list[float], op: str = "sum", dtype: torch.dtype = torch.float32) -> list[float]:
+    """``values`` reduced elementwise over every process (``op``: sum, max or min). Runs the collective
+    even in a one-process group (so a test can force the distributed path)."""
+    import torch.distributed as dist
+
+    t = comm_tensor([float(v) for v in values], dtype)
+    check_sendable(t, f"reduce_values({op})")
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]))
+    return t.tolist()
+
+
+def all_agree(ok: bool) -> bool:
+    """True only when ``ok`` holds on every process (a decision that must not diverge across ranks:
+    skipping an optimizer step, say). ``ok`` itself in one process."""
+    if _world()[0] == 1:
+        return bool(ok)
+    return reduce_values([1.0 if ok else 0.0], "min")[0] > 0
+
+
+def _holds_tensor(obj, depth: int = 0) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(k, depth + 1) or _holds_tensor(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_holds_tensor(v, depth + 1) for v in obj)
+    return False
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` in one process): the one object collective.
+    For small plain-Python payloads (metrics, failure reasons, per-process state); a tensor inside is
+    refused in strict mode (it would be pickled with its device)."""
+    import torch.distributed as dist
+
+    world, _ = _world()
+    if world == 1:
+        return [obj]
+    if strict() and _holds_tensor(obj):
+        raise CollectiveError("gather_objects: a tensor inside an object collective's payload; send plain numbers "
+                              "(convert with .tolist()) or use reduce_values")
+    if _is_nccl() and torch.cuda.current_device() != int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())):
+        raise CollectiveError("gather_objects under NCCL needs torch.cuda.set_device(LOCAL_RANK) first")
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in one). Under NCCL the barrier names this process's device, as
+    torch asks (else it guesses one from the rank and may hang on a machine with several ranks)."""
+    import torch.distributed as dist
+
+    if _world()[0] == 1:
+        return
+    if _is_nccl():
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def install_strict_mode() -> bool:
+    """Wrap ``torch.distributed``'s collectives with the strict checks (once; see the section comment).
+    Returns whether strict mode is on."""
+    import torch.distributed as dist
+
+    if not strict():
+        return False
+    for name, arg in _WRAPPED.items():
+        fn = getattr(dist, name, None)
+        if fn is not None and not getattr(fn, "_rexrag_strict", False):
+            setattr(dist, name, _strict_wrapper(fn, name, arg))
+    return True
+
+
+def _rexrag_caller() -> str | None:
+    """The module of the nearest caller outside torch and this module's wrappers, when it is rexrag's."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        mod = frame.f_globals.get("__name__", "")
+        if not (mod == "torch" or mod.startswith("torch.")):
+            return mod if mod == "rexrag" or mod.startswith("rexrag.") else None
+        frame = frame.f_back
+    return None
+
+
+def _strict_wrapper(fn, name: str, arg: int | None):
+    import functools
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        caller = _rexrag_caller()
+        if caller is not None:
+            if caller != __name__:
+                raise CollectiveError(f"torch.distributed.{name} called from {caller}: rexrag's collectives live in "
+                                      "rexrag.sharding, which makes their tensors on the communication device")
+            if arg is not None and len(args) > arg and isinstance(args[arg], torch.Tensor):
+                check_sendable(args[arg], f"torch.distributed.{name}")
+        return fn(*args, **kwargs)
+
+    checked._rexrag_strict = True
+    return checked
+
+
+# --------------------------------------------------------------------------- whole tensors from FSDP shards
+#
+# The weight stream (rexrag.rollout.weights) gathers the policy tensor by tensor. Gathering is split in
+# two so that a process that fails (out of memory, most likely) fails *before* the collective, where
+# every process can still agree to skip it (:func:`all_agree`), and never inside it, where the others
+# would wait for ever: :func:`gather_plan` does all the local work and allocates the output,
+# :func:`gather_run` is the collective alone.
+
+
+@dataclasses.dataclass
+class GatherPlan:
+    """One tensor made ready for :func:`gather_run`: ``whole`` is the tensor itself when nothing needs
+    gathering; else ``local`` (this process's rows, padded to the chunk size) and ``out`` (the
+    [world * chunk, ...] buffer) of a dim-0 shard, or ``dtensor`` for a layout gathered by ``full_tensor``."""
+
+    rows: int = 0
+    whole: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    group: object = None
+    dtensor: torch.Tensor | None = None
+
+    @property
+    def collective(self) -> bool:
+        return self.whole is None
+
+
+def gather_plan(t: torch.Tensor, dtype: torch.dtype | None = None) -> GatherPlan:
+    """The local half of gathering ``t`` whole, cast to ``dtype`` first (half the bytes on the wire for
+    bf16). An FSDP2 shard (a DTensor sharded on dim 0 over a 1-D mesh: ``torch.chunk``'s rows, the last
+    processes' possibly short or empty) gets its padded rows and the output buffer allocated here; a
+    plain tensor needs no collective; any other DTensor layout is left to ``full_tensor`` (which
+    allocates inside the collective: no guarantee there)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+    if not isinstance(t, DTensor):
+        return GatherPlan(whole=cast(t))
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        return GatherPlan(dtensor=t.to(dtype) if dtype is not None else t)
+    local, rows, world = cast(t.to_local()), t.shape[0], mesh.size()
+    chunk = -(-rows // world) if rows else 0
+    if local.shape[0] != chunk:  # gloo and NCCL gather equal sizes: pad the short shards
+        padded = local.new_zeros((chunk, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        local = padded
+    out = local.new_empty((world * chunk, *local.shape[1:]))
+    return GatherPlan(rows=rows, local=local.contiguous(), out=out, group=mesh.get_group())
+
+
+def gather_run(plan: GatherPlan) -> torch.Tensor:
+    """The whole tensor of a :func:`gather_plan`: an all-gather (every process calls it for the same
+    tensors in the same order) unless the plan needed none."""
+    import torch.distributed as dist
+
+    if plan.whole is not None:
+        return plan.whole
+    if plan.dtensor is not None:
+        return plan.dtensor.full_tensor()
+    if plan.local.device != comm_device():  # what NCCL would refuse (e.g. shards offloaded to the CPU)
+        raise CollectiveError(f"gather_run: a shard on {plan.local.device} gathered over a group whose device is "
+                              f"{comm_device()}")
+    dist.all_gather_into_tensor(plan.out, plan.local, group=plan.group)
+    return plan.out[: plan.rows]

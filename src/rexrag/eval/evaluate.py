@@ -423,15 +423,14 @@ def merge_shards(rows: list[dict], tokenizer, rank: int, world: int, names: list
     Process ``r`` evaluated questions ``r, r + W, ...`` of each dataset (``names``, in report order),
     so its ``i``-th row of a dataset is question ``r + i * W``. Rows are made JSON-ready
     (``_jsonable``) before they travel. Deterministic: the order depends only on the positions."""
-    import torch.distributed as dist
+    from rexrag.sharding import gather_objects
 
     local, seen = [], {}
     for row in rows:
         i = seen.get(row["dataset"], 0)
         seen[row["dataset"]] = i + 1
         local.append((row["dataset"], rank + i * world, _jsonable(row, tokenizer)))
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
+    parts = gather_objects(local)
     order = {name: k for k, name in enumerate(names)}
     merged = sorted((item for part in parts for item in part), key=lambda t: (order[t[0]], t[1]))
     return [row for _, _, row in merged]

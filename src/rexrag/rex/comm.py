@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from rexrag.sharding import gather_objects, install_strict_mode, reduce_values
+
 
 class LocalComm:
     """One process: the batch is local, reductions are identities."""
@@ -24,23 +26,20 @@ class LocalComm:
 
 
 class DistComm:
-    """``torch.distributed`` (the process group accelerate started): sums and gathers in rank order."""
+    """Every process of the running ``torch.distributed`` group (the one accelerate started): sums and
+    gathers in rank order through ``rexrag.sharding``'s collectives (tensors on the group's device: a
+    CPU tensor would crash NCCL)."""
 
     def __init__(self):
         import torch.distributed as dist
 
-        self.dist = dist
         self.rank = dist.get_rank()
 
     def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return t.tolist()
+        return reduce_values(values, "sum", torch.float64)
 
     def gather(self, values: list[float]) -> list[list[float]]:
-        out: list = [None] * self.dist.get_world_size()
-        self.dist.all_gather_object(out, list(values))
-        return out
+        return [list(v) for v in gather_objects([float(v) for v in values])]
 
 
 def default_comm():
@@ -48,5 +47,6 @@ def default_comm():
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        install_strict_mode()
         return DistComm()
     return LocalComm()

@@ -52,9 +52,11 @@ def start_engine(name: str, model, tokenizer, cfg, *, world: int, device, seed: 
     """Build this process's generation backend for ``model`` (already prepared / sharded), every
     process at once: the engines start, all processes agree that they did, then the weights are
     streamed in (a collective under FSDP) and agreed on. ``cfg`` is the ``RolloutConfig``."""
+    from rexrag.models import check_lora_modules
     from rexrag.rollout.backends import build_backend
 
     check_layout(cfg, world)
+    check_lora_modules(model)  # an adapter the engine cannot receive: refused before any engine starts
     # (each phase of an engine's start-up is agreed by every process inside VLLMBackend)
     backend = build_backend(name, model, tokenizer, cfg, device=device, seed=seed, max_batch=max_batch,
                             distributed=world > 1, load=False)
@@ -84,7 +86,9 @@ class Colocation:
     def sync(self, model) -> None:
         """Stream ``model`` (unwrapped) into the engine on every process, then agree. A process whose
         engine fails part-way still gathers the rest of the stream (under FSDP each tensor is an
-        all-gather the others are waiting in) before the failure is raised everywhere."""
+        all-gather the others are waiting in) before the failure is raised everywhere; a failure inside
+        the stream itself is kept in step by the stream (``rexrag.rollout.weights``) and raised at its end,
+        so the agreement names the rank it happened on."""
         from rexrag.errors import EngineError
 
         stream = stream_weights(model, getattr(torch, self.backend.dtype))
@@ -133,10 +137,9 @@ class Colocation:
         fn = getattr(self.backend, "sleep", None)
         if fn is not None:
             fn()
-        import torch.distributed as dist
+        from rexrag.sharding import barrier
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
 
 
 # --------------------------------------------------------------------------- mismatch

@@ -179,9 +179,9 @@ class PerProcessState:
         local = self.obj.state_dict()
         if self.acc.num_processes == 1:
             return {"per_process": [local]}
-        from accelerate.utils import gather_object
+        from rexrag.sharding import gather_objects
 
-        return {"per_process": gather_object([local])}
+        return {"per_process": gather_objects(local)}
 
     def load_state_dict(self, state: dict) -> None:
         parts = state["per_process"]

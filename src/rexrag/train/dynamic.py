@@ -43,7 +43,8 @@ def _sample(trainer, t: dict) -> tuple[list, list[float], list, dict]:
     rounds, metrics = 0, {}
     while True:
         rounds += 1
-        trajs, rewards, probes, metrics = trainer.sample([trainer.examples[i] for i in _fresh_prompts(trainer, seen)], t)
+        prompts = [trainer.examples[i] for i in _fresh_prompts(trainer, seen)]
+        trajs, rewards, probes, metrics = trainer.sample(prompts, t, round_idx=rounds - 1)
         for group in _groups(trajs, rewards, probes):
             (kept if _has_signal(group) else dropped).append(group)
         short = global_max(trainer.acc, float(len(kept) < share)) > 0

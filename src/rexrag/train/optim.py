@@ -9,6 +9,12 @@ up or down with the probabilities that make the stored value unbiased, it follow
 on expectation. Large parameters are processed in slices so that the fp32 temporaries stay small.
 The rounding noise is drawn once a step and shared by every slice: each stored value is still unbiased,
 and drawing 2 x 135M numbers a step took 0.8 s of a 1.4 s step.
+
+Several processes: the noise comes from the optimizer's own generator (one per device, seeded with the
+same ``seed`` on every process), never from the global RNG, which the trainer seeds per rank. Under DDP
+every process holds the same weights and gradients, so it must round the same way, or the replicas
+drift apart silently; under FSDP2 parameters, gradients and moments are DTensor shards, updated through
+their local tensors (each shard's rounding is still unbiased).
 """
 
 from __future__ import annotations
@@ -47,7 +53,13 @@ class BF16StateAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}  # the rounding noise's, one per device
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -60,8 +72,7 @@ class BF16StateAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     if p.device not in noise:
-                        gen = self.generator if p.device.type == "cpu" else None
-                        noise[p.device] = rounding_noise(2 * _SLICE, p.device, gen).view(2, _SLICE)
+                        noise[p.device] = rounding_noise(2 * _SLICE, p.device, self._generator(p.device)).view(2, _SLICE)
                     self._update(p, group, noise[p.device])
         return loss
 
@@ -75,8 +86,9 @@ class BF16StateAdamW(torch.optim.Optimizer):
         t = float(state["step"])
         (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
         # p.detach(), not p.data: it shares p's version counter, so the update is seen as a change of the
-        # weights (rexrag.rollout.engine.weights_version decides whether an engine needs a sync)
-        flat = [x.view(-1) for x in (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"])]
+        # weights (rexrag.rollout.engine.weights_version decides whether an engine needs a sync). FSDP2:
+        # the local shards of the DTensors (a DTensor and a plain tensor cannot be mixed in one op).
+        flat = [_local(x).view(-1) for x in (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"])]
         for w, g, m16, v16 in zip(*(x.split(_SLICE) for x in flat)):
             g = g.float()
             m = m16.float().lerp_(g, 1 - b1)
@@ -85,6 +97,8 @@ class BF16StateAdamW(torch.optim.Optimizer):
             w.addcdiv_(m, (v / (1 - b2**t)).sqrt_().add_(group["eps"]), value=-lr / (1 - b1**t))
             m16.copy_(stochastic_bf16(m, noise=noise[0]))
             v16.copy_(stochastic_bf16(v, noise=noise[1]))
+        if _local(p) is not p:  # the shard changed in place: the DTensor's own version counter must say so
+            torch.autograd.graph.increment_version(p)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # torch casts floating state to the parameter's dtype: undo that
@@ -92,6 +106,11 @@ class BF16StateAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(torch.bfloat16)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the same storage, written in place), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def make_optimizer(groups, lr: float, weight_decay: float, state_dtype: str = "float32", seed: int = 0):

@@ -70,7 +70,8 @@ from rexrag.rewards import build_reward, format_ok, reward_trajectories
 from rexrag.rollout.agent import format_view
 from rexrag.rollout.colocate import Colocation, mismatch_metrics
 from rexrag.rollout.trajectory import Trajectory, to_batch
-from rexrag.sharding import drain, global_max, global_min, global_sum, is_sharded, make_accelerator, module_bytes
+from rexrag.sharding import (all_agree, drain, gather_objects, global_max, global_min, global_sum, is_sharded,
+                              make_accelerator, module_bytes)
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
 from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
@@ -200,7 +201,8 @@ class Trainer:
         if self.critic is not None:
             groups.append({"params": list(self.critic.parameters()), "lr": self.tc.critic_lr or self.tc.lr})
             modules.append(self.critic)
-        opt = make_optimizer(groups, self.tc.lr, self.tc.weight_decay, self.tc.optimizer_state_dtype, self.tc.seed + self.rank)
+        # the same seed on every process: DDP replicas must round their bf16 moments identically
+        opt = make_optimizer(groups, self.tc.lr, self.tc.weight_decay, self.tc.optimizer_state_dtype, self.tc.seed)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(self.tc.warmup_steps))
         prepared = self.acc.prepare(*modules, opt)
         if self.critic is not None:
@@ -232,7 +234,7 @@ class Trainer:
 
         backend.model = self.model
         backend.reset_cache()
-        backend.lockstep = Lockstep(dummy_forward(self.model, self.acc.device, self.pad_id), self.acc.device)
+        backend.lockstep = Lockstep(dummy_forward(self.model, self.acc.device, self.pad_id))
 
     # ------------------------------------------------------------------ the step
 
@@ -253,13 +255,16 @@ class Trainer:
         behaviour, seq_w = old_logp, None
         if self.explorer is not None and old_logp is not None:
             behaviour, seq_w, rex_metrics = self.explorer.correct(batch.mapping(), old_logp, batch.is_probe, batch.probe_start)
-        tok_w, corr_metrics = None, {}
+        tok_w, keep, corr_metrics = None, None, {}
         if self.algo.rollout_correction != "none":  # engine vs trainer (never with reuse: needs old_logp first)
             tok_w, keep, corr_metrics = rollout_correction(old_logp, batch.rollout_logprobs, batch.sampled,
                                                            batch.loss_mask, batch.is_probe, self.algo)
-            batch.loss_mask = batch.loss_mask * keep  # rejected tokens leave the loss and its denominator
         with self._timed(t, "adv"):
+            # on the unrejected mask: a rejected row keeps its outcome in its group's statistics (with
+            # kl_in_reward a fully masked row would otherwise score 0 and skew its group)
             adv, ret = self._advantages(batch, old_logp, ref_logp, old_values)
+        if keep is not None:
+            batch.loss_mask = batch.loss_mask * keep  # rejected tokens leave the loss and its denominator
         targets = Targets(advantages=adv, returns=ret, old_logp=old_logp, behaviour_logp=behaviour, seq_weights=seq_w,
                           token_weights=tok_w, ref_logp=ref_logp, old_values=old_values)
         with self._timed(t, "update"):
@@ -290,13 +295,16 @@ class Trainer:
             metrics["memory/reference_gib"] = module_bytes(self.reference) / 2**30
         return metrics
 
-    def sample(self, examples: list, t: dict | None = None) -> tuple[list[Trajectory], list[float], list[Trajectory], dict]:
+    def sample(self, examples: list, t: dict | None = None, round_idx: int = 0,
+               ) -> tuple[list[Trajectory], list[float], list[Trajectory], dict]:
         """The sampling half of a step, no update: ``rollout.n`` rollouts per example from the current
         policy, their rewards, REX-RAG's kept probes (``[]`` without an explorer) and the agent's rollout
-        metrics. ``t`` collects phase times (weight_sync, gen, reward, explore)."""
+        metrics. ``t`` collects phase times (weight_sync, gen, reward, explore); ``round_idx`` is the
+        dynamic-sampling round within the step."""
         t = {} if t is None else t
-        # seeded by (seed, step, rank): a resumed run samples what an uninterrupted one would have
-        self.colocation.reseed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + self.rank)
+        # seeded by (seed, step, round, rank): a resumed run samples what an uninterrupted one would have,
+        # and each dynamic-sampling round draws fresh samples (a shared seed would correlate the rounds)
+        self.colocation.reseed(self.tc.seed * 1_000_003 + self.step_idx * 7919 + round_idx * 15_485_863 + self.rank)
         with self._timed(t, "weight_sync"):  # an engine with its own weights copy gets the current ones
             self.colocation.before_rollout(self.acc.unwrap_model(self.model), self.step_idx)
         with self.colocation.rollout(self.model):  # FSDP + hf: the policy gathered once for gen and probes
@@ -383,7 +391,7 @@ class Trainer:
         from rexrag.sharding import Lockstep
 
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.acc.device)
-        return Lockstep(lambda: fn(ids, torch.ones_like(ids)), self.acc.device)
+        return Lockstep(lambda: fn(ids, torch.ones_like(ids)))
 
     def _policy_pass(self, model, ids: Tensor, am: Tensor, kind: str) -> Tensor:
         """One no-grad log-prob pass of ``model`` in eval mode (no dropout); the policy's mode is restored."""
@@ -504,7 +512,9 @@ class Trainer:
             cnorm = self.acc.clip_grad_norm_(list(self.critic.parameters()), self.tc.max_grad_norm)
             metrics["critic/grad_norm"] = float(cnorm) if cnorm is not None else float("nan")
             ok = ok and (cnorm is None or _finite(cnorm))
-        if ok:
+        # One decision for all processes: a rank that stepped while another skipped would leave the
+        # replicas (DDP) or the shards' moments (FSDP) out of step for good.
+        if all_agree(ok):
             self.optimizer.step()
         else:  # never let NaN/inf reach the weights or the Adam moments
             self.nan_skips += 1
@@ -567,9 +577,7 @@ class Trainer:
         """Average each metric over the processes that report it (key sets may differ by rank)."""
         if self.world == 1:
             return metrics
-        from accelerate.utils import gather_object
-
-        per_rank = gather_object([metrics])
+        per_rank = gather_objects(metrics)
         keys = sorted({k for m in per_rank for k in m})
         return {k: sum(m[k] for m in per_rank if k in m) / sum(1 for m in per_rank if k in m) for k in keys}
 
