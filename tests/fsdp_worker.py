@@ -11,6 +11,7 @@ FSDP for ``trainer.steps`` (resuming when ``trainer.resume=true``); writes OUT/i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def gen(out: Path) -> None:
 
 def train(out: Path, overrides: list[str]) -> None:
     torch.set_num_threads(1)
+    bad_rank = os.environ.get("REXRAG_TEST_NONFINITE_RANK")
+    if bad_rank is not None and int(os.environ.get("RANK", "0")) == int(bad_rank):
+        import rexrag.train.trainer as trainer_mod
+
+        trainer_mod._finite = lambda x: False  # this process alone sees a non-finite loss
     cfg = toy_config(out, "algo.kl_coef=0.01", "trainer.mini_batch_size=16", "trainer.micro_batch_size=4", *overrides)
     model = toy_model()
     roll = ToyRollout(model, per_group_seed=True)

@@ -50,3 +50,17 @@ def test_fsdp2_trains_with_bf16_moments(tmp_path):
         rows = full.shape[0] // 2 if full.dim() else None
         if rows and p.shape[0] == rows:
             assert not torch.equal(p, full[:rows]) or not torch.equal(shards[1][n], full[rows:]), f"{n} did not train"
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, monkeypatch):
+    """The NaN/inf skip is one decision: before it was agreed, the rank that saw the bad loss skipped
+    while the other stepped, and the DDP replicas parted for good."""
+    monkeypatch.setenv("REXRAG_TEST_NONFINITE_RANK", "1")
+    _launch(DDP, str(HERE / "fsdp_worker.py"), "train", str(tmp_path), "trainer.steps=2")
+    a, b = _replicas(tmp_path)
+    assert all(torch.equal(a[n], b[n]) for n in a), "the replicas parted"
+    infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    skips = [i["history"][-1]["actor/nan_skips"] for i in infos]
+    assert skips[0] == skips[1] >= 2  # every update of both steps skipped
+    init = {n: p for n, p in toy_model().named_parameters()}
+    assert all(torch.equal(init[n.removeprefix("module.")], p) for n, p in a.items()), "a rank stepped"
