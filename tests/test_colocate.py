@@ -39,8 +39,9 @@ class FakeLLM:
     """Records the ``vllm.LLM`` calls a backend makes (into a shared ``log``); ``generate`` answers each
     prompt with tokens 7, 8 at log-prob -0.5 and stops on length."""
 
-    def __init__(self, log: list):
+    def __init__(self, log: list, resets: list[bool] | None = None):
         self.log, self.loaded = log, []
+        self.resets = list(resets or [])  # what reset_prefix_cache answers, in turn (then True)
 
     def sleep(self, level=1):
         self.log.append(f"sleep:{level}")
@@ -52,8 +53,9 @@ class FakeLLM:
         self.log.append(f"rpc:{method}")
         self.loaded = [(n, t.dtype) for n, t in kwargs["weights_iterator"]]
 
-    def reset_prefix_cache(self):
-        self.log.append("reset_prefix_cache")
+    def reset_prefix_cache(self, reset_running_requests=False):
+        self.log.append("reset_prefix_cache" + (":preempt" if reset_running_requests else ""))
+        return self.resets.pop(0) if self.resets else True
 
     def generate(self, prompts, params, use_tqdm=False):
         self.log.append("generate")
@@ -152,6 +154,78 @@ def test_lora_is_merged_out_of_place_and_the_base_never_changes(tiny_model):
         assert torch.allclose(t, merged[n], atol=1e-6), n
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert lora_delta(q).abs().max() > 1e-2  # the adapters really changed the merged weight
+
+
+def _unique_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() lists a tied one once
+
+
+def test_a_tied_head_is_streamed_once(fake_gpu_engine, smol_tokenizer):
+    """vLLM ties lm_head to the embedding itself (it loads the first of two tied names): the stream sends the
+    shared tensor once, and weight_sync_gib counts it once."""
+    from rexrag.models import tiny_llama
+
+    backend, _ = fake_gpu_engine
+    tied = tiny_llama(len(smol_tokenizer), tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and "lm_head.weight" in tied.state_dict()
+    names = [n for n, _ in stream_weights(tied, torch.float32)]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert len(names) == len(tied.state_dict()) - 1
+    assert backend.load_weights(stream_weights(tied, torch.float32)) == _unique_bytes(tied)
+    untied = tiny_llama(len(smol_tokenizer))  # an untied head is a weight of its own: sent
+    assert "lm_head.weight" in [n for n, _ in stream_weights(untied, torch.float32)]
+
+
+def test_a_stream_failure_in_one_process_is_one_clear_error(tiny_model, monkeypatch):
+    """Without sharded tensors there are no gathers to keep in step: the failure is raised at once,
+    naming the tensor (the two-process case: tests/test_weight_stream_dist.py)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rexrag.rollout import weights
+
+    real, calls = weights.lora_delta, {"n": 0}
+    model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(weights, "lora_delta", failing)
+    with pytest.raises(weights.WeightStreamError, match=r"failed at base_model\.model\.model\.layers\.1\.self_attn\.q_proj"
+                       r"\.base_layer\.weight \(tensor \d+ of \d+\): RuntimeError: out of memory"):
+        list(stream_weights(model, torch.float32))
+
+
+def test_an_unreset_prefix_cache_is_retried_then_an_error(smol_tokenizer, tiny_model):
+    """vLLM's reset_prefix_cache() returns False and keeps the stale blocks while a request holds them: one
+    retry that preempts, then an EngineError rather than serving keys/values of the old weights."""
+    log: list[str] = []
+    backend = VLLMBackend.from_engine(FakeLLM(log, resets=[False, True]), smol_tokenizer, eos=[2])
+    backend.sync_weights(tiny_model)
+    assert log == ["rpc:reload_weights", "reset_prefix_cache", "reset_prefix_cache:preempt"]
+    backend = VLLMBackend.from_engine(FakeLLM(log, resets=[False, False]), smol_tokenizer, eos=[2])
+    with pytest.raises(EngineError, match=r"could not reset its prefix cache after the weight sync \(it returned False"):
+        backend.sync_weights(tiny_model)
+
+
+def test_an_inherited_multiprocessing_setting_is_forced_off(monkeypatch, smol_tokenizer, tiny_model):
+    """external_launcher needs the engine core in this process (and the weight sync hands it live tensors
+    by reference): an inherited VLLM_ENABLE_V1_MULTIPROCESSING=1 is overridden before the engine starts."""
+    seen = {}
+
+    def start(self, *args):
+        seen["env"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        return FakeLLM([])
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_backend, "_on_cpu_platform", lambda: True)
+    monkeypatch.setattr(VLLMBackend, "_start", start)
+    backend = VLLMBackend(tiny_model, smol_tokenizer, max_model_len=64, seed=0, distributed=True, load=False)
+    assert seen["env"] == "0" and backend._engine_kwargs["distributed_executor_backend"] == "external_launcher"
+    backend.close()
 
 
 def test_engine_memory_fraction_reserves_what_the_update_still_needs():

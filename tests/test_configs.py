@@ -86,3 +86,10 @@ def test_fsdp_configs_resolve_to_full_shard_fsdp2_with_sharded_state(name, monke
     for recipe in ("rexrag_grpo_3b.yaml", "rexrag_grpo_7b.yaml", "search_r1_grpo_3b.yaml", "search_r1_ppo_3b.yaml"):
         named = [w for w in (CONFIGS / recipe).read_text().split() if w.startswith("configs/accelerate/")]
         assert named and all((CONFIGS.parent / w).is_file() for w in named), recipe
+
+
+@pytest.mark.parametrize("name", ["gpu_smoke_qwen05b", "search_r1_grpo_3b", "search_r1_ppo_3b", "rexrag_grpo_3b",
+                                  "rexrag_grpo_7b"])
+def test_gpu_recipes_ask_for_vllm(name):
+    """A GPU recipe names its backend: a missing vLLM stops the run instead of falling back to the HF loop."""
+    assert load_config(CONFIGS / f"{name}.yaml").rollout.backend == "vllm"

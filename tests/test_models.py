@@ -390,3 +390,76 @@ def test_smollm2_import_generate_and_cache_reuse(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
     again = load_model(ModelConfig(name_or_path=str(tmp_path / "ckpt")))
     torch.testing.assert_close(_logits(again, ids), _logits(lora, ids))
+
+
+# --------------------------------------------------------------------------- LoRA kinds the engine cannot merge
+
+
+def _not_loaded(*a, **k):
+    raise AssertionError("a model was loaded")
+
+
+def test_unmergeable_lora_settings_are_refused_before_the_model_loads(tmp_path, monkeypatch, smol_tokenizer):
+    """The generation engine receives LoRA merged into the weights: an adapter kind that merge cannot carry
+    is one UserError line naming the setting and what to change, before any weights are read."""
+    import rexrag.models as models
+
+    base, tied = tmp_path / "base", tmp_path / "tied"
+    tiny_llama(len(smol_tokenizer)).save_pretrained(base)
+    tiny_llama(len(smol_tokenizer), tie_word_embeddings=True).save_pretrained(tied)
+    monkeypatch.setattr(models, "_load_causal_lm", _not_loaded)
+
+    def refused(cfg: ModelConfig, pattern: str) -> None:
+        with pytest.raises(UserError, match=pattern) as err:
+            load_model(cfg)
+        assert "\n" not in str(err.value)
+
+    refused(ModelConfig(name_or_path=str(base), lora_rank=4, lora_target=["q_proj", "embed_tokens"]),
+            r"model.lora_target includes 'embed_tokens', an input embedding: .*remove it from model.lora_target")
+    refused(ModelConfig(name_or_path=str(tied), lora_rank=4, lora_target=["lm_head"]),
+            r"model.lora_target includes 'lm_head', but .*tied.* ties its output head .*remove it from model.lora_target")
+    for key, value, change in (("use_dora", True, "use_dora=false"), ("lora_bias", True, "lora_bias=false"),
+                               ("modules_to_save", ["lm_head"], "no modules_to_save")):
+        adapter = tmp_path / f"adapter_{key}"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": str(base), "peft_type": "LORA", "target_modules": ["q_proj"], key: value}))
+        refused(ModelConfig(name_or_path=str(adapter)), rf"adapter_config.json: {key}=.*train the adapter with {change}")
+    adapter = tmp_path / "adapter_embed"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(base), "peft_type": "LORA", "target_modules": ["embed_tokens", "v_proj"]}))
+    refused(ModelConfig(name_or_path=str(adapter)), r"target_modules in .*adapter_config.json includes 'embed_tokens'")
+    # what the merge can carry goes on to load: a LoRA head of an untied model, plain linear targets
+    for target in (["lm_head"], ["q_proj", "v_proj"]):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            load_model(ModelConfig(name_or_path=str(base), lora_rank=4, lora_target=target))
+
+
+@pytest.mark.parametrize("kwargs, tie, pattern", [
+    ({"target_modules": r".*embed_tokens"}, False, r"a LoRA Embedding layer on model.embed_tokens cannot be merged"),
+    ({"target_modules": ["q_proj"], "use_dora": True}, False, r"LoRA adapter on model.layers.0.self_attn.q_proj is a Dora"),
+    ({"target_modules": ["q_proj"], "lora_bias": True}, False, r"q_proj has lora_bias=true.*use lora_bias=false"),
+    ({"target_modules": ["q_proj", "lm_head"]}, True, r"LoRA on lm_head, an output head tied to the input embedding"),
+    ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, False, r"full copy of lm_head \(modules_to_save"),
+])
+def test_unmergeable_lora_modules_are_refused_before_the_engine_gets_weights(kwargs, tie, pattern, smol_tokenizer,
+                                                                               monkeypatch):
+    """The backstop for what only the built model shows (a regex target, an adapter loaded elsewhere): the
+    weight stream and the vLLM builder refuse before any tensor is sent or any engine starts."""
+    from peft import LoraConfig, get_peft_model
+
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout import vllm_backend
+    from rexrag.rollout.backends import build_backend
+    from rexrag.rollout.weights import stream_weights
+
+    model = get_peft_model(tiny_llama(len(smol_tokenizer), tie_word_embeddings=tie),
+                           LoraConfig(r=2, task_type="CAUSAL_LM", **kwargs))
+    with pytest.raises(UserError, match=pattern) as err:
+        next(stream_weights(model, torch.float32))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_backend, "VLLMBackend", _not_loaded)
+    with pytest.raises(UserError, match=pattern):
+        build_backend("vllm", model, smol_tokenizer, RolloutConfig())

@@ -312,6 +312,28 @@ def test_the_engine_does_not_keep_the_model_it_was_built_from(smol_tokenizer):
         backend.close()
 
 
+def test_starting_an_engine_leaves_the_global_rngs_as_they_were(smol_tokenizer):
+    """vLLM's worker seeds python, numpy and torch globally (set_random_seed) while it starts: every rank
+    would continue from the same seed instead of the trainer's per-rank one. The states are put back."""
+    import random
+
+    import numpy as np
+
+    model = _tiny(smol_tokenizer, seed=4)
+    random.seed(1234)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    before = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    backend = build_backend("vllm", model, smol_tokenizer, CFG, seed=0)
+    try:
+        after = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        assert after[0] == before[0]
+        assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(after[1], before[1]))
+        assert torch.equal(after[2], before[2])
+    finally:
+        backend.close()
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_agent_vllm_equals_hf_against_bm25(shared_data, smol_tokenizer):
     """The real default model, greedy, fp32 engine: the same trajectories token for token, real

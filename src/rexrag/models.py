@@ -211,6 +211,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    check_lora_config(cfg)  # an adapter kind the engine's merged weights cannot carry: before anything loads
     dtype = getattr(torch, cfg.dtype)
     path = resolve_model_path(cfg.name_or_path)
     base = _adapter_base(path)
@@ -294,6 +295,98 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# --------------------------------------------------------------------------- LoRA kinds the engine can take
+#
+# A generation engine that holds its own weights (vLLM) receives LoRA as merged weights,
+# ``W + sum scaling * B @ A`` per adapted linear layer (rexrag.rollout.weights). An adapter whose forward
+# is anything else (an embedding LoRA, DoRA and the other PEFT variants, a LoRA bias, trained module
+# copies, a LoRA head on a model whose engine ties the head to the embedding) would leave the engine
+# sampling from weights other than the trained ones, so it is refused: from the config before any model
+# loads (:func:`check_lora_config`) and from the model itself before the engine starts and at every weight
+# sync (:func:`check_lora_modules`), for what only the built model shows (a regex target, say).
+
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared")
+_HEAD_NAMES = ("lm_head", "embed_out")
+# adapter_config.json keys that train something the merged weights do not carry -> what to change
+_ADAPTER_KEYS = {"use_dora": "use_dora=false (plain LoRA)", "lora_bias": "lora_bias=false",
+                 "modules_to_save": "no modules_to_save", "trainable_token_indices": "no trainable_token_indices",
+                 "target_parameters": "target_modules instead of target_parameters"}
+_UNMERGEABLE = "cannot be merged into the generation engine's weights (the engine would sample from untrained ones)"
+
+
+def _tied(base: str) -> bool:
+    """Whether model ``base`` ties its output head to its input embedding (False when its config cannot be
+    read here: the model check decides then)."""
+    try:
+        return bool(getattr(model_config(base), "tie_word_embeddings", False))
+    except Exception:  # noqa: BLE001 - unreadable here (e.g. a hub id offline): left to check_lora_modules
+        return False
+
+
+def _check_targets(targets, base: str, setting: str, fix: str) -> None:
+    """Refuse embedding targets, and head targets of a tied model, in a LoRA target list (a regex string is
+    matched against the built model by :func:`check_lora_modules` instead)."""
+    if not isinstance(targets, (list, tuple, set)):
+        return
+    for target in targets:
+        leaf = str(target).rsplit(".", 1)[-1]
+        if leaf in _EMBEDDING_NAMES:
+            raise UserError(f"{setting} includes {target!r}, an input embedding: LoRA there {_UNMERGEABLE}; {fix}")
+        if leaf in _HEAD_NAMES and _tied(base):
+            raise UserError(f"{setting} includes {target!r}, but {base} ties its output head to its input embedding "
+                            f"(tie_word_embeddings) and the engine keeps them tied, so a LoRA head {_UNMERGEABLE}; {fix}")
+
+
+def check_lora_config(cfg: ModelConfig) -> None:
+    """Refuse, before any model loads, a LoRA setting that :func:`check_lora_modules` would refuse later:
+    ``model.lora_target`` for fresh adapters, the adapter's own ``adapter_config.json`` for a LoRA checkpoint."""
+    path = Path(str(cfg.name_or_path).strip()).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base = _adapter_base(str(path))
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        setting = f"{path / 'adapter_config.json'}"
+        for key, change in _ADAPTER_KEYS.items():
+            if adapter.get(key):
+                raise UserError(f"{setting}: {key}={adapter[key]!r} {_UNMERGEABLE}; train the adapter with {change}")
+        _check_targets(adapter.get("target_modules"), base, f"target_modules in {setting}",
+                       "train the adapter without it")
+    elif cfg.lora_rank > 0:
+        _check_targets(cfg.lora_target, cfg.name_or_path, "model.lora_target", "remove it from model.lora_target")
+
+
+def check_lora_modules(model) -> None:
+    """Refuse a model whose LoRA adapters the engine's merged weights cannot carry (see the section
+    comment); one line naming the module and what to change. A no-op without adapters."""
+    if not is_peft(model):
+        return
+    from peft.tuners.lora import Linear, LoraLayer
+
+    base = model.get_base_model()
+    head = base.get_output_embeddings() if getattr(base.config, "tie_word_embeddings", False) else None
+    for name, module in model.named_modules():
+        where = name.removeprefix("base_model.model.")
+        kind = type(module).__name__
+        if kind in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+            raise UserError(f"the adapter trains a full copy of {where} (modules_to_save / trainable_token_indices), "
+                            f"which {_UNMERGEABLE}; train LoRA on linear layers only")
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None:
+                raise UserError(f"the LoRA adapter on {where} is a {type(variant).__name__} (e.g. use_dora=true), which "
+                                f"{_UNMERGEABLE}; train a plain LoRA adapter")
+            if getattr(module, "lora_bias", {}).get(adapter):
+                raise UserError(f"the LoRA adapter on {where} has lora_bias=true, which {_UNMERGEABLE}; use lora_bias=false")
+        if module is head:
+            raise UserError(f"LoRA on {where}, an output head tied to the input embedding (tie_word_embeddings): the "
+                            f"engine keeps them tied, so it {_UNMERGEABLE}; remove {where.rsplit('.', 1)[-1]!r} from "
+                            "model.lora_target")
+        if not isinstance(module, Linear):
+            raise UserError(f"a LoRA {kind} layer on {where} {_UNMERGEABLE}; remove {where.rsplit('.', 1)[-1]!r} "
+                            "from model.lora_target (LoRA on linear layers only)")
 
 
 # --------------------------------------------------------------------------- log-probs

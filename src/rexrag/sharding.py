@@ -472,5 +472,6 @@ def gather_run(plan: GatherPlan) -> torch.Tensor:
     if plan.local.device != comm_device():  # what NCCL would refuse (e.g. shards offloaded to the CPU)
         raise CollectiveError(f"gather_run: a shard on {plan.local.device} gathered over a group whose device is "
                               f"{comm_device()}")
-    dist.all_gather_into_tensor(plan.out, plan.local, group=plan.group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
+    gather(plan.out, plan.local, group=plan.group)
     return plan.out[: plan.rows]

@@ -59,7 +59,7 @@ def run(args) -> int:
     from rexrag.config import ModelConfig, RetrievalConfig
     from rexrag.eval.evaluate import EvalOptions, load_datasets, run_eval
     from rexrag.models import load_model, load_tokenizer
-    from rexrag.rollout.backends import resolve_backend_name
+    from rexrag.rollout.backends import backend_line
 
     device, rank, world = eval_device(args.device)
     backend = args.backend
@@ -69,7 +69,9 @@ def run(args) -> int:
         if backend == "vllm":
             raise UserError(f"--backend vllm runs in one process only (this run has {world}); use --backend hf")
         backend = "hf" if backend == "auto" else backend
-    resolve_backend_name(backend)  # an unknown or missing backend fails before any model loads
+    line = backend_line(backend, "--backend")  # an unknown or missing backend fails before any model loads
+    if rank == 0:
+        print(line, flush=True)
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(device)
     opts = EvalOptions(method=args.method, topk=args.topk, batch_size=args.batch_size, max_turns=args.max_turns,
                        max_new_tokens=args.max_new_tokens, template=args.template, limit=args.limit,

