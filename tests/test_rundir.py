@@ -110,3 +110,23 @@ def test_examples_need_unique_group_ids(tmp_path):
         ex.group_id = i % 8
     with pytest.raises(UserError, match="group_id 0 is shared by 2 examples"):
         _trainer(tmp_path, examples=same)
+
+
+def test_resume_without_a_run_stops_naming_the_directory(tmp_path, capsys):
+    """A mistyped out_dir with --resume used to start a fresh run silently (defaults, demo data)."""
+    from rexrag.cli import main
+
+    missing = tmp_path / "runs" / "typo"
+    assert main(["train", "--resume", f"trainer.out_dir={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} holds no run" in err and err.count("\n") == 1
+    assert not missing.exists()  # nothing written there
+    # a run directory whose checkpoints are gone (or were never written): the trainer refuses too
+    out = tmp_path / "run"
+    _trainer(out, "trainer.steps=1").train()
+    for path in (out / "checkpoints").iterdir():
+        import shutil
+
+        shutil.rmtree(path)
+    with pytest.raises(UserError, match=rf"{out} holds no intact checkpoint to resume from.*--overwrite"):
+        _trainer(out, "trainer.steps=2", "trainer.resume=true").train()

@@ -125,6 +125,9 @@ def resume_config(given: Config, explicit: set[str], *, allow_override: bool = F
     no saved config (a run started by an older version), ``given`` is used as it is, with a warning."""
     out_dir = given.trainer.out_dir
     saved = load_saved_config(out_dir)
+    if saved is None and not run_markers(out_dir):  # a mistyped out_dir must not train from scratch for hours
+        raise UserError(f"--resume: {out_dir} holds no run (no {CONFIG_FILE}, metrics.jsonl or checkpoints/); check "
+                        "trainer.out_dir, or start a fresh run there without --resume")
     if saved is None:
         if run_markers(out_dir):
             print(f"warning: {out_dir} has no {CONFIG_FILE} (a run started by an older rexrag); resuming with the "

@@ -591,10 +591,12 @@ class Trainer:
                              tokenizer=self.tokenizer, trainer_state=self.state(), keep_last=self.tc.keep_last)
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``out_dir``; False when there is none."""
+        """Load the latest intact checkpoint of ``out_dir``; a ``UserError`` naming the directory when
+        there is none (resuming is explicit; so is starting over)."""
         path = ckpt.latest_checkpoint(self.tc.out_dir)
         if path is None:
-            return False
+            raise UserError(f"trainer.resume=true: {self.tc.out_dir} holds no intact checkpoint to resume from; check "
+                            "trainer.out_dir, start over there with `rexrag train --overwrite`, or drop --resume")
         state = ckpt.load_checkpoint(path, accelerator=self.acc)  # model(s), optimizer, RNG, scheduler, sampler, explorer
         self.step_idx, self.nan_skips = int(state["step"]), int(state.get("nan_skips", 0))
         self.sampler.load_state_dict(state["data"])
@@ -608,7 +610,7 @@ class Trainer:
         if not self.tc.resume:
             rundir.check_fresh(self.tc.out_dir)
         self.acc.wait_for_everyone()  # every process has checked before the main one writes
-        resumed = self.resume() if self.tc.resume else False
+        resumed = self.tc.resume and self.resume()
         if self.acc.is_main_process:
             rundir.save_config(self.tc.out_dir, self.cfg)
         logger = MetricsLogger(self.tc.out_dir, enabled=self.acc.is_main_process, tensorboard=self.tc.log_tensorboard,
