@@ -76,3 +76,15 @@ def test_strict_mode_off_wraps_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv(sharding.STRICT_ENV, "0")
     before = dist.all_reduce
     assert not sharding.install_strict_mode() and dist.all_reduce is before
+
+
+def test_a_deepspeed_launch_is_refused_with_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rexrag.errors import UserError
+
+    with pytest.raises(UserError, match="DeepSpeed.*configs/accelerate/fsdp.yaml"):
+        sharding.check_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    sharding.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))

@@ -55,6 +55,19 @@ def _force_cpu_fsdp(acc) -> None:
     acc.state.fsdp_plugin = plugin
 
 
+def check_supported(acc) -> None:
+    """Refuse a DeepSpeed launch with one line: its engine steps the optimizer inside every
+    micro-batch's ``backward`` (the trainer accumulates micro-batches itself and skips non-finite
+    updates before ``optimizer.step()``), and accelerate cannot prepare it without a dataloader."""
+    from accelerate.utils import DistributedType
+
+    from rexrag.errors import UserError
+
+    if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED:
+        raise UserError("accelerate launched DeepSpeed, which rexrag does not support (its engine steps the optimizer "
+                        "on every micro-batch); launch with FSDP2 (configs/accelerate/fsdp.yaml) or DDP instead")
+
+
 def is_sharded(acc) -> bool:
     """True when the policy's parameters are sharded across processes (FSDP)."""
     from accelerate.utils import DistributedType

@@ -30,8 +30,8 @@ is the same either way (normalised by mini-batch totals). ``train/padding_fracti
 share of the update's token slots. ``model.gradient_checkpointing`` recomputes decoder activations in
 backward (HF, non-reentrant).
 
-Multi-process data parallel goes through ``accelerate`` (DDP; FSDP/DeepSpeed configs in
-``configs/accelerate``). Every process draws the same global prompt batch and takes prompts
+Multi-process data parallel goes through ``accelerate`` (DDP or FSDP2; configs in ``configs/accelerate``;
+DeepSpeed is refused: ``rexrag.sharding.check_supported``). Every process draws the same global prompt batch and takes prompts
 ``rank, rank + W, ...`` (whole groups per process: group advantages need no communication) and
 generates them with its own backend (one colocated vLLM engine per process, or the HF loop;
 ``rexrag.rollout.colocate`` syncs, sleeps and wakes it). Mini-batch ``i`` is chunk ``i`` of every
@@ -70,7 +70,7 @@ from rexrag.rewards import build_reward, format_ok, reward_trajectories
 from rexrag.rollout.agent import format_view
 from rexrag.rollout.colocate import Colocation, mismatch_metrics
 from rexrag.rollout.trajectory import Trajectory, to_batch
-from rexrag.sharding import (all_agree, drain, gather_objects, global_max, global_min, global_sum, is_sharded,
+from rexrag.sharding import (all_agree, check_supported, drain, gather_objects, global_max, global_min, global_sum, is_sharded,
                               make_accelerator, module_bytes)
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
@@ -156,6 +156,7 @@ class Trainer:
                  accelerator=None, reference: Any = "auto", progress: bool = True):
         self.cfg, self.tc, self.algo = cfg, cfg.trainer, cfg.algo
         self.acc = accelerator or make_accelerator()
+        check_supported(self.acc)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.sharded = is_sharded(self.acc)  # FSDP: forwards are collective (rexrag.sharding)
         if cfg.data.batch_size % self.world:
@@ -504,7 +505,6 @@ class Trainer:
             for k, v in m.items():  # loss values are partial sums of the mini-batch loss; the rest are means
                 metrics[k] = metrics.get(k, 0.0) + (v if k in _SUMMED else v / len(micro))
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
-        # (DeepSpeed clips inside its engine and returns None here.)
         gnorm = self.acc.clip_grad_norm_(actor_params, self.tc.max_grad_norm)
         metrics["actor/grad_norm"] = float(gnorm) if gnorm is not None else float("nan")
         ok = finite and (gnorm is None or _finite(gnorm))
