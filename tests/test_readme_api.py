@@ -1,5 +1,6 @@
-"""The README's Python API block runs as written: a custom reward, a custom retriever and own data,
-two RL steps of the offline SmolLM2 default (HF backend, CPU). ``import rexrag`` stays light."""
+"""The documentation's Python API block (docs/guides/extending.md, "The whole thing in one run") runs as
+written: a custom reward, a custom retriever and own data, two RL steps of the offline SmolLM2 default (HF backend,
+CPU). ``import rexrag`` stays light."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _api_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "guides" / "extending.md").read_text()
+    section = page.split("## The whole thing in one run", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"^```python\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
     return block
 
@@ -31,7 +32,7 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
-        exec(compile(code, "README.md (Python API)", "exec"), {"__name__": "readme_api"})  # noqa: S102 (the README block)
+        exec(compile(code, "docs/guides/extending.md (Python API)", "exec"), {"__name__": "readme_api"})  # noqa: S102 (the documented block)
     finally:
         torch.set_num_threads(threads)
         if "says_gold" in _REWARDS:

@@ -131,7 +131,7 @@ class BM25Retriever:
         return cls(model, tokenizer, passages)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        """[Q] queries -> [Q][<=k] passages with positive BM25 scores, best first (maybe none)."""
+        """``[Q]`` queries -> ``[Q][<=k]`` passages with positive BM25 scores, best first (maybe none)."""
         if not queries:
             return []
         k = min(int(k), len(self.passages))

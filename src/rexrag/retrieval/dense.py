@@ -136,7 +136,7 @@ class DenseRetriever:
         return cls(encoder, index, passages, query_prefix=query_prefix, batch_size=batch_size, ef_search=ef_search)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        """[Q] queries -> [Q][min(k, N)] passages scored by cosine similarity, best first (no score
+        """``[Q]`` queries -> ``[Q][min(k, N)]`` passages scored by cosine similarity, best first (no score
         threshold; HNSW may return fewer)."""
         if not queries:
             return []

@@ -121,6 +121,8 @@ _KINDS: Registry[IndexKind] = Registry("index kind")
 
 
 def register_index_kind(name: str, build: Callable[..., dict], load: Callable[..., Retriever]) -> None:
+    """Register an index kind that ``rexrag index --kind NAME`` builds and ``load_index`` opens (see ``IndexKind``
+    for the two callables); a name already taken raises."""
     _KINDS.add(name, IndexKind(name, build, load))
 
 
