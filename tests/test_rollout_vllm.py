@@ -106,14 +106,77 @@ def test_sampled_logprobs_equal_rescoring_under_the_sampling_distribution(engine
         assert (_rescore(model, prompts[0], outs[0], plain) - torch.tensor(outs[0].logprobs)).abs().max() > 1e-2
 
 
-def test_seeded_sampling_is_reproducible(engine, smol_tokenizer):
+def _topk_topp_sampler(worker):
+    return worker.model_runner.sampler.topk_topp_sampler
+
+
+def test_sampling_is_one_batch_draw_reproducible_by_the_step_seed(engine, smol_tokenizer, monkeypatch):
+    """Issue 32: no per-request seeds (vLLM would give each request its own generator and draw row by row);
+    the batch is one draw, reproducible by the seed the trainer sets once per step (Colocation.reseed), and
+    the trainer's global RNG states are untouched by the engine's draws."""
+    from rexrag.rollout.colocate import Colocation
+
     prompts, params = _prompts(smol_tokenizer), SamplingParams(temperature=1.0, max_new_tokens=12)
-    engine.generator.manual_seed(123)
-    a = engine.generate(prompts, [[]] * 3, params)
-    engine.generator.manual_seed(123)
-    b = engine.generate(prompts[:1], [[]], params)  # batch composition does not change row 0's draw
-    c = engine.generate(prompts[:1], [[]], params)
-    assert a[0].token_ids == b[0].token_ids and a[0].token_ids != c[0].token_ids
+    (sampler,) = engine.llm.collective_rpc(_topk_topp_sampler)  # in-process: the engine's own sampler object
+    inner, draws, requests = sampler.forward, [], []
+
+    def spy(logits, generators, k, p):
+        draws.append((logits.shape[0], len(generators)))
+        return inner(logits, generators, k, p)
+
+    monkeypatch.setattr(sampler, "forward", spy)
+    real_generate = engine.llm.generate
+
+    def recording_generate(batch, request_params, **kw):
+        requests.extend(request_params)
+        return real_generate(batch, request_params, **kw)
+
+    monkeypatch.setattr(engine.llm, "generate", recording_generate)
+    ids = lambda outs: [o.token_ids for o in outs]  # noqa: E731
+    col = Colocation(engine)
+    trainer_rng = torch.get_rng_state()
+    col.reseed(123)
+    a1, a2 = engine.generate(prompts, [[]] * 3, params), engine.generate(prompts, [[]] * 3, params)
+    col.reseed(123)
+    b1, b2 = engine.generate(prompts, [[]] * 3, params), engine.generate(prompts, [[]] * 3, params)
+    col.reseed(124)
+    c1 = engine.generate(prompts, [[]] * 3, params)
+    assert ids(a1) == ids(b1) and ids(a2) == ids(b2)  # same step seed: the same samples, call after call
+    assert ids(a1) != ids(a2) and ids(a1) != ids(c1)  # each call draws anew; another step, other samples
+    assert torch.equal(torch.get_rng_state(), trainer_rng)
+    assert requests and all(r.seed is None for r in requests)
+    assert draws and all(n_gen == 0 for _, n_gen in draws)  # the sampler never got a per-request generator
+    assert max(rows for rows, _ in draws) == len(prompts)  # ...and drew for the whole batch at once
+
+
+def test_max_num_seqs_is_the_rows_a_process_generates(engine, monkeypatch, smol_tokenizer, tmp_path):
+    """The engine's max_num_seqs is what its builder was given (the fixture's default 64, not a floor of 256),
+    and the trainer's builder passes data.batch_size / processes x rollout.n."""
+    from rexrag.config import Config, DataConfig, ModelConfig, TrainerConfig
+    from rexrag.rollout import colocate
+    from rexrag.train.build import build_trainer
+
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 64
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_start_engine(name, model, tokenizer, cfg, *, world, device, seed, max_batch=64):
+        seen["max_batch"] = max_batch
+        raise Stop
+
+    monkeypatch.setattr(colocate, "start_engine", fake_start_engine)
+    model = _tiny(smol_tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    smol_tokenizer.save_pretrained(tmp_path / "m")
+    cfg = Config(model=ModelConfig(name_or_path=str(tmp_path / "m")), rollout=RolloutConfig(n=5, backend="vllm"),
+                 data=DataConfig(batch_size=12), trainer=TrainerConfig(out_dir=str(tmp_path / "run"), mini_batch_size=60,
+                                                                       log_tensorboard=False))
+    with pytest.raises(Stop):
+        build_trainer(cfg, progress=False, retriever=FakeRetriever(), examples=[
+            QAExample(id=str(i), question=f"q{i}?", golden_answers=["a"], group_id=i) for i in range(12)])
+    assert seen["max_batch"] == 60  # 12 prompts x 5 rollouts in one process
 
 
 def test_weight_sync_is_seen_by_the_next_generation(engine, model, smol_tokenizer):

@@ -239,6 +239,10 @@ class DataConfig:
     shuffle: bool = doc("Shuffle the training examples each epoch.", True)
     skip_bad: bool = doc("Skip malformed rows (counted) instead of failing.", False)
     limit: int = doc("Use at most this many training examples (0 = all).", 0)
+    eval_files: list[str] = doc("QA files evaluated during training (trainer.eval_every) and by `rexrag eval --from-run` "
+                                "when it is given no dataset; each is one dataset named after its file (a "
+                                "multi-source Search-R1 parquet: one per data_source).", factory=list)
+    eval_limit: int = doc("At most this many questions per evaluation dataset (0 = all).", 0)
     dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups whose rewards are all equal (after REX-RAG probes join) and sample more prompts until batch_size groups carry a signal.", False)
     dynamic_sampling_max_rounds: int = doc("Bound on sampling rounds per step with dynamic_sampling (1 = no extra round); short of groups after it, the step fills up with dropped ones.", 3)
 
@@ -278,6 +282,8 @@ class TrainerConfig:
     seed: int = doc("Random seed.", 0)
     out_dir: str = doc("Run directory (metrics, checkpoints, plots).", "runs/default")
     save_every: int = doc("Checkpoint every N steps (0 = only at the end).", 0)
+    eval_every: int = doc("Evaluate data.eval_files every N steps and after the last one (greedy agent, the run's "
+                          "rollout settings, the colocated engine); EM / F1 / cover-EM logged under eval/ (0 = off).", 0)
     keep_last: int = doc("Checkpoints kept.", 2)
     resume: bool = doc("Resume from the latest checkpoint in out_dir.", False)
     log_tensorboard: bool = doc("Write TensorBoard events.", True)

