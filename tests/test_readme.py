@@ -307,7 +307,7 @@ VENV_PROGRAMS = {"rexrag", "accelerate", "mkdocs", "pytest"}
 PLAIN_PROGRAMS = {"make", ".", "source", "curl", "kill", "wait", "sleep", "echo", "cd", "ls", "cat", "export",
                   "python", "python3", "pip", "mkdir", "head", "tail", "jq"}
 # Flags whose value a command reads (a file or directory that must exist or have been written before).
-INPUT_FLAGS = {"--corpus", "--from-faiss", "--index", "--config", "--config_file", "--model", "--train-file",
+INPUT_FLAGS = {"--corpus", "--from-faiss", "--from-run", "--index", "--config", "--config_file", "--model", "--train-file",
                "--data-dir", "--tokenizer"}
 OUTPUT_FLAGS = {"--out", "--work", "--site-dir"}
 INPUT_KEYS = {"model.name_or_path", "retrieval.index", "data.train_files", "data.eval_files", "rex.pool"}
