@@ -8,6 +8,8 @@
   documented object (a removed or renamed export fails the strict build).
 - ``benchmarks/record.md``: BENCHMARKS.md as it is, with the files it links to (plots) copied beside it; a link to
   a file that does not exist fails the strict build.
+
+And one cosmetic pass: Sphinx roles in docstrings (``:func:`name```) are shown as the code span alone.
 """
 
 from __future__ import annotations
@@ -166,6 +168,14 @@ def benchmarks_record(config) -> tuple[str, list[File]]:
 
 
 # --------------------------------------------------------------------------- the hook
+
+_SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj):(?=<code>)")
+
+
+def on_page_content(html_text, page, config, files):
+    """Docstrings use Sphinx roles (:func:`name`); show just the code span."""
+    return _SPHINX_ROLE.sub("", html_text)
+
 
 
 def on_files(files, config):
