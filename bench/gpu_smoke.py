@@ -12,10 +12,15 @@ development corpus. Phases run as the CLI runs them (subprocesses), each timed:
   warmup  rexrag warmup (bf16 autocast)
   train   rexrag train --config configs/gpu_smoke_qwen05b.yaml (3 REX-RAG GRPO steps)
 
+  memory  one RL step per condition (REX-RAG on; the critic on, ``gae``), each in its own process, logging
+          the GPU's free memory (``torch.cuda.mem_get_info`` after ``empty_cache``) at the start of each phase
+          and its peak in use, beside what the GPU memory plan (``rexrag.gpu_plan``) predicts for that phase
+
   python bench/gpu_smoke.py --data-dir ../shared/data/derived --tokenizer DIR --out bench/results/gpu
   python bench/gpu_smoke.py ... --tiny     # a 2-layer model, to check the script on a CPU first
 
-Writes ``gpu_smoke.json`` and ``gpu_smoke.md`` (per-step timings and memory) into ``--out``.
+Writes ``gpu_smoke.json`` and ``gpu_smoke.md`` (per-step timings and memory, and the memory table per
+condition from ``memory_<condition>.json``) into ``--out``. Off CUDA the memory columns are empty.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +43,9 @@ QWEN05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=
                      rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY_SHAPE = dict(QWEN05B_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
+# Conditions of the memory probes (each on top of the train phase's settings): REX-RAG on, and the critic on.
+MEMORY_PROBES = {"rex": ["rex.enabled=true", "algo.adv_estimator=grpo"],
+                 "critic": ["rex.enabled=false", "algo.adv_estimator=gae", "trainer.critic_lr=1e-5"]}
 STEP_KEYS = ("timing/step_s", "timing/gen_s", "timing/weight_sync_s", "timing/logprob_s", "timing/update_s",
              "timing/explore_s", "timing/tokens_per_s", "gen_tokens_per_s", "memory/cuda_max_allocated_gib",
              "memory/peak_rss_mb", "rollout/trajectories", "rollout/gen_tokens", "rollout/searches_mean",
@@ -59,11 +68,12 @@ def build_model(tokenizer_dir: Path, target: Path, tiny: bool) -> dict:
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, **shape, "vocab_size": len(tok)}
 
 
-def run_phase(name: str, argv: list[str], log_dir: Path) -> float:
-    """Run one CLI phase, its output to ``log_dir/<name>.log``; seconds taken (exit on failure)."""
+def run_phase(name: str, argv: list[str], log_dir: Path, program: list[str] | None = None) -> float:
+    """Run one CLI phase (or ``program``), its output to ``log_dir/<name>.log``; seconds taken (exit on failure)."""
     start = time.perf_counter()
+    program = program or [sys.executable, "-m", "rexrag.cli"]
     with open(log_dir / f"{name}.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "rexrag.cli", *argv], stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run([*program, *argv], stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - start
     print(f"{name}: {seconds:.1f}s (exit {proc.returncode})", flush=True)
     if proc.returncode:
@@ -92,19 +102,143 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class PhaseMemory:
+    """Free GPU memory at the start of each phase (after ``empty_cache``) and the most in use during it.
+
+    In use at a phase's peak = (total - free at its start) + (the caching allocator's peak - what it held
+    at the start). Phases may nest (the optimizer step inside the update): an inner phase folds its peak
+    into the outer ones. Off CUDA nothing is measured."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda, self.stack, self.records = torch.cuda.is_available(), [], {}
+
+    def enter(self, name: str) -> None:
+        import gc
+
+        import torch
+
+        if not self.cuda:
+            return
+        torch.cuda.synchronize()
+        for outer in self.stack:
+            outer["peak"] = max(outer["peak"], torch.cuda.max_memory_reserved())
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        torch.cuda.reset_peak_memory_stats()
+        self.stack.append({"name": name, "free": free, "total": total, "held": torch.cuda.memory_reserved(), "peak": 0})
+
+    def exit(self) -> None:
+        import torch
+
+        if not self.cuda:
+            return
+        torch.cuda.synchronize()
+        f = self.stack.pop()
+        peak = max(f["peak"], torch.cuda.max_memory_reserved())
+        for outer in self.stack:
+            outer["peak"] = max(outer["peak"], peak)
+        used = f["total"] - f["free"] + max(0, peak - f["held"])
+        rec = self.records.setdefault(f["name"], {"free_at_start_gib": f["free"] / 2**30, "peak_used_gib": 0.0,
+                                                  "total_gib": f["total"] / 2**30})
+        rec["free_at_start_gib"] = min(rec["free_at_start_gib"], f["free"] / 2**30)
+        rec["peak_used_gib"] = max(rec["peak_used_gib"], used / 2**30)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        """Measure every call of ``obj.attr`` as phase ``name`` (skipped when ``obj`` has no such attribute)."""
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+
+        def measured(*args, **kwargs):
+            self.enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+
+        setattr(obj, attr, measured)
+
+
+def train_overrides(work: Path, questions: Path, cuda: bool, tiny: bool, steps: int, out_dir: Path) -> list[str]:
+    """The train phase's settings: the random model, BM25, the questions (and the small ones of --tiny)."""
+    small = ["rollout.backend=hf", "data.batch_size=2", "rollout.n=2", "trainer.mini_batch_size=4", "trainer.micro_batch_size=2",
+             "rollout.max_new_tokens_per_turn=16"] if tiny else []
+    if importlib.util.find_spec("vllm") is None:  # the lent GPU has no vLLM: the recipe's vllm would stop the run
+        small.append("rollout.backend=hf")
+    return [f"model.name_or_path={work / 'warm'}", f"retrieval.index={work / 'index'}", f"data.train_files=[{questions}]",
+            f"trainer.out_dir={out_dir}", f"trainer.steps={steps}", f"model.autocast_bf16={cuda}", *small]
+
+
+def probe_memory(label: str, overrides: list[str], out: Path) -> dict:
+    """One RL step of the recipe with ``overrides`` in this process, each phase measured (:class:`PhaseMemory`)
+    beside the GPU memory plan's prediction for it; written to ``out/memory_<label>.json``."""
+    import torch
+
+    from rexrag.config import load_config
+    from rexrag.gpu_plan import GIB, plan_from_config, total
+    from rexrag.train.build import build_trainer
+
+    cfg = load_config(RECIPE, overrides)
+    cuda = torch.cuda.is_available()
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else 80.0
+    plan, source = plan_from_config(cfg, gpus=1, gpu_memory_gb=gpu_gb, sharding="ddp")
+    mem = PhaseMemory()
+    mem.enter("load")
+    trainer = build_trainer(cfg, progress=False)
+    mem.exit()
+    mem.wrap(trainer.colocation, "before_rollout", "weight sync")
+    mem.wrap(trainer, "rollout_fn", "rollout")
+    mem.wrap(trainer, "score_fn", "probe scoring")
+    for method in ("_old_logprobs", "_ref_logprobs", "_values"):
+        mem.wrap(trainer, method, "log-probs")
+    mem.wrap(trainer, "update", "update")
+    mem.wrap(trainer.optimizer, "step", "optimizer step")
+    trainer.train()
+    rows = [{"phase": name, "predicted_gib": total(parts) / GIB, **mem.records.get(name, {})}
+            for name, parts in plan.phases.items()]
+    result = {"label": label, "overrides": overrides, "plan_share": plan.share, "plan_problem": plan.problem,
+              "shape_source": source, "cuda": cuda, "phases": rows}
+    (out / f"memory_{label}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def memory_markdown(result: dict) -> str:
+    """One condition's table: the plan's prediction beside the measured peak and free memory, per phase."""
+    def cell(rec, key):
+        return f"{rec[key]:.2f}" if key in rec else "n/a"
+
+    lines = [f"memory, {result['label']} ({' '.join(result['overrides'][-3:])}); measured on "
+             f"{'this GPU' if result['cuda'] else 'no GPU (CPU run: nothing measured)'}:", "",
+             "| phase | predicted in use (GiB) | measured peak in use (GiB) | free at phase start (GiB) |", "|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {r['predicted_gib']:.2f} | {cell(r, 'peak_used_gib')} | {cell(r, 'free_at_start_gib')} |"
+              for r in result["phases"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, help="folder with multihop_dev_corpus / hotpotqa_dev_ctx .flashrag.jsonl")
-    ap.add_argument("--tokenizer", required=True, help="a tokenizer directory (SmolLM2's works offline)")
+    ap.add_argument("--data-dir", help="folder with multihop_dev_corpus / hotpotqa_dev_ctx .flashrag.jsonl")
+    ap.add_argument("--tokenizer", help="a tokenizer directory (SmolLM2's works offline)")
     ap.add_argument("--out", required=True, help="folder for gpu_smoke.json / .md and the phase logs")
     ap.add_argument("--work", default="", help="scratch folder (default: <out>/work)")
     ap.add_argument("--tiny", action="store_true", help="2-layer model, 4 questions per step: a CPU check of the script")
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--probe-memory", default="", metavar="LABEL", help=argparse.SUPPRESS)  # one memory probe (internal)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    data, out = Path(args.data_dir), Path(args.out)
-    work = Path(args.work) if args.work else out / "work"
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.probe_memory:
+        print(memory_markdown(probe_memory(args.probe_memory, args.set, out)))
+        return
+    if not (args.data_dir and args.tokenizer):
+        ap.error("--data-dir and --tokenizer are required")
+    data = Path(args.data_dir)
+    work = Path(args.work) if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     corpus = data / "multihop_dev_corpus.flashrag.jsonl"
@@ -118,10 +252,6 @@ def main() -> None:
     model = build_model(Path(args.tokenizer), work / "model", args.tiny)
     print(f"model: {model['params_m']:.1f}M parameters (random init)", flush=True)
     device = "cuda" if env["cuda"] else "cpu"
-    small = ["rollout.backend=hf", "data.batch_size=2", "rollout.n=2", "trainer.mini_batch_size=4", "trainer.micro_batch_size=2",
-             "rollout.max_new_tokens_per_turn=16"] if args.tiny else []
-    if importlib.util.find_spec("vllm") is None:  # the lent GPU has no vLLM: the recipe's vllm would stop the run
-        small.append("rollout.backend=hf")
     phases = {
         "index": run_phase("index", ["index", "--kind", "bm25", "--corpus", str(corpus), "--out", str(work / "index"),
                                      "--overwrite"], out),
@@ -131,20 +261,27 @@ def main() -> None:
                                        "--lr", "5e-4", "--device", device, *(["--bf16"] if env["cuda"] else []),
                                        "--out", str(work / "warm")], out),
         "train": run_phase("train", ["train", "--config", str(RECIPE), "--no-progress",
-                                     f"model.name_or_path={work / 'warm'}", f"retrieval.index={work / 'index'}",
-                                     f"data.train_files=[{questions}]", f"trainer.out_dir={work / 'run'}",
-                                     f"trainer.steps={args.steps}", f"model.autocast_bf16={env['cuda']}", *small], out),
+                                     *train_overrides(work, questions, env["cuda"], args.tiny, args.steps, work / "run")], out),
     }
+    memory = []
+    for label, extra in MEMORY_PROBES.items():  # each condition in its own process: one step, every phase measured
+        shutil.rmtree(work / f"memory_{label}", ignore_errors=True)  # a rerun starts its run afresh
+        sets = train_overrides(work, questions, env["cuda"], args.tiny, 1, work / f"memory_{label}") + extra
+        phases[f"memory_{label}"] = run_phase(f"memory_{label}", ["--probe-memory", label, "--out", str(out),
+                                                                  *[f"--set={kv}" for kv in sets]],
+                                              out, program=[sys.executable, str(Path(__file__).resolve())])
+        memory.append(json.loads((out / f"memory_{label}.json").read_text()))
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for rec in steps:  # sampled tokens per second of generation time
         rec["gen_tokens_per_s"] = rec.get("rollout/gen_tokens", 0.0) / max(rec.get("timing/gen_s", 0.0), 1e-9)
-    summary = {"env": env, "model": model, "phases_s": phases, "recipe": str(RECIPE.relative_to(ROOT)),
+    summary = {"env": env, "model": model, "phases_s": phases, "recipe": str(RECIPE.relative_to(ROOT)), "memory": memory,
                "steps": [{k: v for k, v in rec.items() if k in ("step", "gen_tokens_per_s") or k.startswith(("timing/", "memory/", "rollout/",
                                                                                      "reward/", "rex/"))}
                          for rec in steps]}
+    report = markdown(summary) + "".join("\n" + memory_markdown(m) for m in memory)
     (out / "gpu_smoke.json").write_text(json.dumps(summary, indent=1))
-    (out / "gpu_smoke.md").write_text(markdown(summary))
-    print(markdown(summary))
+    (out / "gpu_smoke.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

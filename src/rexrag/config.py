@@ -115,6 +115,7 @@ class RolloutConfig:
     engine_dtype: str = doc("Rollout compute dtype: auto (bfloat16 on GPUs and on CPUs with bf16 matrix units, else float32) | float32 | bfloat16 | float16. vLLM runs its weights in it; the HF loop runs fp32 weights under autocast to it.", "auto")
     vllm_kv_cache_gb: float = doc("vLLM on CPU: KV-cache size in GiB (per process).", 1.0)
     vllm_gpu_memory_utilization: float = doc("vLLM on GPU: fraction of the GPU the engine may hold; 0 = derived when the engine starts (after the policy, reference and optimizer are placed) from the free memory less what the update still needs (rexrag.rollout.colocate.auto_gpu_memory_utilization).", 0.0)
+    vllm_gpu_reserve_gb: float = doc("vLLM on GPU with vllm_gpu_memory_utilization=0: GiB per process the derived share keeps back, at engine start, for what the trainer allocates afterwards (AdamW moments of the policy and critic, the probe-scoring forward, with vllm_sleep_level=0 the update). -1 = from the GPU memory plan of the whole config (rexrag.gpu_plan), which `rexrag train` computes; without one (evaluation) AdamW's moments of the model's trainable parameters.", -1.0)
     vllm_enforce_eager: bool | None = doc("vLLM: no torch.compile / CUDA graphs. null = eager on the CPU (start-up in seconds), CUDA graphs on GPUs (launch-bound decode otherwise).", None)
     vllm_sleep_level: int = doc("vLLM sleep mode during the update: 0 off, 1 (KV cache released; weights offloaded to host on a GPU, kept on the CPU), 2 (weights and KV cache released; the sync refills the weights). On the CPU the engine's pages go back to the OS (rexrag.memory.release_pages) and vLLM rebuilds its packed weights at the reload.", 2)
     vllm_tensor_parallel_size: int = doc("vLLM: processes sharing one engine (tensor parallel). Only 1 is built: each process owns one engine.", 1)
@@ -214,6 +215,7 @@ class RexConfig:
     seq_weight_cap: float = doc("Truncation of the rex_sequence weight.", 10.0)
     train_probe_tokens: bool = doc("Train the inserted probe prompt tokens (public code: yes).", True)
     pool: str = doc("Exploratory prompt pool file ('' = bundled pool of 30).", "")
+    score_micro_batch_size: int = doc("Rows per probe-scoring forward (the filter's old-policy pass, which runs while the vLLM engine is awake and holds its share); 0 = trainer.micro_batch_size. The GPU memory plan (rexrag.gpu_plan, `rexrag train --plan`) reserves one such forward beside the engine.", 0)
 
     def __post_init__(self):
         _choices("rex.trigger", self.trigger, ("per_trajectory", "dead_end_group"))

@@ -45,6 +45,12 @@ def add_parser(sub) -> None:
                    help="host-memory cap in GiB for a CPU run: turns on gradient checkpointing, a token budget per "
                         "forward/backward and a smaller vLLM KV cache as far as needed (rexrag.memory_plan), or "
                         "stops with the floor for this model and configuration (exit 2) before anything loads")
+    p.add_argument("--plan", action="store_true",
+                   help="print the GPU memory plan of the config (what each GPU holds in each phase, the vLLM engine's "
+                        "share) for --gpus x --gpu-memory-gb, then exit; offline, no model loads (rexrag.gpu_plan)")
+    p.add_argument("--gpus", type=int, default=None, help="with --plan: processes, one a GPU (default: this machine's)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="with --plan: GiB of one GPU (default: this one's, else 80)")
+    p.add_argument("--sharding", choices=("fsdp", "ddp"), default=None, help="with --plan: FSDP2 full shard (default) or DDP")
     p.set_defaults(func=run)
 
 
@@ -105,15 +111,32 @@ def _print_backend(requested: str) -> None:
         print(line, flush=True)
 
 
+def _print_gpu_plan(args) -> int:
+    """``--plan``: the config's GPU memory plan as a table; a plan that cannot fit then stops (exit 2)."""
+    from rexrag.config import load_config
+    from rexrag.gpu_plan import plan_from_config, print_plan
+
+    cfg = load_config(args.config or None, args.overrides)
+    plan, source = plan_from_config(cfg, args.gpus, args.gpu_memory_gb, args.sharding)
+    print_plan(plan, cfg.model.name_or_path, source)
+    plan.check()
+    return 0
+
+
 def run(args) -> int:
     if args.help_config:
         _print_config_help()
         return 0
+    if args.plan:
+        return _print_gpu_plan(args)
     cfg = _resolve_config(args)
     _print_backend(cfg.rollout.backend)
     if args.max_memory_gb is not None:
         _plan_memory(cfg, args.max_memory_gb)
-    trainer = build_trainer(cfg, progress=not args.no_progress)
+    from rexrag.gpu_plan import planned_gpu_memory
+
+    with planned_gpu_memory(cfg):  # on CUDA: a phase that cannot fit stops here (exit 2), before any model loads
+        trainer = build_trainer(cfg, progress=not args.no_progress)
     history = trainer.train()
     if trainer.acc.is_main_process:
         if history:

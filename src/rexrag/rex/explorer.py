@@ -86,7 +86,9 @@ class RexExplorer:
         if k >= n_candidates:
             return candidates  # nothing to rank away; skip the scoring forward pass
         # Under several processes every one scores (maybe nothing): with a sharded policy the scoring
-        # forward is collective (rexrag.sharding.Lockstep), so no process may skip it.
+        # forward is collective (rexrag.sharding.Lockstep), so no process may skip it. The engine is awake
+        # meanwhile: score_fn runs micro-batches of rex.score_micro_batch_size rows, the forward the GPU
+        # memory plan reserves beside the engine's share (rexrag.gpu_plan, "probe scoring").
         local = P.probe_scores(candidates, score_fn(candidates)) if candidates or not isinstance(self.comm, LocalComm) else []
         parts = self.comm.gather(local)  # every process's scores, in rank order (ties: lower rank first)
         offset = sum(len(p) for p in parts[: self.comm.rank])

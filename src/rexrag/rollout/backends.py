@@ -83,11 +83,11 @@ def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, 
     x ``rollout.n``; REX-RAG's probes continue in a later call, at most one per original; evaluation:
     ``--batch-size``), the engine's ``max_num_seqs``, so a rollout runs as one batch."""
     from rexrag.models import check_lora_modules
-    from rexrag.rollout.weights import auto_gpu_memory_utilization
+    from rexrag.rollout.weights import engine_gpu_share
     from rexrag.rollout.vllm_backend import VLLMBackend
 
     check_lora_modules(model)  # an adapter the engine's merged weights cannot carry: before the engine starts
-    util = cfg.vllm_gpu_memory_utilization or auto_gpu_memory_utilization(model, cfg.vllm_sleep_level)
+    util = engine_gpu_share(model, cfg)  # the cache emptied, then the free memory less the GPU plan's reserve
     return VLLMBackend(model, tokenizer, max_model_len=cfg.max_total_tokens, device=device, dtype=cfg.engine_dtype,
                        seed=seed, kv_cache_gb=cfg.vllm_kv_cache_gb, gpu_memory_utilization=util,
                        enforce_eager=cfg.vllm_enforce_eager, max_num_seqs=max(1, max_batch),

@@ -2,8 +2,8 @@
 
 :func:`stream_weights` is what every weight sync feeds to vLLM's in-place loader: a generator, one
 tensor materialised at a time (FSDP shards gathered tensor by tensor, in the same order on every
-process), cast to the engine's dtype, LoRA merged out of place. :func:`engine_memory_fraction` sizes a
-colocated engine from what the trainer holds and has yet to allocate.
+process), cast to the engine's dtype, LoRA merged out of place. :func:`engine_gpu_share` sizes a
+colocated engine from the free memory less what the trainer has yet to allocate (``rexrag.gpu_plan``).
 
 A failure on one process must not strand the others in a gather: under FSDP each tensor's gathers are
 prepared locally first (the cast, the output buffers: where an out-of-memory happens), then every
@@ -165,34 +165,88 @@ def _plans(t: Tensor, layer, dtype: torch.dtype) -> list:
 
 def engine_memory_fraction(free: int, total: int, trainable_bytes: int, sleep_level: int,
                            activation_share: float = 0.15) -> float:
-    """Share of the GPU a colocated vLLM engine may take when it starts (``gpu_memory_utilization``).
+    """Share of the GPU a colocated vLLM engine may take when it starts, without a GPU memory plan
+    (``rollout.vllm_gpu_reserve_gb=-1`` outside ``rexrag train``, e.g. evaluation).
 
     Started after the policy, reference and critic are placed, the engine sees them in ``free``; what
-    the trainer has yet to allocate is reserved: AdamW's two moments (``2 * trainable_bytes``, created
-    at the first step) always; with the engine awake through the update (``sleep_level == 0``) also the
-    gradients (``trainable_bytes``) and ``activation_share`` of the GPU for activations. Asleep, the
-    engine hands its memory back for the update, so only what outlives it is reserved."""
+    ``model``'s trainer has yet to allocate is reserved: AdamW's two moments (``2 * trainable_bytes``)
+    always; with the engine awake through the update (``sleep_level == 0``) also the gradients
+    (``trainable_bytes``) and ``activation_share`` of the GPU for activations. A critic's moments and the
+    probe-scoring forward are not known here: ``rexrag train`` passes the plan's reserve instead
+    (:func:`engine_gpu_share`)."""
     reserve = 2 * trainable_bytes
     if sleep_level == 0:
         reserve += trainable_bytes + int(activation_share * total)
     return max(0.0, (free - reserve) / total)
 
 
-def auto_gpu_memory_utilization(model, sleep_level: int, minimum: float = 0.05) -> float:
-    """:func:`engine_memory_fraction` on this process's GPU (1.0 off CUDA, where vLLM ignores it). Too
-    little left is a ``UserError`` naming the setting and the rank."""
+def _free_memory() -> tuple[int, int]:
+    """(free, total) bytes of this process's GPU once the caching allocator has handed back its unused
+    blocks (it keeps what the unsharded model's load freed, which ``mem_get_info`` counts as used)."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()
+
+
+def auto_gpu_memory_utilization(model, sleep_level: int, minimum: float = 0.05, reserve: int | None = None,
+                                need: int = 0) -> float:
+    """The engine's share on this process's GPU (1.0 off CUDA, where vLLM ignores it), measured after
+    emptying the cache. ``reserve``: bytes the trainer allocates after the engine starts (the GPU memory
+    plan's, :mod:`rexrag.gpu_plan`); None: :func:`engine_memory_fraction`'s estimate from ``model``. Too
+    little left (below ``need`` bytes, or ``minimum`` of the GPU without a plan) is a ``UserError`` naming
+    the rank, the phase and the numbers."""
     if not torch.cuda.is_available():
         return 1.0
-    free, total = torch.cuda.mem_get_info()
+    free, total = _free_memory()
+    rank = os.environ.get("RANK", "0")
+    if reserve is not None:
+        frac = max(0.0, (free - reserve) / total)
+        if frac * total < need:
+            raise UserError(f"rank {rank}: the engine-start phase leaves the vLLM engine {frac * total / 2**30:.1f} GiB "
+                            f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f}, {reserve / 2**30:.1f} GiB kept back for "
+                            f"what the trainer allocates later, rexrag.gpu_plan), below the {need / 2**30:.1f} GiB it needs "
+                            "(weights, activations and one full-length row of KV cache); see `rexrag train --plan`, or "
+                            "set rollout.vllm_gpu_memory_utilization explicitly")
+        return frac
     trainable = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
     frac = engine_memory_fraction(free, total, trainable, sleep_level)
     if frac < minimum:
-        raise UserError(f"rank {os.environ.get('RANK', '0')}: only {frac:.1%} of the GPU is left for the vLLM engine "
+        raise UserError(f"rank {rank}: only {frac:.1%} of the GPU is left for the vLLM engine "
                         f"beside the trainer ({free / 2**30:.1f} GiB free of {total / 2**30:.1f}, "
                         f"{3 * trainable / 2**30:.1f} GiB reserved for optimizer state and gradients); lower "
                         "trainer memory (LoRA, FSDP across more GPUs), set rollout.vllm_sleep_level=2, or set "
                         "rollout.vllm_gpu_memory_utilization explicitly")
     return frac
+
+
+def engine_gpu_share(model, cfg) -> float:
+    """``gpu_memory_utilization`` for ``model``'s engine (``cfg`` a ``RolloutConfig``). vLLM (0.10-0.33) reads
+    it as the engine's own budget out of the card's total memory, which must be free when it starts
+    (:mod:`rexrag.gpu_plan` says so in full). Explicit: checked against the free memory (one line naming the
+    numbers instead of vLLM's error). 0: derived from the free memory less ``rollout.vllm_gpu_reserve_gb``
+    (the plan's reserve; -1 = :func:`engine_memory_fraction`'s estimate)."""
+    share = cfg.vllm_gpu_memory_utilization
+    if not torch.cuda.is_available():
+        return share or 1.0
+    if share:
+        free, total = _free_memory()
+        if free < share * total:
+            raise UserError(f"rank {os.environ.get('RANK', '0')}: rollout.vllm_gpu_memory_utilization={share:g} asks the "
+                            f"engine-start phase for {share * total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB of "
+                            f"{total / 2**30:.1f} are free beside the trainer; lower it, or set it to 0 to derive it")
+        return share
+    if cfg.vllm_gpu_reserve_gb == -1:
+        return auto_gpu_memory_utilization(model, cfg.vllm_sleep_level)
+    from rexrag.gpu_plan import Run, Shape, engine_minimum
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        need = engine_minimum(Run(Shape.from_config(base.config), max_tokens=cfg.max_total_tokens))
+    except KeyError:  # not a Llama/Qwen2-style config: vLLM's own start-up check decides
+        need = 0
+    return auto_gpu_memory_utilization(model, cfg.vllm_sleep_level, reserve=int(cfg.vllm_gpu_reserve_gb * 2**30), need=need)
 
 
 def _local_bytes(t: Tensor) -> int:

@@ -355,14 +355,32 @@ class Trainer:
 
         Scored in eval mode (no dropout), like the old log-probs of the update (``_old_logprobs``), so
         the probe filter ranks by the policy itself; the model's previous mode is restored.
+
+        Micro-batches of ``rex.score_micro_batch_size`` rows (``rexrag.gpu_plan.score_rows``; a token budget
+        capped at that many full rows): the vLLM engine is awake meanwhile, holding its share of the GPU,
+        and the GPU memory plan reserves exactly one such forward beside it. Bounding the forward was
+        chosen over sleeping the KV cache (the probes' continuations reuse their sources' cached prefixes,
+        which a sleep discards, and a sleep/wake pair costs each step) and over scoring through the engine
+        (its bf16 log-probs are not the trainer's pi_old that the filter ranks by).
         """
+        import copy
+
+        from rexrag.gpu_plan import score_rows, score_tokens
+
         if not trajs:
             if self.sharded:  # the others' scoring forwards are collective: serve them
                 self._lockstep(lambda i, m: sequence_logprobs(self.model, i, m)).drain()
             return []
         b = to_batch(trajs, self.pad_id)
         ids, am = b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device)
-        lp = self._policy_pass(self.model, ids, am, "probe_scores")
+        tc, scoring = self.tc, copy.copy(self.tc)  # the micro-batch split reads self.tc
+        scoring.micro_batch_size = score_rows(self.cfg)
+        scoring.micro_batch_tokens = score_tokens(self.cfg) if tc.micro_batch_tokens else 0
+        self.tc = scoring
+        try:
+            lp = self._policy_pass(self.model, ids, am, "probe_scores")
+        finally:
+            self.tc = tc
         return [lp[i, : len(tr)].cpu() for i, tr in enumerate(trajs)]
 
     def _autocast(self):
