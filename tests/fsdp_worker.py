@@ -6,6 +6,10 @@ rows, calls and lengths, so the decode steps must run in lockstep) against the s
 the unsharded model; writes OUT/gen_rank<r>.json.
 ``train``: the toy RL setting (per-group seeded sampling, KL to a sharded reference) trained with
 FSDP for ``trainer.steps`` (resuming when ``trainer.resume=true``); writes OUT/info_rank<r>.json.
+``reshard``: ``train`` under any launch (FSDP2, DDP, or plain ``python`` for one process), and right after
+the checkpoint loads, the whole model and optimizer state as this layout holds it (gathered:
+OUT/loaded.pt from the main process) and each process's torch RNG state (OUT/rng_rank<r>.pt);
+tests/test_reshard.py.
 """
 
 from __future__ import annotations
@@ -80,7 +84,28 @@ def train(out: Path, overrides: list[str]) -> None:
     tr.acc.wait_for_everyone()
 
 
+def reshard(out: Path, overrides: list[str]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from rexrag.train import checkpoint as ckpt
+
+    load = ckpt.load_checkpoint
+
+    def load_and_dump(path, *, accelerator):
+        state = load(path, accelerator=accelerator)
+        torch.save(torch.get_rng_state(), out / f"rng_rank{accelerator.process_index}.pt")
+        module, optimizers = ckpt._stateful(accelerator)
+        model_sd, optim_sd = get_state_dict(module, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if accelerator.is_main_process:
+            torch.save({"model": model_sd, "optim": optim_sd}, out / "loaded.pt")
+        return state
+
+    ckpt.load_checkpoint = load_and_dump
+    train(out, overrides)
+
+
 if __name__ == "__main__":
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    gen(out_dir) if mode == "gen" else train(out_dir, sys.argv[3:])
+    {"gen": lambda: gen(out_dir), "train": lambda: train(out_dir, sys.argv[3:]),
+     "reshard": lambda: reshard(out_dir, sys.argv[3:])}[mode]()

@@ -70,10 +70,10 @@ def test_trainer_checkpoint_has_manifest_and_resume_skips_a_damaged_one(tmp_path
     manifest = ckpt.read_manifest(root / "step_000003")
     assert "model/model.safetensors" in manifest["files"] and manifest["step"] == 3
     assert any(f.startswith("state/") for f in manifest["files"])
-    weights = root / "step_000003" / "state" / "pytorch_model.bin"
+    weights = root / "step_000003" / "state" / "dcp" / "__0_0.distcp"
     os.truncate(weights, 0)  # a crash or full disk left the newest weights empty
     resumed = make_trainer(tmp_path / "part", "trainer.steps=2", *common, "trainer.resume=true")
-    with pytest.warns(UserWarning, match="step_000003: state/pytorch_model.bin has 0 bytes.*falling back to step_000002"):
+    with pytest.warns(UserWarning, match="step_000003: state/dcp/__0_0.distcp has 0 bytes.*falling back to step_000002"):
         assert resumed.resume() and resumed.step_idx == 2
     a, b = _params(full.acc.unwrap_model(full.model)), _params(resumed.acc.unwrap_model(resumed.model))
     assert all(torch.equal(a[n], b[n]) for n in a)  # the step-2 weights, exactly

@@ -63,7 +63,7 @@ def _final_params(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_fsdp_kill_and_resume_matches_uninterrupted_and_one_process(tmp_path):
     """Two FSDP processes: 3 steps straight == 2 steps, a new launch resuming from the sharded
-    checkpoint (accelerate save_state: DCP shards, RNG, sampler, scheduler), 1 more step. The
+    checkpoint (torch DCP shards, RNG, sampler, scheduler), 1 more step. The
     consolidated export loads as a plain model and matches one process training the same batch."""
     common = ["trainer.steps=3", "trainer.warmup_steps=2", "trainer.save_every=1"]
     _fsdp("train", str(tmp_path / "full"), *common)
@@ -75,7 +75,7 @@ def test_fsdp_kill_and_resume_matches_uninterrupted_and_one_process(tmp_path):
         assert info["sharded"] and info["fsdp_module"] and info["reference_fsdp"] and info["param_type"] == "DTensor"
     assert [i["steps"] for i in res_info] == [1, 1] and res_info[0]["step_idx"] == 3
     state = tmp_path / "part" / "checkpoints" / "step_000002" / "state"
-    assert sorted(p.name for p in (state / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (state / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()
     a, b = _final_params(tmp_path / "full", 3), _final_params(tmp_path / "part", 3)
     assert a.keys() == b.keys()

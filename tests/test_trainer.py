@@ -159,8 +159,8 @@ def test_checkpoints_pruned_and_atomic(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000002", "step_000003"]
     last = tmp_path / "checkpoints" / "step_000003"
-    for f in ("trainer_state.json", "manifest.json", "state/optimizer.bin", "state/pytorch_model.bin",
-              "state/random_states_0.pkl", "state/custom_checkpoint_0.pkl", "model/model.safetensors"):
+    for f in ("trainer_state.json", "manifest.json", "state/dcp/.metadata", "state/dcp/__0_0.distcp",
+              "state/random_states_0.pkl", "state/objects.pt", "model/model.safetensors"):
         assert (last / f).is_file(), f
     assert ckpt.check_checkpoint(last) is None
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dirs left
@@ -295,8 +295,8 @@ def test_explorer_hook_call_order_and_checkpoint(tmp_path):
     assert 0.0 <= m["rollout/groups_with_signal"] <= m["rollout/groups_with_signal_after_probes"] <= 1.0
     # the probe's ratio starts at 2 (outside the clip range), so some tokens are clipped at once
     assert hist[0]["actor/clip_frac"] > 0
-    # registered for accelerate's save_state after the scheduler and the sampler, one state per process
-    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "state" / "custom_checkpoint_2.pkl", weights_only=False)
+    # checkpointed after the scheduler and the sampler, one state per process
+    state = torch.load(tmp_path / "checkpoints" / "step_000002" / "state" / "objects.pt", weights_only=False)["objects"][2]
     assert math.isclose(state["per_process"][0]["rho"], 0.5 * 0.81)
 
 

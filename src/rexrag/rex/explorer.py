@@ -228,8 +228,14 @@ class RexExplorer:
         return {"ratio": self.ratio.state_dict(), "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore rho and the probe RNG. A state carried to another number of processes
+        (``rexrag.train.checkpoint.PerProcessState``) has ``rng_seed`` instead of ``rng``: rho is global
+        and taken as saved; this process's RNG is reseeded with ``rng_seed``, which the checkpoint
+        derives deterministically from (trainer seed, step, new rank)."""
         self.ratio.load_state_dict(state["ratio"])
-        if "rng" in state:
+        if "rng_seed" in state:
+            self.rng.seed(int(state["rng_seed"]))
+        elif "rng" in state:
             rng_state = state["rng"]
             # JSON round trips turn the tuple state into lists
             if isinstance(rng_state, list):

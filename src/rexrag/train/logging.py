@@ -5,6 +5,11 @@ Metric names are namespaced: ``rollout/``, ``reward/``, ``actor/``, ``critic/``,
 steps after the checkpoint are dropped first (they belong to the part of the run that is redone),
 and so is a torn last line (a crash in the middle of writing it), with a warning; any other line
 that is not JSON is an error naming it.
+
+wandb (``trainer.wandb_project``, when installed): the run's id is kept in ``<out_dir>/wandb.json``, and
+a resumed run continues that wandb run (``wandb.init(id=..., resume="allow")``); a fresh run, or a
+resume into another project, starts a new one. wandb's steps only increase: steps redone after the
+checkpoint keep the values first logged there (``metrics.jsonl`` and TensorBoard are rewound).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from rexrag.errors import DataError
 from rexrag.fsutil import atomic_write_text
 
 NAMESPACES = ("rollout", "reward", "actor", "critic", "timing", "memory", "rex")
+WANDB_FILE = "wandb.json"  # the run's wandb id, so that a resumed run continues it
 PROGRESS_KEYS = ("reward/mean", "actor/pg_loss", "actor/kl", "rollout/response_length_mean", "timing/step_s")
 
 
@@ -101,14 +107,28 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("wandb_project is set but wandb is not installed; logging to jsonl/TensorBoard only", file=sys.stderr)
-            else:
-                self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(self.out_dir), resume="allow")
+            self._wandb = self._start_wandb(wandb_project, config or {}, resumed=resume_step is not None)
         if progress:
             self._start_progress(total_steps, resume_step or 0)
+
+    def _start_wandb(self, project: str, config: dict, resumed: bool):
+        """A wandb run; a resumed run continues the run whose id ``wandb.json`` holds (same project), a
+        fresh one starts a new run and records its id there. None when wandb is not installed."""
+        try:
+            import wandb
+        except ImportError:
+            print("wandb_project is set but wandb is not installed; logging to jsonl/TensorBoard only", file=sys.stderr)
+            return None
+        path = self.out_dir / WANDB_FILE
+        saved = _read_json(path) if resumed else {}
+        kwargs = {"project": project, "config": config, "dir": str(self.out_dir)}
+        if saved.get("id") and saved.get("project") == project:
+            # "allow": also when it was never synced; the config changes on resume (trainer.resume, maybe steps),
+            # which wandb refuses for a resumed run without allow_val_change
+            kwargs.update(id=saved["id"], resume="allow", allow_val_change=True)
+        run = wandb.init(**kwargs)
+        atomic_write_text(path, json.dumps({"id": run.id, "project": project}) + "\n")
+        return run
 
     def _start_progress(self, total: int, done: int) -> None:
         from rich.console import Console
@@ -168,6 +188,14 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
     return v
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

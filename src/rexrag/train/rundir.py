@@ -13,7 +13,8 @@ above (``clear_run``) and nothing else: other files, and an ``index/`` built ove
 stay. On resume, a key given on the command line (in ``--config`` or as ``key=value``) whose value
 differs from the saved one is an error naming the keys, unless ``--allow-override`` (the command
 line then wins); the keys in ``RESUME_MAY_CHANGE`` (``trainer.steps`` to train further, logging and
-checkpoint cadence) may always change.
+checkpoint cadence) may always change. The newest checkpoint must resume on this launch's number of
+processes (``rexrag.train.checkpoint.check_resumable``), checked before any model loads.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def resume_config(given: Config, explicit: set[str], *, allow_override: bool = F
             print(f"warning: {out_dir} has no {CONFIG_FILE} (a run started by an older rexrag); resuming with the "
                   "command line's config as given", file=sys.stderr)
         given.trainer.resume = True
-        return given
+        return _resumable(given)
     new, old = config_to_dict(given), config_to_dict(saved)
     changed = sorted(k for k in explicit if _get(new, k) != _get(old, k) and k.count(".") == 1)
     conflicts = [k for k in changed if k not in RESUME_MAY_CHANGE]
@@ -150,4 +151,13 @@ def resume_config(given: Config, explicit: set[str], *, allow_override: bool = F
         old[section][name] = new[section][name]
     old["trainer"]["out_dir"] = out_dir
     old["trainer"]["resume"] = True
-    return config_from_dict(old)
+    return _resumable(config_from_dict(old))
+
+
+def _resumable(cfg: Config) -> Config:
+    """``cfg``, once its newest checkpoint is known to resume on this launch's processes (else the
+    one-line ``UserError`` of ``rexrag.train.checkpoint.check_resumable``, before any model loads)."""
+    from rexrag.train.checkpoint import check_resumable
+
+    check_resumable(cfg.trainer.out_dir, cfg.data.batch_size)
+    return cfg
