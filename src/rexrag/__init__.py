@@ -69,6 +69,8 @@ _EXPORTS = {
     "get_reward": "rexrag.rewards",
     "available_rewards": "rexrag.rewards",
     "build_reward": "rexrag.rewards",
+    # tools (rollout.format=tool_calls)
+    "register_tool": "rexrag.rollout.tool_calls",
     "exact_match": "rexrag.rewards",
     "f1_score": "rexrag.rewards",
     "cover_em": "rexrag.rewards",

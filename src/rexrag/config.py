@@ -120,6 +120,10 @@ class RolloutConfig:
     vllm_sleep_level: int = doc("vLLM sleep mode during the update: 0 off, 1 (KV cache released; weights offloaded to host on a GPU, kept on the CPU), 2 (weights and KV cache released; the sync refills the weights). On the CPU the engine's pages go back to the OS (rexrag.memory.release_pages) and vLLM rebuilds its packed weights at the reload.", 2)
     vllm_tensor_parallel_size: int = doc("vLLM: processes sharing one engine (tensor parallel). Only 1 is built: each process owns one engine.", 1)
     fsdp_gather_for_rollout: bool = doc("FSDP + hf backend: gather the policy's full weights once per rollout (no collective per decode step; holds the full weights while generating) instead of per forward.", True)
+    format: str = doc("Agent format: tags (Search-R1's raw-text search, information and answer tags) | tool_calls (the tokenizer's chat template with the tools declared, the model's native tool calls, results as tool messages: rexrag.rollout.tool_calls). With tool_calls, template rexrag means rexrag.prompts.TOOL_TEMPLATE.", "tags")
+    tool_parser: str = doc("tool_calls format: how the model's calls are read (rexrag.rollout.tool_calls.TOOL_PARSERS: hermes = Hermes/Qwen <tool_call>{json}</tool_call> | llama3_json = Llama 3.x JSON calls).", "hermes")
+    tools: list[str] = doc("tool_calls format: the tools declared, each a registered name (search is built in: the configured retriever; @rexrag.register_tool adds more) or a dotted path to a function with a Google-style docstring.", factory=lambda: ["search"])
+    final_answer: str = doc("tool_calls format: the answer in the final message (the first without a tool call): auto (its last answer-tag span, else the whole message) | tag (the span only) | message (the whole message); the text after the closing think tag.", "auto")
 
     def __post_init__(self):
         from rexrag.rollout.backends import backend_choices
@@ -147,6 +151,12 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{key} must be >= 1")
         if self.max_obs_tokens < 0:
             raise ConfigError("rollout.max_obs_tokens must be >= 0")
+        _choices("rollout.format", self.format, ("tags", "tool_calls"))
+        _choices("rollout.final_answer", self.final_answer, ("auto", "tag", "message"))
+        if self.format == "tool_calls":  # parser, tool schemas and names: before any model loads
+            from rexrag.rollout.tool_calls import check_setup
+
+            check_setup(self.tool_parser, list(self.tools))
 
 
 @dataclass

@@ -50,6 +50,19 @@ TEMPLATES: dict[str, str] = {
     ),
 }
 
+# rollout.format=tool_calls: the chat template declares the tools, so the instruction names no search tag.
+TOOL_TEMPLATE = (
+    "Answer the question. Call the search tool whenever a fact is missing, as often as you need. When you "
+    f"know the answer, reply with only the short answer inside {ANSWER_OPEN} {ANSWER_CLOSE}, for example "
+    f"{ANSWER_OPEN} Paris {ANSWER_CLOSE}.\nQuestion: {PLACEHOLDER}\n"
+)
+
+
+def tool_template(template: str) -> str:
+    """The instruction for ``rollout.format=tool_calls``: the default ``rexrag`` (which teaches the tags) becomes
+    ``TOOL_TEMPLATE``; any other template is kept."""
+    return TOOL_TEMPLATE if template == "rexrag" else template
+
 
 def resolve_template(template: str) -> str:
     """A template name, a file path, or a literal containing ``{question}`` -> the template text."""

@@ -65,6 +65,8 @@ class WarmupConfig:
     max_obs_tokens: int = 500  # retrieved text per search is cut to this many tokens, as in the agent
     second_hop: str = "auto"  # auto (when a useful second query exists) | never
     template: str = "rexrag"
+    format: str = "tags"  # tags | tool_calls: the agent format taught (rollout.format; tool_calls needs a chat template)
+    tool_parser: str = "hermes"  # tool_calls: the call syntax taught (rollout.tool_parser)
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: far less memory, ~1/3 more compute
     optimizer_state_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (half the memory; rexrag.train.optim)
@@ -75,6 +77,8 @@ class WarmupConfig:
             raise UserError(f"warmup second_hop={self.second_hop!r}; choose 'auto' or 'never'")
         if min(self.steps, self.batch_size, self.topk, self.max_obs_tokens) < 1 or self.n_examples < 0:
             raise UserError("warmup steps, batch_size, topk and max_obs_tokens must be >= 1 (n_examples >= 0)")
+        if self.format not in ("tags", "tool_calls"):
+            raise UserError(f"warmup format={self.format!r}; choose 'tags' or 'tool_calls'")
         if self.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
             raise UserError(f"warmup optimizer_state_dtype={self.optimizer_state_dtype!r}; choose one of {OPTIMIZER_STATE_DTYPES}")
 
@@ -126,6 +130,8 @@ def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str,
 
     if not example.golden_answers:
         raise UserError(f"warm-up example {example.id!r} has no golden answer")
+    if cfg.format == "tool_calls":
+        return _tool_call_trajectory(tokenizer, example, hops, cfg)
     traj = Trajectory(group_id=example.group_id, example=example)
     traj.extend(build_prompt_ids(tokenizer, example.question, cfg.template), Seg.PROMPT, 0)
     for turn, (query, passages) in enumerate(hops):
@@ -136,6 +142,33 @@ def build_warmup_trajectory(tokenizer, example: QAExample, hops: list[tuple[str,
     final = _ids(tokenizer, f"{THINK_OPEN} The passages give the answer. {THINK_CLOSE}\n{ANSWER_OPEN} {gold} {ANSWER_CLOSE}")
     traj.extend(final, Seg.POLICY, len(hops), [0.0] * len(final))
     traj.n_searches, traj.stop_reason, traj.answer = len(hops), "answer", gold
+    traj.check()
+    return traj
+
+
+def _tool_call_trajectory(tokenizer, example: QAExample, hops: list[tuple[str, list]], cfg: WarmupConfig) -> Trajectory:
+    """The same teaching in ``rollout.format=tool_calls``, laid out as the agent records it: the chat prompt with
+    the search tool declared, each search a native call ended by EOS (POLICY), the tool message's rendered delta
+    (INFO: the passages cut to ``max_obs_tokens`` tokens), then the answer message and EOS."""
+    from rexrag.prompts import render_prompt, tool_template
+    from rexrag.rollout.tool_calls import ChatFormat, cap_text, resolve_tools, write_call
+
+    chat = ChatFormat(tokenizer, resolve_tools(["search"]), cfg.tool_parser)
+    eos = tokenizer.eos_token_id
+    eos_text = tokenizer.decode([eos], skip_special_tokens=False)
+    prompt, _ = chat.prompt(render_prompt(example.question, tool_template(cfg.template)))
+    traj = Trajectory(group_id=example.group_id, example=example, meta={"format": "tool_calls"})
+    traj.extend(prompt, Seg.PROMPT, 0)
+    for turn, (query, passages) in enumerate(hops):
+        action = _ids(tokenizer, write_call(cfg.tool_parser, "search", {"query": query})) + [eos]
+        traj.extend(action, Seg.POLICY, turn, [0.0] * len(action))
+        content = cap_text(tokenizer, format_information(passages), cfg.max_obs_tokens)
+        traj.extend(chat.delta_ids([{"role": "tool", "name": "search", "content": content}], eos_text), Seg.INFO, turn)
+    gold = example.golden_answers[0].strip()
+    start = len(traj)
+    final = _ids(tokenizer, f"{ANSWER_OPEN} {gold} {ANSWER_CLOSE}") + [eos]
+    traj.extend(final, Seg.POLICY, len(hops), [0.0] * len(final))
+    traj.n_searches, traj.stop_reason, traj.answer, traj.answer_span = len(hops), "answer", gold, (start, len(traj))
     traj.check()
     return traj
 

@@ -46,6 +46,10 @@ RUN_KEYS = {
     "max_total_tokens": ("rollout", "max_total_tokens"),
     "max_query_chars": ("rollout", "max_query_chars"),
     "template": ("rollout", "template"),
+    "format": ("rollout", "format"),
+    "tool_parser": ("rollout", "tool_parser"),
+    "final_answer": ("rollout", "final_answer"),
+    "tools": ("rollout", "tools"),
     "backend": ("rollout", "backend"),
     "engine_dtype": ("rollout", "engine_dtype"),
     "kv_cache_gb": ("rollout", "vllm_kv_cache_gb"),
@@ -77,6 +81,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-total-tokens", type=int, default=None,
                    help="prompt + response tokens of one question, the engine's context (default 4096)")
     p.add_argument("--template", default=None, help="agent prompt template: rexrag (default) | search-r1 | file | literal with {question}")
+    p.add_argument("--format", default=None, choices=["tags", "tool_calls"],
+                   help="agent format: tags (default: Search-R1's raw-text tags) | tool_calls (the chat template's native tool calls)")
+    p.add_argument("--tool-parser", default=None, help="tool_calls: how calls are read: hermes (default) | llama3_json")
+    p.add_argument("--final-answer", default=None, choices=["auto", "tag", "message"],
+                   help="tool_calls: the answer in the final message: auto (default) | tag | message")
+    p.add_argument("--tools", default=None, type=lambda s: tuple(t for t in s.split(",") if t),
+                   help="tool_calls: comma-separated tools (registered names or dotted paths; default: search)")
     p.add_argument("--label", default="", help="row label in the tables (default: model name + method)")
     p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--backend", default=None, help="generation backend: auto (default: vllm when installed, else hf) | hf | vllm")
@@ -114,6 +125,10 @@ def run(args) -> int:
             raise UserError(f"--method {args.method} needs --index DIR or --retriever-url URL")
         retriever = load_retriever(settings.retrieval)
     tokenizer = load_tokenizer(settings.model)
+    if opts.format == "tool_calls":  # a tokenizer without a chat template: before the model loads
+        from rexrag.rollout.tool_calls import require_chat_template
+
+        require_chat_template(tokenizer, "--format tool_calls")
     model = load_model(ModelConfig(name_or_path=settings.model, dtype=dtype), device=device)
     label = args.label or _label(settings.model, args.from_run)
     info = {"model": settings.model, "method": args.method, "retriever": settings.retrieval.url or settings.retrieval.index or "none",

@@ -83,6 +83,10 @@ class EvalOptions:
     max_total_tokens: int = 4096  # prompt + response of one row (the engine's context; rollout.max_total_tokens)
     max_query_chars: int = 512  # a search query is cut to this many characters (rollout.max_query_chars)
     template: str = "rexrag"  # agent prompt template (rexrag.prompts); direct/rag use their own
+    format: str = "tags"  # agent format: tags | tool_calls (rollout.format)
+    tool_parser: str = "hermes"  # tool_calls: rollout.tool_parser
+    final_answer: str = "auto"  # tool_calls: rollout.final_answer
+    tools: tuple = ("search",)  # tool_calls: rollout.tools
     limit: int = 0
     seed: int = 0
     device: str = "cpu"
@@ -94,6 +98,12 @@ class EvalOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r} is not allowed; choose one of {list(METHODS)}")
+        if self.format not in ("tags", "tool_calls") or (self.format == "tool_calls" and self.method != "agent"):
+            raise UserError(f"--format {self.format!r}: choose tags or tool_calls (tool_calls needs --method agent)")
+        if self.format == "tool_calls":  # parser and tools: before any model loads
+            from rexrag.rollout.tool_calls import check_setup
+
+            check_setup(self.tool_parser, list(self.tools))
         if self.batch_size < 1 or self.topk < 1 or self.max_new_tokens < 1 or self.max_total_tokens < 1:
             raise UserError("--batch-size, --topk, --max-new-tokens and --max-total-tokens must be >= 1")
         if self.max_obs_tokens < 0 or self.max_query_chars < 1:
@@ -259,6 +269,8 @@ def rollout_config(opts: EvalOptions):
     return RolloutConfig(n=1, max_turns=opts.max_turns, max_new_tokens_per_turn=opts.max_new_tokens,
                          max_obs_tokens=opts.max_obs_tokens, max_total_tokens=opts.max_total_tokens,
                          max_query_chars=opts.max_query_chars, temperature=0.0, template=opts.template,
+                         format=opts.format, tool_parser=opts.tool_parser, final_answer=opts.final_answer,
+                         tools=list(opts.tools),
                          backend=opts.backend, engine_dtype=opts.engine_dtype, vllm_kv_cache_gb=opts.kv_cache_gb)
 
 

@@ -94,9 +94,15 @@ def answer_cut(traj: Trajectory, tokenizer, tag: str = ANSWER_OPEN) -> int | Non
     Uses ``traj.answer_span[0]`` when the token there holds the tag's ``<``; otherwise scans the
     answering turn (the last run of POLICY tokens) token by token for the last tag. Per-token decoding
     is enough because the tag is ASCII (a partial UTF-8 byte never decodes to ``<``).
+
+    ``rollout.format=tool_calls``: the cut is the start of the final message (``answer_span[0]``), whose
+    answer, with or without an ``<answer>`` span, is what the probe replaces.
     """
     if traj.is_probe:
         return None
+    if traj.meta.get("format") == "tool_calls":  # the answer is the final message: cut where it starts
+        span = traj.answer_span
+        return span[0] if traj.stop_reason == "answer" and span is not None and span[0] < len(traj) else None
     run = _last_policy_run(traj.segments)
     if run is None:
         return None

@@ -39,6 +39,9 @@ Choices where the public code is silent or different:
   (``policy_answer``), never from decoded text with the retrieved blocks stripped by a pattern, so a
   passage that quotes ``</information><answer>X</answer>`` cannot answer for the model.
 
+``rollout.format=tool_calls`` (native tool calls through the chat template, token-exact by rendered
+deltas) is handled turn by turn in ``rexrag.rollout.tool_calls``; everything above is the tags format.
+
 Stop reasons: ``answer``, ``eos``, ``length`` (``max_total_tokens``), ``turns`` (turn budget spent
 without an answer).
 """
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from rexrag.errors import RetrievalError, RetrievalUnavailableError
-from rexrag.prompts import build_prompt_ids
+from rexrag.prompts import build_prompt_ids, render_prompt, tool_template
 from rexrag.protocol import (
     ANSWER,
     ANSWER_CLOSE,
@@ -68,6 +71,7 @@ from rexrag.protocol import (
     stop_strings,
 )
 from rexrag.rollout.engine import FINISH_REASONS, GenerationBackend, GenOutput, SamplingParams
+from rexrag.rollout.tool_calls import apply_tool_turn
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 if TYPE_CHECKING:  # annotation only: config validates rollout.backend against our registry, so it imports us
@@ -131,6 +135,8 @@ def policy_answer(tokenizer, traj: Trajectory) -> str | None:
     ``<answer></answer>`` is no answer (None). This is what rewards and evaluation score; it agrees
     with ``traj.answer`` as the agent sets it (from the answering turn's ids).
     """
+    if traj.meta.get("format") == "tool_calls":  # set by the agent from the final message's sampled ids
+        return traj.answer
     for seg, ids in reversed(_runs(traj)):
         if seg != Seg.POLICY:
             continue
@@ -210,16 +216,27 @@ class SearchAgent:
         self.format_fn = format_fn if format_fn is not None else format_information
         self._encode_cache: dict[str, list[int]] = {}
         self.last_metrics: dict[str, float] = {}
+        self.chat = None  # rollout.format=tool_calls: the chat template with tools (rexrag.rollout.tool_calls)
+        if getattr(cfg, "format", "tags") == "tool_calls":
+            from rexrag.rollout.tool_calls import ChatFormat, resolve_tools
+
+            self.chat = ChatFormat(tokenizer, resolve_tools(cfg.tools), cfg.tool_parser, cfg.final_answer)
 
     # ------------------------------------------------------------------ public API
     def rollout(self, examples: list, n: int = 1) -> list[Trajectory]:
         """``n`` trajectories per example (same ``group_id``), each run to completion."""
         trajs = []
         for ex in examples:
-            prompt = build_prompt_ids(self.tokenizer, ex.question, self.cfg.template)
+            messages = None
+            if self.chat is not None:
+                prompt, messages = self.chat.prompt(render_prompt(ex.question, tool_template(self.cfg.template)))
+            else:
+                prompt = build_prompt_ids(self.tokenizer, ex.question, self.cfg.template)
             for _ in range(n):
                 t = Trajectory(group_id=ex.group_id, example=ex)
                 t.extend(prompt, Seg.PROMPT, 0)
+                if messages is not None:
+                    t.meta["messages"] = [dict(m) for m in messages]
                 trajs.append(t)
         return self.run(trajs, [self.cfg.max_turns] * len(trajs))
 
@@ -236,6 +253,8 @@ class SearchAgent:
             if not t.token_ids or t.stop_reason != "running" or s < 0:
                 raise ValueError(f"trajectory {i} cannot be continued (len={len(t)}, stop_reason={t.stop_reason!r}, searches_left={s})")
             t.check()
+            if self.chat is not None:
+                t.meta["format"] = "tool_calls"
             same_turn = t.segments[-1] not in (Seg.INFO, Seg.NOTICE)
             rows.append(_Row(t, s, s + 1, t.turns[-1] if same_turn else t.turns[-1] + 1))
         counts: Counter = Counter()
@@ -268,7 +287,7 @@ class SearchAgent:
             return
         limits = [min(self.cfg.max_new_tokens_per_turn, cap - len(r.traj)) for r in gen]
         params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k, max(limits))
-        stops = [stop_strings(final_turn=r.turns_left == 1) for r in gen]
+        stops = [[] if self.chat is not None else stop_strings(final_turn=r.turns_left == 1) for r in gen]
         t0 = time.perf_counter()
         outs = self.backend.generate([r.traj.token_ids for r in gen], stops, params)
         counts["time_gen_s"] += time.perf_counter() - t0
@@ -296,6 +315,8 @@ class SearchAgent:
         r.traj.extend(ids, Seg.POLICY, r.turn, lps)
         counts["gen_tokens"] += len(ids)
         r.turns_left -= 1
+        if self.chat is not None:  # native tool calls: the message ends at the template's end-of-turn (EOS)
+            return apply_tool_turn(self, r, ids, finish, start, counts)
         text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if finish == "eos":
             return r.finish("eos")

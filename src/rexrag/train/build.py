@@ -63,6 +63,10 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    if cfg.rollout.format == "tool_calls":  # a tokenizer without a chat template: before the model loads
+        from rexrag.rollout.tool_calls import require_chat_template
+
+        require_chat_template(tokenizer)
     model = load_model(cfg.model, device=acc.device)
     model.train()
     if retriever is None:
