@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     rows = [{"id": str(i), "contents": f'"Doc {i}"\n{TOPICS[i % len(TOPICS)]}, note {i}.'} for i in range(30)]
     corpus = d / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    emb = encode(load_encoder("all-MiniLM-L6-v2"), [r["contents"] for r in rows])  # unit vectors
+    emb = encode(load_encoder("all-MiniLM-L6-v2", "cpu"), [r["contents"] for r in rows])  # unit vectors; the key build_dense uses
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
     faiss.write_index(index, str(d / "e5_Flat.index"))
@@ -105,10 +105,15 @@ def _bad_files(files, d: Path) -> dict[str, tuple[Path, str]]:
     l2 = faiss.IndexFlatL2(files["emb"].shape[1])
     l2.add(files["emb"])
     faiss.write_index(l2, str(d / "l2.index"))
+    fast_scan = faiss.index_factory(files["emb"].shape[1], "PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    fast_scan.train(files["emb"])
+    fast_scan.add(files["emb"])
+    faiss.write_index(fast_scan, str(d / "fastscan.index"))
     return {"garbage": (garbage, "not a readable faiss index"), "truncated": (truncated, "not a readable faiss index"),
             "fewer": (d / "fewer.index", "holds 29 vectors but the corpus has 30 passages"),
             "narrow": (d / "narrow.index", "16-d vectors, but the encoder gives 384-d"),
-            "l2": (d / "l2.index", "is not inner product")}
+            "l2": (d / "l2.index", "is not inner product"),
+            "fastscan": (d / "fastscan.index", "faiss cannot memory-map this index type")}
 
 
 def test_bad_faiss_files_fail_cleanly(files, tmp_path, capsys):
@@ -194,3 +199,66 @@ def test_compressed_cli_builds_converts_and_checks_its_knobs(files, tmp_path, ca
                  "--out", str(tmp_path / "sq8")]) == 0
     hits = load_index(tmp_path / "sq8").search(["who wrote Hamlet"], 3)[0]
     assert "Hamlet" in hits[0].contents
+
+
+def _source(files, d: Path, spec: str) -> Path:
+    """The corpus's vectors written as a ``spec`` index, as someone else might have built them."""
+    import faiss
+
+    index = faiss.index_factory(files["emb"].shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    index.train(files["emb"])
+    if spec.startswith("IDMap"):
+        index.add_with_ids(files["emb"], np.arange(len(files["emb"])))
+    else:
+        index.add(files["emb"])
+    path = d / f"{spec.replace(',', '_')}.index"
+    faiss.write_index(index, str(path))
+    return path
+
+
+@pytest.mark.parametrize("spec", ["IVF2,Flat", "HNSW16", "IDMap2,Flat"])
+def test_converting_from_an_imported_ivf_or_hnsw_file(files, tmp_path, spec):
+    """An IVF, HNSW or ID-mapped file holding the exact vectors converts to the same sq8 index as the
+    Flat file does (IVF through its direct map, built on the fly)."""
+    source = _source(files, tmp_path, spec)
+    assert _import(files, tmp_path / "from_flat", files["faiss"], "--index-type", "sq8") == 0
+    assert _import(files, tmp_path / "from_src", source, "--index-type", "sq8") == 0
+    want = load_index(tmp_path / "from_flat").search(QUERIES, 3)
+    got = load_index(tmp_path / "from_src").search(QUERIES, 3)
+    assert [[(p.id, round(p.score, 5)) for p in row] for row in got] == [[(p.id, round(p.score, 5)) for p in row] for row in want]
+
+
+def test_a_source_that_cannot_give_its_vectors_back_fails_cleanly(files, tmp_path, capsys):
+    source = _source(files, tmp_path, "IDMap,Flat")  # IndexIDMap has no reconstruct (IDMap2 has)
+    assert _import(files, tmp_path / "idx", source, "--index-type", "sq8") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot read the vectors back from an IndexIDMap" in err and source.name in err
+    assert not (tmp_path / "idx").exists()
+    assert _import(files, tmp_path / "linked", source) == 0  # served as it is, it needs no vectors back
+
+
+def _inner_hnsw(index):
+    """The HNSW graph inside an IndexPreTransform, reached with faiss directly (not the shipped helper)."""
+    import faiss
+
+    return faiss.downcast_index(faiss.downcast_index(index).index).hnsw
+
+
+def test_ef_search_reaches_the_hnsw_inside_a_pre_transform(files, tmp_path):
+    """``PCA..,HNSW..`` / ``OPQ..,HNSW..`` are IndexPreTransform: efSearch / efConstruction are set on the
+    HNSW inside, at build (manifest) and by ``--ef-search`` when served."""
+    from rexrag.retrieval import compressed as C
+    from rexrag.retrieval.dense import DenseRetriever
+
+    index = C.new_index("PCA32,HNSW16", 384, ef_construction=40)
+    assert _inner_hnsw(index).efConstruction == 40
+    assert C.set_search_params(index, ef_search=77) == {"ef_search": 77} and _inner_hnsw(index).efSearch == 77
+    DenseRetriever(None, index, [], ef_search=55)
+    assert _inner_hnsw(index).efSearch == 55
+    assert _import(files, tmp_path / "pca_hnsw", files["faiss"], "--factory", "PCA16,HNSW16", "--ef-search", "64") == 0
+    assert json.loads((tmp_path / "pca_hnsw" / "manifest.json").read_text())["params"]["ef_search"] == 64
+    assert _inner_hnsw(load_index(tmp_path / "pca_hnsw").index).efSearch == 64
+    served = load_index(tmp_path / "pca_hnsw", ef_search=200)  # rexrag serve --ef-search 200
+    assert _inner_hnsw(served.index).efSearch == 200 and C.find_hnsw(served.index).efSearch == 200
+    hamlet = {r["id"] for r in files["rows"] if "Hamlet" in r["contents"]}
+    assert served.search(["who wrote Hamlet"], 3)[0][0].id in hamlet

@@ -9,11 +9,14 @@ and HNSW over quantised storage (``hnsw_sq8``). Presets expand to faiss factory 
 an index"). Defaults follow those guidelines: ``nlist = 4 sqrt(N)`` (at most 65,536), ``pq_m = d / 8``
 sub-quantisers (96 bytes a vector for e5's 768), training on ``max(65,536, 50 nlist)`` vectors drawn
 without replacement (seed 0; faiss wants at least 39 a list), never more than N. Vectors are read in
-chunks from wherever they live (the build's on-disk memmap, or an imported faiss file), so a 65 GB
-Flat index converts without being held in RAM.
+chunks of ``CHUNK`` rows from wherever they live: the build's on-disk memmap, or an imported faiss file
+(``rexrag.retrieval.faiss_files``: a Flat file's rows by ``pread``), so converting a 65 GB Flat index needs
+RAM for the training sample, then for the output index (allocated once: :func:`reserve_codes`) and one
+chunk, not for the file (BENCHMARKS.md, "Imported Flat index, memory-mapped").
 
 Search-time knobs: ``nprobe`` (IVF lists visited per query) and ``ef_search`` (HNSW candidate list),
-recorded in the manifest at build and settable per server (``rexrag serve --nprobe / --ef-search``).
+recorded in the manifest at build and settable per server (``rexrag serve --nprobe / --ef-search``); both
+reach the IVF / HNSW part inside a pre-transform (``OPQ..,IVF..``, ``PCA..,HNSW..``) or an ID map.
 """
 
 from __future__ import annotations
@@ -70,10 +73,26 @@ def new_index(factory: str, dim: int, ef_construction: int = 200):
     except RuntimeError as exc:
         why = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
         raise UserError(f"faiss rejected the factory string {factory!r} for {dim}-d vectors: {why[:200]}") from None
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    hnsw = find_hnsw(index)
     if hnsw is not None:
         hnsw.efConstruction = ef_construction
     return index
+
+
+def find_hnsw(index):
+    """The HNSW graph of ``index`` or of the index inside its pre-transform, ID map or refine wrapper
+    (``PCA64,HNSW32`` is an ``IndexPreTransform``: ``efSearch`` set on the wrapper does nothing), or None.
+    The graph belongs to ``index``: keep ``index`` alive while using it."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return index.hnsw
+    for attr in ("index", "base_index"):  # IndexPreTransform / IndexIDMap, IndexRefine
+        inner = getattr(index, attr, None)
+        if isinstance(inner, faiss.Index):
+            return find_hnsw(inner)
+    return None
 
 
 def fill(index, n: int, chunk: Callable[[int, int], np.ndarray], take: Callable[[np.ndarray], np.ndarray],
@@ -86,9 +105,25 @@ def fill(index, n: int, chunk: Callable[[int, int], np.ndarray], take: Callable[
         used = min(n, train_size)
         ids = np.sort(np.random.default_rng(seed).choice(n, size=used, replace=False))
         index.train(np.ascontiguousarray(take(ids), dtype=np.float32))
+    reserve_codes(index, n)
     for start in range(0, n, CHUNK):
         index.add(np.ascontiguousarray(chunk(start, min(n, start + CHUNK)), dtype=np.float32))
     return used
+
+
+def reserve_codes(index, n: int) -> None:
+    """Allocate the codes of an empty Flat / SQ / PQ index (or an HNSW's storage) for ``n`` vectors once.
+    Grown chunk by chunk, faiss's code vector doubles and copies: the old and new buffers coexist, and a
+    16 GB sq8 conversion of wiki-18 would peak at ~26 GB. Resizing to the full size and back to 0 keeps
+    the capacity (std::vector never shrinks), so the adds that follow never reallocate."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW) and index.storage is not None:
+        index = faiss.downcast_index(index.storage)
+    if isinstance(index, faiss.IndexFlatCodes) and index.ntotal == 0:
+        index.codes.resize(n * index.code_size)
+        index.codes.resize(0)
 
 
 def check_knobs(**knobs: int) -> None:
@@ -99,8 +134,8 @@ def check_knobs(**knobs: int) -> None:
 
 
 def set_search_params(index, nprobe: int = 0, ef_search: int = 0, where: str = "the index") -> dict:
-    """Apply ``nprobe`` (IVF) and ``ef_search`` (HNSW) where the index has them; returns what was set.
-    ``nprobe`` above the list count is a ``UserError``."""
+    """Apply ``nprobe`` (IVF) and ``ef_search`` (HNSW) where the index has them, also inside a wrapper;
+    returns what was set. ``nprobe`` above the list count is a ``UserError``."""
     import faiss
 
     check_knobs(nprobe=nprobe, ef_search=ef_search)
@@ -112,7 +147,7 @@ def set_search_params(index, nprobe: int = 0, ef_search: int = 0, where: str = "
         if nprobe:
             ivf.nprobe = nprobe
         out["nprobe"] = int(ivf.nprobe)
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    hnsw = find_hnsw(index)
     if hnsw is not None:
         if ef_search:
             hnsw.efSearch = ef_search

@@ -11,7 +11,8 @@ FlashRAG's encoder (mean pooling, fp16 on GPU); here pooling is whatever the sen
 model defines.
 
 ``--from-faiss`` imports an index someone already built (Search-R1's downloadable ``e5_Flat.index`` over
-wiki-18): nothing is re-encoded or copied (:func:`import_faiss`).
+wiki-18): nothing is re-encoded or copied (:func:`link_faiss`). Every faiss file is opened memory-mapped
+(``rexrag.retrieval.faiss_files``, which says what that means for RSS); a type faiss cannot map is refused.
 
 Unlike BM25 (which returns only passages that match), dense search always returns ``min(k, N)``
 passages per query, however low their similarity, exactly as Search-R1's faiss server does; an
@@ -120,8 +121,11 @@ class DenseRetriever:
         self.query_prefix = query_prefix
         self.batch_size = batch_size
         self.manifest: dict = {}
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = ef_search
+        from rexrag.retrieval.compressed import find_hnsw
+
+        hnsw = find_hnsw(index)
+        if hnsw is not None:
+            hnsw.efSearch = ef_search
 
     @classmethod
     def from_passages(cls, passages: Sequence[Passage], *, model: str = DEFAULT_MODEL, index_type: str = "flat",
@@ -155,36 +159,29 @@ class DenseRetriever:
 # --------------------------------------------------------------------------- index-dir hooks
 
 
-def open_faiss_file(path: Path):
-    """An existing faiss index file, memory-mapped where faiss can (Flat, IVF): its vectors stay on disk.
-    Not a faiss index, or a truncated one: a ``UserError`` naming the file."""
+def check_faiss(path: Path, n_passages: int):
+    """The faiss index at ``path``, memory-mapped (:func:`~rexrag.retrieval.faiss_files.open_mapped`),
+    checked cheaply against the corpus before any model loads: vector count = passages, metric = inner
+    product (the encoder's unit vectors; Search-R1 builds ``IndexFlatIP``). A missing, unreadable or
+    unmappable file, or a mismatch, is a ``UserError`` naming the file. :func:`check_dim` follows once the
+    encoder is loaded."""
     import faiss
 
-    if not path.is_file():
-        raise UserError(f"--from-faiss {path}: no such file")
-    try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as exc:
-        why = next((ln.strip() for ln in str(exc).splitlines() if "Error" in ln or "error" in ln), str(exc).strip())
-        raise UserError(f"--from-faiss {path}: not a readable faiss index (truncated, or another format): {why[:200]}") from None
+    from rexrag.retrieval.faiss_files import open_mapped
 
-
-def check_faiss(path: Path, n_passages: int, dim: int):
-    """The faiss index at ``path``, memory-mapped, checked cheaply against the corpus and the encoder:
-    vector count = passages, dimension = the encoder's, metric = inner product (the encoder's unit
-    vectors; Search-R1 builds ``IndexFlatIP``). Any mismatch is a ``UserError`` naming the file."""
-    import faiss
-
-    index = open_faiss_file(path)
+    index = open_mapped(path, f"--from-faiss {path}")
     if index.ntotal != n_passages:
         raise UserError(f"--from-faiss {path}: the index holds {index.ntotal} vectors but the corpus has {n_passages} "
                         "passages (vector i must be passage i of the corpus it was built from)")
-    if index.d != dim:
-        raise UserError(f"--from-faiss {path}: {index.d}-d vectors, but the encoder gives {dim}-d ones (--model)")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise UserError(f"--from-faiss {path}: metric {index.metric_type} is not inner product ({faiss.METRIC_INNER_PRODUCT}); "
                         "normalised encoder vectors are compared by inner product")
     return index
+
+
+def check_dim(path: Path, index, dim: int) -> None:
+    if index.d != dim:
+        raise UserError(f"--from-faiss {path}: {index.d}-d vectors, but the encoder gives {dim}-d ones (--model)")
 
 
 def link_faiss(path: Path, out: Path, index) -> dict:
@@ -200,13 +197,12 @@ def link_faiss(path: Path, out: Path, index) -> dict:
             "source_faiss": {"path": str(path), "bytes": st.st_size, "mtime": st.st_mtime}}
 
 
-def _vectors(passages, out: Path, encoder, from_faiss: str, passage_prefix: str, batch_size: int):
-    """(n, chunk(a, b), take(ids), cleanup) over the vectors to index: a checked faiss file's stored
-    vectors (read in chunks through its memory map), or the passages encoded into an on-disk memmap."""
-    dim = embedding_dim(encoder)
-    if from_faiss:
-        src = check_faiss(Path(from_faiss).resolve(), len(passages), dim)
-        return src.ntotal, (lambda a, b: src.reconstruct_n(a, b - a)), src.reconstruct_batch, lambda: None
+def _vectors(passages, out: Path, encoder, reader: tuple | None, passage_prefix: str, batch_size: int):
+    """(n, chunk(a, b), take(ids), cleanup) over the vectors to index: ``reader``, the checked faiss
+    file's (``faiss_files.vector_reader``: in chunks, a Flat file's by ``pread``), or the passages
+    encoded into an on-disk memmap."""
+    if reader is not None:
+        return reader
     emb_path = out / "embeddings.npy"
     mm = encode_to_memmap(encoder, passages, emb_path, prefix=passage_prefix, batch_size=batch_size)
     return mm.shape[0], (lambda a, b: mm[a:b]), (lambda ids: mm[ids]), emb_path.unlink
@@ -218,7 +214,8 @@ def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_
                 train_size: int = 0, nprobe: int = 0, device: str = "cpu", from_faiss: str = "") -> dict:
     """Index ``passages`` (``rexrag.retrieval.compressed`` documents the types and their defaults):
     encoded with ``model``, or, with ``from_faiss``, the vectors of an existing faiss file, served as it is
-    (Flat, the default: linked) or converted into ``index_type`` / ``factory`` (read in chunks)."""
+    (Flat, the default: linked) or converted into ``index_type`` / ``factory`` (read in chunks). The faiss
+    file is opened and checked before the model loads; the new index's type before anything is encoded."""
     import faiss
 
     from rexrag.retrieval import compressed as C
@@ -226,20 +223,25 @@ def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_
     if not factory and index_type not in INDEX_TYPES:  # before anything is encoded
         C.factory_string(index_type, "", 1, 1)
     C.check_knobs(nlist=nlist, pq_m=pq_m, train_size=train_size, nprobe=nprobe, ef_search=ef_search)
+    path = Path(from_faiss).resolve() if from_faiss else None
+    source = check_faiss(path, len(passages)) if path else None
+    reader = None
+    if source is not None and (factory or index_type != "flat"):  # converted: its vectors must be readable
+        from rexrag.retrieval.faiss_files import vector_reader
+
+        reader = vector_reader(source, path, f"--from-faiss {path}")
     encoder = load_encoder(model, device)
+    dim = embedding_dim(encoder)
+    if source is not None:
+        check_dim(path, source, dim)
     common = {"query_prefix": query_prefix, "passage_prefix": passage_prefix, "batch_size": batch_size,
               "normalized": True, "metric": "inner_product"}
-    if from_faiss and index_type == "flat" and not factory:
-        path = Path(from_faiss).resolve()
-        params = link_faiss(path, out, check_faiss(path, len(passages), embedding_dim(encoder)))
+    if source is not None and index_type == "flat" and not factory:
+        params = link_faiss(path, out, source)
         return {"model": model, "params": {**params, **common, "ef_search": ef_search}}
-    n, chunk, take, cleanup = _vectors(passages, out, encoder, from_faiss, passage_prefix, batch_size)
-    dim = embedding_dim(encoder)
-    if index_type in INDEX_TYPES and not factory:
-        index, spec = make_faiss_index(dim, index_type, hnsw_m, ef_construction), index_type
-    else:
-        spec = C.factory_string(index_type, factory, dim, n, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m)
-        index = C.new_index(spec, dim, ef_construction)
+    index, spec = _new_dense_index(index_type, factory, dim, len(passages), hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m,
+                                   ef_construction=ef_construction)
+    n, chunk, take, cleanup = _vectors(passages, out, encoder, reader, passage_prefix, batch_size)
     ivf = faiss.try_extract_index_ivf(index)
     train = train_size or C.default_train_size(n, ivf.nlist if ivf is not None else 1)
     used = C.fill(index, n, chunk, take, train)
@@ -250,8 +252,26 @@ def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_
     params = {"index_type": index_type, "factory": spec, "dim": index.d, "hnsw_m": hnsw_m,
               "ef_construction": ef_construction, "ef_search": search.get("ef_search", ef_search),
               "nprobe": search.get("nprobe", 0), "train_size": used, "faiss_class": type(index).__name__,
-              "from_faiss": str(Path(from_faiss).resolve()) if from_faiss else "", **common}
+              "from_faiss": str(path) if path else "", **common}
     return {"model": model, "params": params}
+
+
+def _new_dense_index(index_type: str, factory: str, dim: int, n: int, *, hnsw_m: int, nlist: int, pq_m: int,
+                     ef_construction: int):
+    """(empty index, its factory spec) for ``index_type`` / ``factory``; a type faiss could not serve
+    memory-mapped is a ``UserError`` here, before anything is encoded, rather than at every load."""
+    from rexrag.retrieval import compressed as C
+    from rexrag.retrieval.faiss_files import CHANGE, copied_parts
+
+    if index_type in INDEX_TYPES and not factory:
+        return make_faiss_index(dim, index_type, hnsw_m, ef_construction), index_type
+    spec = C.factory_string(index_type, factory, dim, n, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m)
+    index = C.new_index(spec, dim, ef_construction)
+    copied = copied_parts(index)
+    if copied:
+        raise UserError(f"--factory {spec!r}: faiss cannot memory-map {', '.join(copied)} (it would read the index "
+                        f"into RAM whole at every load); {CHANGE}")
+    return index, spec
 
 
 def _check_source(directory: Path, source: dict | None) -> None:
@@ -271,18 +291,14 @@ def _check_source(directory: Path, source: dict | None) -> None:
 
 def load_dense(directory: Path, manifest: dict, passages: Sequence[Passage], device: str = "cpu", *,
                nprobe: int = 0, ef_search: int = 0) -> DenseRetriever:
-    """Open a dense index dir; ``nprobe`` / ``ef_search`` (0: the manifest's) are the server's search knobs."""
-    import faiss
-
+    """Open a dense index dir, its faiss file memory-mapped; ``nprobe`` / ``ef_search`` (0: the manifest's)
+    are the server's search knobs."""
     from rexrag.retrieval.compressed import set_search_params
+    from rexrag.retrieval.faiss_files import open_mapped
 
     params = manifest["params"]
-    path = str(directory / FAISS_FILE)
     _check_source(directory, params.get("source_faiss"))
-    try:  # memory-map the vectors where faiss supports it
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        index = faiss.read_index(path)
+    index = open_mapped(directory / FAISS_FILE)  # before the encoder loads: a bad file fails fast
     encoder = load_encoder(manifest.get("model") or DEFAULT_MODEL, device)
     if embedding_dim(encoder) != index.d:
         from rexrag.errors import IndexMismatchError
