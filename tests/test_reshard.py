@@ -104,12 +104,13 @@ def _assert_close_weights(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_then_one_then_two_match_an_uninterrupted_run(tmp_path):
-    """4 FSDP2 steps straight; the same run stopped after step 2, resumed on ONE process for step 3
-    (DCP shards -> whole tensors), then on two FSDP2 processes for step 4 (whole -> shards). Each load
-    reproduces the saved weights and Adam state exactly; the RNGs of the new layout are reseeded from
-    (seed, step, rank); the final weights equal the uninterrupted run's within (ATOL, RTOL)."""
+    """5 FSDP2 steps straight; the same run stopped after step 2, resumed on ONE process for step 3
+    (DCP shards -> whole tensors), then on two FSDP2 processes for step 4 (whole -> shards), then on two
+    DDP processes for step 5 (shards -> replicas). Each load reproduces the saved weights and Adam state
+    exactly; on a new process count the RNGs are reseeded from (seed, step, rank), on the same count
+    restored; the weights after steps 4 and 5 equal the uninterrupted run's within (ATOL, RTOL)."""
     full = tmp_path / "full"
-    _fsdp(full, *COMMON, "trainer.steps=4")
+    _fsdp(full, *COMMON, "trainer.steps=5")
     part = _stopped_after(full, tmp_path / "part", 2)
 
     _one(part, *COMMON, "trainer.steps=3", "trainer.resume=true")  # 2 FSDP2 processes -> 1
@@ -134,10 +135,20 @@ def test_fsdp2_two_processes_then_one_then_two_match_an_uninterrupted_run(tmp_pa
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
     _assert_close_weights(_export(full, 4), _export(part, 4))
-    want, got = _info(full)["history"][-1], infos[0]["history"][-1]
+    want, got = _info(full)["history"][3], infos[0]["history"][-1]
     assert want["reward/mean"] == got["reward/mean"]  # the same samples at step 4
     for k in ("actor/pg_loss", "actor/kl_loss", "actor/lr"):
         assert math.isclose(want[k], got[k], rel_tol=1e-4, abs_tol=1e-6), k
+
+    _ddp(part, *COMMON, "trainer.steps=5", "trainer.resume=true")  # 2 FSDP2 processes -> 2 DDP processes
+    info = _info(part)
+    assert (info["steps"], info["step_idx"], info["sharded"]) == (1, 5, False) and "MULTI_CPU" in info["distributed_type"]
+    _assert_loaded_exactly(torch.load(part / "loaded.pt", weights_only=False), _saved(part, 4, tmp_path))
+    state = ckpt.checkpoint_root(part) / "step_000004" / "state"
+    for r in (0, 1):  # the same process count: each process's RNG as it saved it
+        saved_rng = torch.load(state / f"random_states_{r}.pkl", weights_only=False)["torch"]
+        assert torch.equal(torch.load(part / f"rng_rank{r}.pt"), saved_rng), r
+    _assert_close_weights(_export(full, 5), _export(part, 5))
 
 
 @pytest.mark.slow
