@@ -99,6 +99,7 @@ def test_hermes_rollout_is_sampled_plus_rendered_deltas(smol_tokenizer, tiny_mod
     m = agent.last_metrics
     assert m["rollout/template_drift_turns"] == 0 and m["rollout/searches_per_traj"] == 1.0
     assert m["rollout/tool_errors"] == 2 and m["rollout/invalid_actions"] == 2
+    assert agent.retriever.calls == [["hamlet author", "peru"]]  # one retriever call for the turn's searches
     played = list(agent.backend.outputs)
     for t, q in zip(trajs, HERMES_SCRIPT):
         assert t.stop_reason == "answer" and t.meta["format"] == "tool_calls"
@@ -269,3 +270,23 @@ def test_warmup_trajectory_is_what_the_agent_records(smol_tokenizer, template, p
     (t,) = agent.rollout([ex])
     assert warm.token_ids == t.token_ids and warm.segments == t.segments and warm.turns == t.turns
     assert warm.answer == t.answer == "Shakespeare" and warm.answer_span == t.answer_span
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_eval_agent_in_tool_calls_format(smol_tokenizer, tmp_path):
+    import rexrag.eval.evaluate as E
+
+    tok = with_template(smol_tokenizer, HERMES)
+    script = {"France": [CALL.format(name="search", args='{"query": "france capital"}'), "<answer> Paris </answer>"],
+              "Peru": ["Lima"]}
+    examples = [QAExample(id=f"q{i}", question=f"Capital of {c}?", golden_answers=[a], group_id=i)
+                for i, (c, a) in enumerate([("France", "Paris"), ("Peru", "Lima")])]
+    opts = E.EvalOptions(method="agent", batch_size=2, max_new_tokens=64, format="tool_calls")
+    res = E.run_eval({"demo": (tmp_path / "x.jsonl", examples)}, None, tok, FakeRetriever(), opts, tmp_path / "out",
+                     "tools", {"model": "scripted"}, quiet=True, backend=PlayedBackend(tok, script))
+    assert [r["prediction"] for r in res["rows"]] == ["Paris", "Lima"] and [r["em"] for r in res["rows"]] == [1.0, 1.0]
+    assert [r["n_searches"] for r in res["rows"]] == [1, 0]
+    with pytest.raises(UserError, match="--format"):
+        E.EvalOptions(method="direct", format="tool_calls")

@@ -20,7 +20,7 @@ def test_train_cli_tool_calls_smollm2(tmp_path):
     rc = main(["train", "--config", str(DEMO), "--no-progress", f"trainer.out_dir={out}", "trainer.steps=2",
                "rollout.format=tool_calls", "data.batch_size=2", "rollout.n=2", "rollout.max_turns=1",
                "rollout.max_new_tokens_per_turn=24", "trainer.mini_batch_size=4", "trainer.micro_batch_size=2",
-               "rex.probe_prob=1.0"])
+               "rex.probe_prob=1.0", "rollout.backend=hf"])
     assert rc == 0
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-obs-tokens", type=int, default=d.max_obs_tokens)
     p.add_argument("--second-hop", default=d.second_hop, choices=["auto", "never"])
     p.add_argument("--template", default=d.template)
+    p.add_argument("--format", default=d.format, choices=["tags", "tool_calls"],
+                   help="agent format taught: tags (default) | tool_calls (native calls through the chat template)")
+    p.add_argument("--tool-parser", default=d.tool_parser, help="tool_calls: the call syntax taught: hermes | llama3_json")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = full fine-tune)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--device", default="cpu")
@@ -58,9 +61,15 @@ def run(args) -> int:
         examples = list(load_qa_files([demo_file("train.jsonl")]))
     cfg = WarmupConfig(n_examples=args.n_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        topk=args.topk, max_obs_tokens=args.max_obs_tokens, second_hop=args.second_hop,
-                       template=args.template, autocast_bf16=args.bf16, seed=args.seed)
+                       template=args.template, autocast_bf16=args.bf16, seed=args.seed, format=args.format,
+                       tool_parser=args.tool_parser)
     retriever = load_retriever(RetrievalConfig(index=args.index, url=args.retriever_url, topk=args.topk))
     tokenizer = load_tokenizer(args.model)
+    if cfg.format == "tool_calls":  # a tokenizer without a chat template: before the model loads
+        from rexrag.rollout.tool_calls import require_chat_template, write_call
+
+        require_chat_template(tokenizer, "--format tool_calls")
+        write_call(cfg.tool_parser, "search", {})  # a parser we cannot write calls for: before the model loads
     torch_seed(args.seed)
     model = load_model(ModelConfig(name_or_path=args.model, lora_rank=args.lora_rank), device=args.device)
     summary = run_warmup(model, tokenizer, retriever, examples, cfg, args.out, device=args.device)

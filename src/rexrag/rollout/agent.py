@@ -71,7 +71,7 @@ from rexrag.protocol import (
     stop_strings,
 )
 from rexrag.rollout.engine import FINISH_REASONS, GenerationBackend, GenOutput, SamplingParams
-from rexrag.rollout.tool_calls import apply_tool_turn
+from rexrag.rollout.tool_calls import apply_tool_turn, finish_tool_turns
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 if TYPE_CHECKING:  # annotation only: config validates rollout.backend against our registry, so it imports us
@@ -299,13 +299,16 @@ class SearchAgent:
             query = self._apply_turn(r, out, limit, counts)
             if query is not None:
                 searching.append((r, query))
-        if searching:
+        if searching and self.chat is not None:  # tool calls of every row, one retriever call for their searches
+            finish_tool_turns(self, searching, counts)
+        elif searching:
             self._retrieve(searching, counts)
         for r in gen:
             r.turn += 1
 
-    def _apply_turn(self, r: _Row, out: GenOutput, limit: int, counts: Counter) -> str | None:
-        """Record one generated turn; finish the row or insert a NOTICE; return a query to run."""
+    def _apply_turn(self, r: _Row, out: GenOutput, limit: int, counts: Counter):
+        """Record one generated turn; finish the row or insert a NOTICE; return a query to run (tool_calls
+        format: the row's ``PendingTurn``)."""
         ids, lps, finish = list(out.token_ids), list(out.logprobs), out.finish
         if len(ids) != len(lps) or finish not in FINISH_REASONS:
             raise RuntimeError(f"backend output is inconsistent: {len(ids)} ids, {len(lps)} log-probs, finish={finish!r}")

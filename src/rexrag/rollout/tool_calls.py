@@ -280,12 +280,19 @@ def check_setup(tool_parser: str, tools: list[str]) -> None:
 # --------------------------------------------------------------------------- the turn
 
 
-def apply_tool_turn(agent, r, ids: list[int], finish: str, start: int, counts: Counter) -> list | None:
-    """Record the outcome of one sampled assistant message (already appended as POLICY at ``start``).
+@dataclass
+class PendingTurn:
+    """A message that asked for tools (``calls``), or was cut before it ended (``calls`` None)."""
 
-    Finishes the row (answer / length / turns) or appends the tool messages' delta (INFO, or NOTICE when
-    no call succeeded). Returns None; tools run here (``search`` through ``agent._search``).
-    """
+    body: str  # the message text without its end-of-turn token
+    tail: str  # the end-of-turn text the model sampled ("" when cut)
+    calls: list[ToolCall] | None
+
+
+def apply_tool_turn(agent, r, ids: list[int], finish: str, start: int, counts: Counter) -> PendingTurn | None:
+    """Read one sampled assistant message (already appended as POLICY at ``start``): finish the row (answer /
+    length / turns) and return None, or return what it asks for; ``finish_tool_turns`` then runs every row's
+    tools of this turn (one retriever call for all searches) and appends the tool messages."""
     chat: ChatFormat = agent.chat
     tok, cfg = agent.tokenizer, agent.cfg
     text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -304,36 +311,69 @@ def apply_tool_turn(agent, r, ids: list[int], finish: str, start: int, counts: C
         return r.finish("answer")
     if r.turns_left <= 0:
         return r.finish("turns")
-    if finish != "eos":  # cut by the per-turn cap: no complete message to act on
+    return PendingTurn(body, tail, calls if finish == "eos" else None)
+
+
+def finish_tool_turns(agent, pending: list[tuple], counts: Counter) -> None:
+    """Run the tools of ``pending`` = ``[(row, PendingTurn), ...]`` and append each row's tool messages as the
+    template's delta (INFO when a call succeeded, else NOTICE). Searches of all rows go to the retriever in one
+    call, as in the tags format."""
+    results: dict[tuple[int, int], tuple[str, bool]] = {}
+    jobs: list[tuple[int, int, str]] = []  # (row, call, query)
+    for i, (r, turn) in enumerate(pending):
+        budget = r.searches_left
+        for j, call in enumerate(turn.calls or []):
+            if call.error is None and call.name == "search" and "search" in agent.chat.tools:
+                query = _search_query(agent, call.arguments, counts)
+                if isinstance(query, tuple):
+                    results[i, j] = query
+                elif budget <= 0:
+                    results[i, j] = (NOTICE_TEXT["budget"], False)
+                else:
+                    budget -= 1
+                    jobs.append((i, j, query))
+            else:
+                results[i, j] = _run_one(agent, call, counts)
+    if jobs:
+        found = agent._search([q for _, _, q in jobs])
+        counts["retrieval_calls"] += 1
+        for k, (i, j, _) in enumerate(jobs):
+            r = pending[i][0]
+            if found is None:
+                counts["retrieval_failures"] += 1
+                r.traj.retrieval_failures += 1
+                results[i, j] = (NOTICE_TEXT["retrieval_failed"], False)
+                continue
+            r.searches_left -= 1
+            r.traj.n_searches += 1
+            counts["searches"] += 1
+            results[i, j] = (agent.format_fn(found[k]), True)
+    for i, (r, turn) in enumerate(pending):
+        _append_messages(agent, r, turn, [results[i, j] for j in range(len(turn.calls or []))], counts)
+
+
+def _append_messages(agent, r, turn: PendingTurn, outcomes: list[tuple[str, bool]], counts: Counter) -> None:
+    chat, tok = agent.chat, agent.tokenizer
+    if turn.calls is None:  # cut by the per-turn cap: no complete message to act on
         counts["invalid_actions"] += 1
         r.traj.invalid_actions += 1
         new, seg = [{"role": "user", "content": NOTICE_TEXT["cut"]}], Seg.NOTICE
     else:
-        new, ok = _run_calls(agent, r, calls, counts)
-        seg = Seg.INFO if ok else Seg.NOTICE
-    delta = chat.delta_ids(new, tail)
-    counts["info_tokens" if seg == Seg.INFO else "notice_tokens"] += agent._insert(r, delta, seg)
+        new = []
+        for call, (content, good) in zip(turn.calls, outcomes):
+            if good:
+                content = _cap(agent, content, counts)
+            else:
+                counts["invalid_actions"] += 1
+                r.traj.invalid_actions += 1
+            new.append({"role": "tool", "name": call.name or "error", "content": content})
+        seg = Seg.INFO if any(good for _, good in outcomes) else Seg.NOTICE
+    counts["info_tokens" if seg == Seg.INFO else "notice_tokens"] += agent._insert(r, chat.delta_ids(new, turn.tail), seg)
     messages = r.traj.meta.get("messages")
     if messages is not None and not r.done:
-        messages += [{"role": "assistant", "content": body}, *new]
+        messages += [{"role": "assistant", "content": turn.body}, *new]
         seen = tok.decode(r.traj.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         counts["template_drift_turns"] += int(chat.render(messages, True) != seen)
-    return None
-
-
-def _run_calls(agent, r, calls: list[ToolCall], counts: Counter) -> tuple[list[dict], bool]:
-    """Tool messages for ``calls`` and whether any call succeeded."""
-    out, ok = [], False
-    for call in calls:
-        content, good = _run_one(agent, r, call, counts)
-        ok |= good
-        if not good:
-            counts["invalid_actions"] += 1
-            r.traj.invalid_actions += 1
-        else:
-            content = _cap(agent, content, counts)
-        out.append({"role": "tool", "name": call.name or "error", "content": content})
-    return out, ok
 
 
 def _cap(agent, content: str, counts: Counter) -> str:
@@ -348,7 +388,8 @@ def cap_text(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def _run_one(agent, r, call: ToolCall, counts: Counter) -> tuple[str, bool]:
+def _run_one(agent, call: ToolCall, counts: Counter) -> tuple[str, bool]:
+    """A user tool's output (or why there is none) and whether it ran."""
     tools = agent.chat.tools
     if call.error is not None:
         counts["tool_errors"] += 1
@@ -356,8 +397,6 @@ def _run_one(agent, r, call: ToolCall, counts: Counter) -> tuple[str, bool]:
     if call.name not in tools:
         counts["tool_errors"] += 1
         return f"Error: unknown tool {call.name!r}; the tools are {sorted(tools)}.", False
-    if call.name == "search":
-        return _search(agent, r, call.arguments, counts)
     try:
         result = tools[call.name].fn(**call.arguments)
     except Exception as exc:  # a tool's own failure is the model's information, never a crash
@@ -367,7 +406,8 @@ def _run_one(agent, r, call: ToolCall, counts: Counter) -> tuple[str, bool]:
     return str(result), True
 
 
-def _search(agent, r, args: dict, counts: Counter) -> tuple[str, bool]:
+def _search_query(agent, args: dict, counts: Counter) -> str | tuple[str, bool]:
+    """The query of a search call, cut to ``max_query_chars``; or the notice for a bad or empty one."""
     query = args.get("query") if set(args) == {"query"} else None
     if not isinstance(query, str):
         counts["tool_errors"] += 1
@@ -376,15 +416,4 @@ def _search(agent, r, args: dict, counts: Counter) -> tuple[str, bool]:
     if not query:
         counts["empty_queries"] += 1
         return NOTICE_TEXT["empty_query"], False
-    if r.searches_left <= 0:
-        return NOTICE_TEXT["budget"], False
-    results = agent._search([query])
-    counts["retrieval_calls"] += 1
-    if results is None:
-        counts["retrieval_failures"] += 1
-        r.traj.retrieval_failures += 1
-        return NOTICE_TEXT["retrieval_failed"], False
-    r.searches_left -= 1
-    r.traj.n_searches += 1
-    counts["searches"] += 1
-    return agent.format_fn(results[0]), True
+    return query
