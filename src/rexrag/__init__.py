@@ -2,7 +2,7 @@
 
 The classes and functions a user needs import from here (``from rexrag import Trainer``); each is
 loaded on first use, so ``import rexrag`` stays cheap (no torch, no transformers). A custom run in a
-few lines (README "Python API")::
+few lines (docs/guides/extending.md, "The whole thing in one run")::
 
     import rexrag
 
