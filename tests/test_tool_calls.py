@@ -290,3 +290,18 @@ def test_eval_agent_in_tool_calls_format(smol_tokenizer, tmp_path):
     assert [r["n_searches"] for r in res["rows"]] == [1, 0]
     with pytest.raises(UserError, match="--format"):
         E.EvalOptions(method="direct", format="tool_calls")
+
+
+def test_template_that_ignores_tools_gets_them_in_a_system_message(smol_tokenizer):
+    tok = smol_tokenizer  # SmolLM2's own ChatML template renders no tools
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}], tools=[{"type": "function", "function": {
+        "name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}], tokenize=False) == \
+        tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False)
+    script = {"Who wrote Hamlet?": [CALL.format(name="search", args='{"query": "hamlet"}'), "<answer> Shakespeare </answer>"]}
+    agent = _agent(tok, script)
+    (t,) = agent.rollout(_ex(*script))
+    prompt = _decode(tok, t.token_ids[: t.prompt_len])
+    assert prompt.startswith("<|im_start|>system\n") and '"name": "search"' in prompt and "<tool_call>" in prompt
+    assert [s for s, _ in _runs(t)] == [Seg.POLICY, Seg.INFO, Seg.POLICY] and t.answer == "Shakespeare"
+    assert agent.last_metrics["rollout/template_drift_turns"] == 0
+    _same_as_rendered(tok, t, agent.chat.render(t.meta["messages"] + [{"role": "assistant", "content": script["Who wrote Hamlet?"][1]}], False))
