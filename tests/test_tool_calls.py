@@ -117,6 +117,10 @@ def test_hermes_rollout_is_sampled_plus_rendered_deltas(smol_tokenizer, tiny_mod
     assert "unknown tool 'nope'" in _decode(tok, _runs(peru)[1][1]) and "not valid JSON" in _decode(tok, _runs(peru)[3][1])
     assert "about hamlet author" in _decode(tok, _runs(hamlet)[1][1])  # the retriever's passages
     assert [policy_answer(tok, t) for t in trajs] == ["Shakespeare", "Lima"]  # auto: the span, else the message
+    from rexrag.rewards import build_reward, reward_trajectories, trajectory_format_ok
+
+    assert [trajectory_format_ok(tok, t) for t in trajs] == [True, False]  # Peru's row made two bad calls
+    assert reward_trajectories(build_reward("em_format"), "em_format", tok, trajs) == pytest.approx([0.1, 0.0])  # gold "x": the format bonus only
     # recorded log-probs equal the trainer's re-scoring forward of the record; inserted tokens are not trained
     batch = to_batch(trajs, pad_id=tok.pad_token_id)
     pol = batch["segments"] == Seg.POLICY
@@ -288,6 +292,7 @@ def test_eval_agent_in_tool_calls_format(smol_tokenizer, tmp_path):
                      "tools", {"model": "scripted"}, quiet=True, backend=PlayedBackend(tok, script))
     assert [r["prediction"] for r in res["rows"]] == ["Paris", "Lima"] and [r["em"] for r in res["rows"]] == [1.0, 1.0]
     assert [r["n_searches"] for r in res["rows"]] == [1, 0]
+    assert [r["format_ok"] for r in res["rows"]] == [True, True]  # clean calls and an answer
     with pytest.raises(UserError, match="--format"):
         E.EvalOptions(method="direct", format="tool_calls")
 

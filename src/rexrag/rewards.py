@@ -381,17 +381,29 @@ def answer_metrics(response: str | None, golds: str | Iterable[str] | None) -> d
     }
 
 
+def trajectory_format_ok(tokenizer, traj) -> bool:
+    """The format check of one trajectory. Tags format: ``format_ok`` of the response with every retrieved block
+    emptied (``rexrag.rollout.agent.format_view``). ``rollout.format=tool_calls``: the chat template carries the
+    format, so it is followed when every call parsed and ran (no notice) and the final message gave an answer."""
+    from rexrag.rollout.agent import format_view
+
+    if traj.meta.get("format") == "tool_calls":
+        return traj.stop_reason == "answer" and traj.invalid_actions == 0 and traj.answer is not None
+    return format_ok(format_view(tokenizer, traj))
+
+
 def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list[float]:
     """Reward of each trajectory (``rexrag.rollout.trajectory.Trajectory``), also stored in ``traj.meta['reward']``.
 
     ``fn`` gets ``completions`` (the model's own text: POLICY and PROBE tokens, no prompt, no retrieved
     passages, no notices; ``rexrag.rollout.agent.policy_text``) and the gold answers, and as keywords
     (those it names, or all with ``**kw``): ``predictions`` (the model's answer read from its own tokens,
-    ``policy_answer``), ``formatted`` (``format_ok`` of the response with every retrieved block emptied),
+    ``policy_answer``), ``formatted`` (``trajectory_format_ok``: ``format_ok`` of the response with every
+    retrieved block emptied; in the tool_calls format, clean calls and an answer),
     ``questions``, ``metadata`` (the example's metadata plus ``id``, ``data_source``, ``group_id``) and
     ``trajectories``. A wrong count or a non-finite value is an error naming ``name``.
     """
-    from rexrag.rollout.agent import format_view, policy_answer, policy_text
+    from rexrag.rollout.agent import policy_answer, policy_text
 
     if not trajs:
         return []
@@ -400,7 +412,7 @@ def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list
     out = call_reward(
         fn, name, [policy_text(tokenizer, tr) for tr in trajs], answers,
         predictions=[policy_answer(tokenizer, tr) for tr in trajs],
-        formatted=[format_ok(format_view(tokenizer, tr)) for tr in trajs],
+        formatted=[trajectory_format_ok(tokenizer, tr) for tr in trajs],
         questions=[getattr(ex, "question", "") for ex in exs],
         metadata=[{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
                    "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)],

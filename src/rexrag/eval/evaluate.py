@@ -300,8 +300,8 @@ def make_agent(backend, tokenizer, retriever, opts: EvalOptions):
 def _run_agent(examples, agent, tokenizer) -> list[dict]:
     """The prediction is read from the model's own tokens (``policy_answer``), and the format check
     sees retrieved blocks emptied (``format_view``): retrieved text can neither answer nor break it."""
-    from rexrag.rewards import format_ok
-    from rexrag.rollout.agent import format_view, policy_answer, response_text
+    from rexrag.rewards import trajectory_format_ok
+    from rexrag.rollout.agent import policy_answer, response_text
 
     trajs = agent.rollout(list(examples), n=1)
     rows = []
@@ -310,7 +310,7 @@ def _run_agent(examples, agent, tokenizer) -> list[dict]:
         answer = policy_answer(tokenizer, t)
         rows.append({"prediction": answer, "answer_source": "tags" if answer is not None else None, "response": text,
                      "n_searches": int(t.n_searches),
-                     "format_ok": bool(format_ok(format_view(tokenizer, t))), "stop_reason": t.stop_reason,
+                     "format_ok": bool(trajectory_format_ok(tokenizer, t)), "stop_reason": t.stop_reason,
                      "trajectory": t})
     return rows
 
