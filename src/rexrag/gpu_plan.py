@@ -52,9 +52,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rexrag.errors import ConfigError, UserError
-from rexrag.memory_plan import total  # the bytes of a phase's parts, as the CPU plan adds them
 
 MIB, GIB = 2**20, 2**30
+
+
+def total(parts: dict[str, int]) -> int:
+    """The bytes of a phase's parts (as the CPU plan adds them; not imported from it: memory_plan
+    reaches the generation backends, which size their GPU share from this module)."""
+    return sum(parts.values())
 
 # Overheads (estimates until bench/gpu_smoke.py measures them on a lent GPU).
 CUDA_CONTEXT = 600 * MIB  # CUDA context, cuBLAS/cuDNN handles
