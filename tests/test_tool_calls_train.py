@@ -17,15 +17,15 @@ def test_train_cli_tool_calls_smollm2(tmp_path):
     from rexrag.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "--config", str(DEMO), "--no-progress", f"trainer.out_dir={out}", "trainer.steps=2",
+    rc = main(["train", "--config", str(DEMO), "--no-progress", f"trainer.out_dir={out}", "trainer.steps=1",
                "rollout.format=tool_calls", "data.batch_size=2", "rollout.n=2", "rollout.max_turns=1",
                "rollout.max_new_tokens_per_turn=24", "trainer.mini_batch_size=4", "trainer.micro_batch_size=2",
                "rex.probe_prob=1.0", "rollout.backend=hf"])
     assert rc == 0
-    recs = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2]
-    assert all("rollout/template_drift_turns" in r and r["rollout/trajectories"] >= 4 for r in recs)
-    assert (out / "checkpoints" / "step_000002" / "model" / "config.json").is_file()
+    (rec,) = read_metrics(out / "metrics.jsonl")  # ~8 min on 2 loaded cores (2 steps ~14; 2026-12-06)
+    assert rec["step"] == 1 and rec["rollout/trajectories"] >= 4 and "rex/probes_made" in rec
+    assert rec["rollout/template_drift_turns"] == 0  # SmolLM2's ChatML re-renders history as sampled
+    assert (out / "checkpoints" / "step_000001" / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("override,setting", [
