@@ -68,6 +68,7 @@ class PlayedBackend:
         self.tok, self.script, self.model = tokenizer, script, model
         self.turn: dict[str, int] = {}
         self.outputs: list[list[int]] = []
+        self.eos = tokenizer.eos_token_id  # the end-of-turn token played
 
     def generate(self, prompts, stops, params: SamplingParams) -> list[GenOutput]:
         outs = []
@@ -77,7 +78,7 @@ class PlayedBackend:
             k = self.turn.get(q, 0)
             self.turn[q] = k + 1
             msg = self.script[q][k] if k < len(self.script[q]) else "done"
-            ids = list(self.tok(msg, add_special_tokens=False)["input_ids"]) + [self.tok.eos_token_id]
+            ids = list(self.tok(msg, add_special_tokens=False)["input_ids"]) + [self.eos]
             finish = "eos"
             if len(ids) > params.max_new_tokens:
                 ids, finish = ids[: params.max_new_tokens], "length"

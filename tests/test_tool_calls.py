@@ -310,3 +310,14 @@ def test_template_that_ignores_tools_gets_them_in_a_system_message(smol_tokenize
     assert [s for s, _ in _runs(t)] == [Seg.POLICY, Seg.INFO, Seg.POLICY] and t.answer == "Shakespeare"
     assert agent.last_metrics["rollout/template_drift_turns"] == 0
     _same_as_rendered(tok, t, agent.chat.render(t.meta["messages"] + [{"role": "assistant", "content": script["Who wrote Hamlet?"][1]}], False))
+
+
+def test_another_eos_stays_as_sampled_and_the_templates_closing_follows(smol_tokenizer):
+    tok = with_template(smol_tokenizer, HERMES)
+    script = {"Who wrote Hamlet?": [CALL.format(name="search", args='{"query": "hamlet"}'), "Shakespeare"]}
+    agent = _agent(tok, script)
+    agent.backend.eos = tok.convert_tokens_to_ids("<|endoftext|>")  # an EOS the template does not close turns with
+    (t,) = agent.rollout(_ex(*script))
+    runs = _runs(t)
+    assert runs[0][1][-1] == agent.backend.eos and _decode(tok, runs[1][1]).startswith("<|im_end|>\n<|im_start|>user")
+    assert t.answer == "Shakespeare"

@@ -16,7 +16,7 @@ whitespace gets normalised) cannot change trained tokens: the sampled ids win. E
 renders the whole conversation once and compares it with the decoded trajectory; a mismatch is counted
 in ``rollout/template_drift_turns`` (information only: nothing is re-tokenised).
 
-Tools are plain Python functions: ``search`` is built in (the configured retriever, batched per call);
+Tools are plain Python functions: ``search`` is built in (the configured retriever; one call per turn serves every row);
 register more with ``@rexrag.register_tool`` or name them by dotted path (``pkg.module.fn``) in
 ``rollout.tools``. An unknown tool, arguments that are not a JSON object, or a tool that raises becomes a
 NOTICE (a tool message saying what went wrong) and the rollout goes on; a tool's output is INFO, cut to
@@ -28,6 +28,8 @@ any ``</think>``: ``rollout.final_answer`` = ``tag`` (the last ``<answer>`` span
 probes cut at the start of that final message (``answer_span[0]``).
 
 Differences from peers: TRL re-renders with patched prefix-preserving templates; we never re-render.
+When the model ends its turn with an EOS token other than the one the template closes turns with (Llama 3.1's
+``<|eom_id|>`` after a call, Qwen's ``<|endoftext|>``), that token stays as sampled and the template's closing follows it.
 A call in the last turn (no turn left to read its result) ends the row with stop reason ``turns``.
 """
 
