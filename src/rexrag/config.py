@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rexrag.errors import ConfigError
 from rexrag.protocol import DEFAULT_TOPK, INFORMATION_OPEN
 
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")  # AdamW moments (rexrag.train.optim)
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.attn_implementation (rexrag.packing)
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -50,9 +52,21 @@ class ModelConfig:
     lora_target: list[str] = doc("Module names LoRA adapts.", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
     autocast_bf16: bool = doc("bf16 autocast for forward passes where the device supports it.", False)
+    attn_implementation: str = doc("Attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed and "
+                                   "forwards run in bf16/fp16, else sdpa) | sdpa | eager | flash_attention_2. Packed "
+                                   "forwards (trainer.pack_sequences) keep attention within rows with any of them "
+                                   "(rexrag.packing).", "auto")
+    fsdp_mixed_precision: str = doc("FSDP2 all-gather and compute dtype: auto (bfloat16 when autocast_bf16 is on and "
+                                    "rexrag.hardware.has_fast_bf16, else float32) | bfloat16 | float32. Gradients are "
+                                    "reduced in float32; the sharded master weights keep model.dtype.", "auto")
 
     def __post_init__(self):
         _choices("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choices("model.fsdp_mixed_precision", self.fsdp_mixed_precision, ("auto", "bfloat16", "float32"))
+        _choices("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                              "installed here (it builds for CUDA only); use model.attn_implementation=auto")
         if self.lora_rank < 0:
             raise ConfigError("model.lora_rank must be >= 0 (0 disables LoRA)")
 
@@ -280,6 +294,10 @@ class TrainerConfig:
     micro_batch_size: int = doc("Trajectories per forward/backward (gradient accumulation).", 4)
     micro_batch_tokens: int = doc("Token budget per forward/backward: rows sorted by length and packed while "
                                   "rows x longest <= budget (replaces micro_batch_size; 0 = split by rows).", 0)
+    pack_sequences: bool = doc("Padding-free update and log-prob passes: each micro-batch's rows run as one "
+                               "sequence of their real tokens (position ids restarting per row, attention within "
+                               "rows: rexrag.packing), so no padding is computed; micro_batch_tokens then budgets real "
+                               "tokens. Logged: update/padding_ratio (tokens computed per real token).", False)
     reuse_update_forward: bool = doc("On-policy updates (ppo_epochs 1, one mini-batch) take the old-policy "
                                      "log-probs from the update's own forward, detached, instead of a separate pass.", True)
     max_grad_norm: float = doc("Gradient clipping norm.", 1.0)

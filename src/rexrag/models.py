@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import time
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,14 +184,14 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     return tok
 
 
-def _load_causal_lm(name: str, dtype: torch.dtype):
+def _load_causal_lm(name: str, dtype: torch.dtype, attn: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
     try:
         # Read the file, do not map it: a mapped checkpoint's pages stay resident after the model is freed
         # (0.5 GB per load of the demo model, three loads per demo: issue 24's memory breakdown).
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True, **({"attn_implementation": attn} if attn else {}))
     except OSError as exc:
         if Path(path).is_dir():
             raise UserError(f"could not load a model from {path}: {exc}") from None
@@ -212,13 +213,16 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     check_lora_config(cfg)  # an adapter kind the engine's merged weights cannot carry: before anything loads
+    from rexrag.packing import resolve_attn_implementation
+
     dtype = getattr(torch, cfg.dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device, torch.bfloat16 if cfg.autocast_bf16 else dtype)
     path = resolve_model_path(cfg.name_or_path)
     base = _adapter_base(path)
     if base is not None:
-        model = PeftModel.from_pretrained(_load_causal_lm(base, dtype), path, is_trainable=True)
+        model = PeftModel.from_pretrained(_load_causal_lm(base, dtype, attn), path, is_trainable=True)
     else:
-        model = _load_causal_lm(cfg.name_or_path, dtype)
+        model = _load_causal_lm(cfg.name_or_path, dtype, attn)
         if cfg.lora_rank > 0:
             lora = LoraConfig(
                 r=cfg.lora_rank,
@@ -402,11 +406,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 class TokenLogprob(torch.autograd.Function):
     """logits [..., V] (any float dtype), targets [...] long -> log p(target) [...] float32, computed in float32.
 
-    The same numbers as ``logits.float().gather(...) - logits.float().logsumexp(-1)`` (bitwise), with a
-    backward written out: ``d lp / d logits = onehot(target) - softmax``, built in one [N, V] float32
-    buffer and handed back in the logits' dtype. Autograd's own backward allocates and fills four [N, V]
-    tensors (softmax, its scaling, the gather's zero-filled scatter, their sum) plus a cast: with a 49k
-    vocabulary that was 10 % of the demo's update."""
+    The same numbers as ``logits.float().gather(...) - logits.float().logsumexp(-1)`` (bitwise); backward
+    ``onehot(target) - softmax`` in one [N, V] float32 buffer, where autograd's fills four [N, V] tensors
+    plus a cast (10 % of the demo's update with a 49k vocabulary)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -440,19 +442,53 @@ def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 
 
 def _has_plain_head(model) -> bool:
-    """True when logits are exactly ``head(decoder(x))`` (no softcapping / logit scaling)."""
+    """True when logits are exactly ``head(decoder(x))`` (no softcapping / logit scaling); FSDP2 included
+    (:func:`_head_logprobs`)."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return False
-    from rexrag.sharding import is_fsdp_module
-
-    if is_fsdp_module(model):  # FSDP2 gathers the root's weights (embeddings, head) only in its own forward
         return False
     return callable(getattr(model, "get_decoder", None)) and model.get_output_embeddings() is not None
 
 
+def _chunked_head(model, input_ids: Tensor, src: Tensor, targets: Tensor, chunk_tokens: int, with_entropy: bool,
+                  temperature: float, **forward_kwargs):
+    """Decoder once, then the LM head over the hidden states at ``src`` [M] (flat positions of
+    ``input_ids`` [R, W]) in slices of ``chunk_tokens``: log p(targets) [M] (and entropy [M])."""
+    hidden = model.get_decoder()(input_ids=input_ids, **forward_kwargs).last_hidden_state
+    flat_h, head = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src), model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    parts = []
+    for s in range(0, max(flat_h.shape[0], 1), chunk_tokens):  # no position: one empty slice (same collectives)
+        h, t = flat_h[s : s + chunk_tokens], targets[s : s + chunk_tokens]
+        if grad:
+            # Keep only the chunk's inputs for backward; its [N, V] logits are recomputed.
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, with_entropy, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h, t, with_entropy, temperature))
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True)) if with_entropy else torch.cat(parts)
+
+
+_FSDP_HEAD = "_rexrag_chunked_head"  # the method name registered on an FSDP2 root
+
+
+def _head_logprobs(model, *args, **kwargs):
+    """:func:`_chunked_head` of ``model``. An FSDP2 root runs it as a forward (``register_fsdp_forward_method``):
+    its unit (embeddings, norm, head: shards outside a forward) is gathered around it, re-gathered in its
+    backward (the head slices recomputed there too) and its gradients reduce-scattered."""
+    from rexrag.sharding import is_fsdp_module
+
+    if not is_fsdp_module(model):
+        return _chunked_head(model, *args, **kwargs)
+    if _FSDP_HEAD not in model.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        model.__dict__[_FSDP_HEAD] = types.MethodType(_chunked_head, model)
+        register_fsdp_forward_method(model, _FSDP_HEAD)
+    return getattr(model, _FSDP_HEAD)(*args, **kwargs)
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_tokens: int = 512,
-                      with_entropy: bool = False, temperature: float = 1.0):
+                      with_entropy: bool = False, temperature: float = 1.0, pack: bool = False):
     """Per-token log-probs of the given tokens under ``model`` (the one log-prob function).
 
     input_ids, attention_mask: [B, T] (right or left padding; 1 = real token).
@@ -466,42 +502,54 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     ``temperature``: the sampling temperature of the rollouts; logits are divided by it (as verl does)
     so the ratio compares the policy that sampled the tokens. 1.0 leaves the logits untouched.
+
+    ``pack``: padding-free, the rows run as one sequence of their real tokens (``rexrag.packing``); the
+    same [B, T] comes back (the padded result within float tolerance, not bitwise).
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, T]")
     B, T = input_ids.shape
     mask = attention_mask.long()
-    pos = position_ids(mask)
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     if T < 2:
         return (out, out.clone()) if with_entropy else out
+    if pack:
+        return _packed_logprobs(model, input_ids, mask, out, chunk_tokens, with_entropy, temperature)
+    pos = position_ids(mask)
     targets = input_ids[:, 1:]
     if not _has_plain_head(model):
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
         res = _chunk_logprobs(lambda x: x, logits, targets, with_entropy, temperature)
     else:
-        hidden = model.get_decoder()(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
-        ).last_hidden_state[:, :-1]
-        head = model.get_output_embeddings()
-        flat_h = hidden.reshape(-1, hidden.shape[-1])
-        flat_t = targets.reshape(-1)
-        grad = torch.is_grad_enabled() and flat_h.requires_grad
-        parts = []
-        for s in range(0, flat_h.shape[0], chunk_tokens):
-            h, t = flat_h[s : s + chunk_tokens], flat_t[s : s + chunk_tokens]
-            if grad:
-                # Keep only the chunk's inputs for backward; its [N, V] logits are recomputed.
-                parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, h, t, with_entropy, temperature, use_reentrant=False))
-            else:
-                parts.append(_chunk_logprobs(head, h, t, with_entropy, temperature))
-        res = tuple(torch.cat(p).view(B, T - 1) for p in zip(*parts, strict=True)) if with_entropy else torch.cat(parts).view(B, T - 1)
+        src = torch.arange(B * T, device=input_ids.device).view(B, T)[:, :-1].reshape(-1)  # every position but the last
+        res = _head_logprobs(model, input_ids, src, targets.reshape(-1), chunk_tokens, with_entropy, temperature,
+                             attention_mask=mask, position_ids=pos, use_cache=False)
+        res = tuple(r.view(B, T - 1) for r in res) if with_entropy else res.view(B, T - 1)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()  # target real and context non-empty
 
     def _pad(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([out[:, :1], torch.where(valid, x, torch.zeros_like(x))], dim=1)
 
     return (_pad(res[0]), _pad(res[1])) if with_entropy else _pad(res)
+
+
+def _packed_logprobs(model, input_ids: Tensor, mask: Tensor, out: Tensor, chunk_tokens: int, with_entropy: bool,
+                     temperature: float):
+    """``sequence_logprobs(..., pack=True)``: [B, T] in, [B, T] out (``out`` the zeros to fill)."""
+    from rexrag.packing import pack, varlen_forward_kwargs
+
+    p = pack(input_ids, mask)
+    targets, kw = input_ids.reshape(-1)[p.dest], varlen_forward_kwargs(model, p)
+    if _has_plain_head(model):
+        res = _head_logprobs(model, p.input_ids, p.src, targets, chunk_tokens, with_entropy, temperature, **kw)
+    else:
+        logits = model(input_ids=p.input_ids, **kw).logits[0].index_select(0, p.src)
+        res = _chunk_logprobs(lambda x: x, logits, targets, with_entropy, temperature)
+
+    def _unpack(x: Tensor) -> Tensor:
+        return out.reshape(-1).index_put((p.dest,), x.float()).view_as(out)
+
+    return (_unpack(res[0]), _unpack(res[1])) if with_entropy else _unpack(res)
 
 
 # --------------------------------------------------------------------------- tests

@@ -93,16 +93,44 @@ def wrap_class_names(acc, model) -> set[str]:
 
 def shard_like_policy(module: torch.nn.Module, acc) -> torch.nn.Module:
     """Shard a frozen module (the reference model) as accelerate shards the policy: each decoder layer,
-    then the root, over all processes, resharded after forward. It is not registered with the
-    accelerator (so ``save_state`` does not save it) and has no optimizer."""
-    from torch.distributed.fsdp import fully_shard
+    then the root, over all processes, resharded after forward, with the policy's mixed precision
+    (:func:`set_fsdp_mixed_precision`). It is not registered with the accelerator (so ``save_state``
+    does not save it) and has no optimizer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     names = wrap_class_names(acc, module)
+    mp = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None) or MixedPrecisionPolicy()
     for sub in list(module.modules()):
         if sub is not module and type(sub).__name__ in names:
-            fully_shard(sub, reshard_after_forward=True)
-    fully_shard(module, reshard_after_forward=True)
+            fully_shard(sub, reshard_after_forward=True, mp_policy=mp)
+    fully_shard(module, reshard_after_forward=True, mp_policy=mp)
     return module
+
+
+def fsdp_param_dtype(setting: str, autocast_bf16: bool, device) -> torch.dtype | None:
+    """``model.fsdp_mixed_precision`` -> the dtype FSDP2 gathers and computes in; None = the weights' own.
+    ``auto``: bf16 where the run computes in bf16 (``model.autocast_bf16``) and the hardware does so fast
+    (``rexrag.hardware.has_fast_bf16``: emulated bf16 is several times slower than fp32)."""
+    from rexrag.hardware import has_fast_bf16
+
+    if setting == "bfloat16" or (setting == "auto" and autocast_bf16 and has_fast_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def set_fsdp_mixed_precision(acc, model_cfg) -> torch.dtype | None:
+    """Before ``acc.prepare`` under FSDP2: every unit all-gathers its parameters in the dtype of
+    :func:`fsdp_param_dtype` and computes in it, and reduce-scatters gradients in float32 onto the sharded
+    master weights (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``, which accelerate passes to
+    ``fully_shard``). Returns that dtype (None: no mixed precision; also when not sharded)."""
+    if not is_sharded(acc):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = fsdp_param_dtype(model_cfg.fsdp_mixed_precision, model_cfg.autocast_bf16, acc.device)
+    acc.state.fsdp_plugin.mixed_precision_policy = (
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None else None)
+    return dtype
 
 
 class Lockstep:

@@ -12,6 +12,11 @@ Micro-batches (:func:`micro_batches`): ``trainer.micro_batch_tokens == 0`` keeps
 (longest first) and packs consecutive rows while rows x longest <= budget; each micro-batch is cut to its
 longest row (``width``), which is exact for right padding and a causal model. Losses are normalised by
 the mini-batch's token/sequence counts, not the micro-batch's, so any split gives the same loss.
+
+Padding-free (``trainer.pack_sequences``): each micro-batch's rows run as one sequence of their real
+tokens (``models.sequence_logprobs(pack=True)``, ``rexrag.packing``), so its cost follows the sum of its
+rows' lengths, not rows x longest. The token budget then packs consecutive rows while that sum <= budget;
+the row split is unchanged. :func:`padding_ratio` is the computed tokens per real token (1.0 packed).
 """
 
 from __future__ import annotations
@@ -114,13 +119,18 @@ class Micro(NamedTuple):
     width: int
 
 
-def micro_batches(rows: Tensor, lengths: Tensor, width: int, max_rows: int, max_tokens: int = 0) -> list[Micro]:
+def micro_batches(rows: Tensor, lengths: Tensor, width: int, max_rows: int, max_tokens: int = 0,
+                  packed: bool = False) -> list[Micro]:
     """Split ``rows`` [n] (``lengths`` [B] per row of the batch, ``width`` = T) into micro-batches.
 
     ``max_tokens == 0``: ``max_rows`` consecutive rows each, all ``width`` columns (the row-count split).
     ``max_tokens > 0``: rows sorted by length (longest first, ties by position), packed greedily while
     rows x longest <= ``max_tokens`` (a row longer than the budget goes alone), each cut to its longest.
+    ``packed``: rows computed without padding; the budget holds consecutive rows while their summed
+    lengths <= ``max_tokens`` (a longer row alone); every micro-batch is cut to its longest row.
     """
+    if packed:
+        return _packed_micro_batches(rows, lengths, max_rows, max_tokens)
     if max_tokens <= 0:
         return [Micro(rows[i : i + max_rows], width) for i in range(0, len(rows), max_rows)]
     lens = lengths[rows].tolist()
@@ -137,8 +147,33 @@ def micro_batches(rows: Tensor, lengths: Tensor, width: int, max_rows: int, max_
     return [Micro(rows[torch.tensor(g, dtype=torch.long)], max(1, int(lens[g[0]]))) for g in out]
 
 
-def padding_fraction(micros: list[Micro], lengths: Tensor) -> float:
-    """Share of the computed token slots (rows x width over ``micros``) that are padding."""
-    slots = sum(len(m.rows) * m.width for m in micros)
+def _packed_micro_batches(rows: Tensor, lengths: Tensor, max_rows: int, max_tokens: int) -> list[Micro]:
+    lens = lengths[rows].tolist()
+    groups: list[list[int]] = []
+    total = 0  # real tokens in the last group
+    for i, n in enumerate(lens):
+        if groups and (len(groups[-1]) < max_rows if max_tokens <= 0 else total + n <= max_tokens):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return [Micro(rows[torch.tensor(g, dtype=torch.long)], max(1, max(lens[j] for j in g))) for g in groups]
+
+
+def _token_counts(micros: list[Micro], lengths: Tensor, packed: bool) -> tuple[int, int]:
+    """(tokens computed, real tokens) over ``micros``: rows x width padded, the real tokens packed."""
     real = sum(int(lengths[m.rows].clamp(max=m.width).sum()) for m in micros)
-    return 1.0 - real / slots if slots else 0.0
+    return (real if packed else sum(len(m.rows) * m.width for m in micros)), real
+
+
+def padding_fraction(micros: list[Micro], lengths: Tensor, packed: bool = False) -> float:
+    """Share of the computed token slots (rows x width over ``micros``; none when ``packed``) that are padding."""
+    computed, real = _token_counts(micros, lengths, packed)
+    return 1.0 - real / computed if computed else 0.0
+
+
+def padding_ratio(micros: list[Micro], lengths: Tensor, packed: bool = False) -> float:
+    """Tokens computed per real token over ``micros`` (1.0 when ``packed``; rows x width / real tokens padded)."""
+    computed, real = _token_counts(micros, lengths, packed)
+    return computed / real if real else 1.0

@@ -27,7 +27,8 @@ Which forward pass each quantity comes from (all on the exact batch tokens via
 Micro-batches: ``trainer.micro_batch_size`` rows each (default), or with ``trainer.micro_batch_tokens``
 rows sorted by length and packed under a padded-token budget, each cut to its longest row; the loss
 is the same either way (normalised by mini-batch totals). ``train/padding_fraction`` is the padded
-share of the update's token slots. ``model.gradient_checkpointing`` recomputes decoder activations in
+share of the update's token slots; ``trainer.pack_sequences`` computes no padding (``update/padding_ratio``:
+tokens computed per real token). ``model.gradient_checkpointing`` recomputes decoder activations in
 backward (HF, non-reentrant).
 
 Multi-process data parallel goes through ``accelerate`` (DDP or FSDP2; configs in ``configs/accelerate``;
@@ -71,10 +72,10 @@ from rexrag.rollout.agent import format_view
 from rexrag.rollout.colocate import Colocation, mismatch_metrics
 from rexrag.rollout.trajectory import Trajectory, to_batch
 from rexrag.sharding import (all_agree, check_supported, drain, gather_objects, global_max, global_min, global_sum, is_sharded,
-                              make_accelerator, module_bytes)
+                              make_accelerator, module_bytes, set_fsdp_mixed_precision)
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
-from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction
+from rexrag.train.batch import Batch, Micro, Targets, micro_batches, padding_fraction, padding_ratio
 from rexrag.train.logging import MetricsLogger, memory_metrics
 from rexrag.train.dynamic import sample_step
 from rexrag.train.metrics import rollout_metrics, update_flops
@@ -207,6 +208,7 @@ class Trainer:
         # the same seed on every process: DDP replicas must round their bf16 moments identically
         opt = make_optimizer(groups, self.tc.lr, self.tc.weight_decay, self.tc.optimizer_state_dtype, self.tc.seed)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_schedule(self.tc.warmup_steps))
+        set_fsdp_mixed_precision(self.acc, self.cfg.model)  # FSDP2: bf16 gathers/compute where model.fsdp_mixed_precision says
         prepared = self.acc.prepare(*modules, opt)
         if self.critic is not None:
             model, self.critic, opt = prepared
@@ -387,7 +389,8 @@ class Trainer:
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.model.autocast_bf16)
 
     def _micros(self, rows: Tensor, lengths: Tensor, width: int) -> list[Micro]:
-        return micro_batches(rows, lengths, width, self.tc.micro_batch_size, self.tc.micro_batch_tokens)
+        return micro_batches(rows, lengths, width, self.tc.micro_batch_size, self.tc.micro_batch_tokens,
+                             self.tc.pack_sequences)
 
     @torch.no_grad()
     def _no_grad_pass(self, fn: Callable[[Tensor, Tensor], Tensor], ids: Tensor, am: Tensor) -> Tensor:
@@ -419,7 +422,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            lp = self._no_grad_pass(lambda i, m: sequence_logprobs(model, i, m, temperature=self.temperature), ids, am)
+            lp = self._no_grad_pass(lambda i, m: sequence_logprobs(model, i, m, temperature=self.temperature,
+                                                                   pack=self.tc.pack_sequences), ids, am)
         finally:
             self.model.train(was_training)
         self.passes[kind] += 1
@@ -495,7 +499,9 @@ class Trainer:
         out = {k: sums[k] / counts[k] for k in sums}
         out["actor/nan_skips"] = float(self.nan_skips)
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
-        out["train/padding_fraction"] = padding_fraction([m for mbs in micros for m in mbs], batch.lengths)
+        flat, packed = [m for mbs in micros for m in mbs], self.tc.pack_sequences
+        out["train/padding_fraction"] = padding_fraction(flat, batch.lengths, packed)
+        out["update/padding_ratio"] = padding_ratio(flat, batch.lengths, packed)  # tokens computed per real token
         return out, fresh
 
     def _mini_batch_update(self, batch: Batch, targets: Targets, rows: Tensor, micro: list[Micro], horizon: int,
@@ -564,10 +570,10 @@ class Trainer:
         with self._autocast():
             if self.algo.entropy_coef > 0:
                 logp, ent = sequence_logprobs(self.model, ids, am, with_entropy=True, temperature=self.temperature,
-                                              chunk_tokens=self.tc.logprob_chunk_tokens)
+                                              chunk_tokens=self.tc.logprob_chunk_tokens, pack=self.tc.pack_sequences)
             else:
                 logp = sequence_logprobs(self.model, ids, am, temperature=self.temperature,
-                                         chunk_tokens=self.tc.logprob_chunk_tokens)
+                                         chunk_tokens=self.tc.logprob_chunk_tokens, pack=self.tc.pack_sequences)
                 ent = None
         logp = logp.float()
         behaviour, seq_w = self._behaviour(batch, targets, mb, logp, fresh)
