@@ -112,18 +112,35 @@ def fill(index, n: int, chunk: Callable[[int, int], np.ndarray], take: Callable[
 
 
 def reserve_codes(index, n: int) -> None:
-    """Allocate the codes of an empty Flat / SQ / PQ index (or an HNSW's storage) for ``n`` vectors once.
-    Grown chunk by chunk, faiss's code vector doubles and copies: the old and new buffers coexist, and a
-    16 GB sq8 conversion of wiki-18 would peak at ~26 GB. Resizing to the full size and back to 0 keeps
-    the capacity (std::vector never shrinks), so the adds that follow never reallocate."""
+    """Allocate the codes of an empty Flat / SQ / PQ index for ``n`` vectors once, and for an HNSW index
+    its storage's codes and its graph's neighbour lists (their expected size, +1 %). Grown chunk by chunk,
+    faiss's vectors double and copy: the old and new buffers coexist, and a 16 GB sq8 conversion of wiki-18
+    would peak at ~26 GB. Resizing to the full size and back to 0 keeps the capacity (std::vector never
+    shrinks), so the adds that follow do not reallocate."""
     import faiss
 
     index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexHNSW) and index.storage is not None:
-        index = faiss.downcast_index(index.storage)
-    if isinstance(index, faiss.IndexFlatCodes) and index.ntotal == 0:
-        index.codes.resize(n * index.code_size)
-        index.codes.resize(0)
+    if index.ntotal:
+        return
+    if isinstance(index, faiss.IndexHNSW):
+        _reserve(index.hnsw.neighbors, int(n * _expected_links(index.hnsw) * 1.01))
+        index = faiss.downcast_index(index.storage) if index.storage is not None else None
+    if isinstance(index, faiss.IndexFlatCodes):
+        _reserve(index.codes, n * index.code_size)
+
+
+def _reserve(vector, size: int) -> None:
+    vector.resize(size)
+    vector.resize(0)
+
+
+def _expected_links(hnsw) -> float:
+    """Neighbour slots a vector takes in ``hnsw``: sum over levels of P(top level = l) x slots up to l."""
+    import faiss
+
+    probas = faiss.vector_to_array(hnsw.assign_probas)
+    slots = faiss.vector_to_array(hnsw.cum_nneighbor_per_level)
+    return float(sum(p * slots[level + 1] for level, p in enumerate(probas) if level + 1 < len(slots)))
 
 
 def check_knobs(**knobs: int) -> None:

@@ -4,9 +4,10 @@ faiss has two ways to map a file, and each covers only some types (faiss 1.15.1,
 
 * ``IO_FLAG_MMAP`` maps the inverted lists of IVF indexes (``OnDiskInvertedLists``) and nothing else:
   a Flat, SQ or HNSW file read with it is copied into RAM whole.
-* ``IO_FLAG_MMAP_IFC`` maps the codes of Flat, scalar-quantised and PQ indexes, an HNSW's storage among
-  them. The HNSW graph itself is still copied (neighbour lists, levels, offsets: ~4 (2M + 1) + 12 bytes a
-  vector, ~275 for HNSW32: a quarter of an ``hnsw_sq8`` file at 768-d), and so are an ID map's ids (8).
+* ``IO_FLAG_MMAP_IFC`` maps the codes of Flat, scalar-quantised and PQ indexes (an HNSW's storage among
+  them) and HNSW's neighbour lists, which faiss reads through once while loading, so they are resident
+  (as file pages) from the start: ~4 (2M + 1) bytes a vector, ~260 for HNSW32. HNSW's levels and offsets
+  (12 bytes a vector) and an ID map's ids (8) are copied.
 
 :func:`open_mapped` therefore opens IVF indexes with the first and every other type with the second,
 and refuses, with one line naming the file, a type faiss copies whole under both (fast-scan, NSG,
