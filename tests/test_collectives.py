@@ -93,6 +93,7 @@ def test_a_deepspeed_launch_is_refused_with_one_line():
 def test_the_gpu_nccl_check_script_runs_its_checks_over_gloo(tmp_path):
     """scripts/gpu_nccl_check.py is what a lent GPU runs; its --cpu mode keeps it working in between."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -100,7 +101,7 @@ def test_the_gpu_nccl_check_script_runs_its_checks_over_gloo(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_nccl_check.py"
     out = tmp_path / "check.json"
     res = subprocess.run([sys.executable, str(script), str(out), "--cpu"], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "MASTER_PORT": "29541"})
+                         env={**os.environ, "MASTER_PORT": "29541"})
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
     checks = {r["check"]: r["ok"] for r in json.loads(out.read_text())["results"]}
     assert checks == {"strict_refuses_cpu_tensors": True, "reductions": True, "lockstep_and_agreement": True,

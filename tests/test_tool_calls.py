@@ -17,7 +17,7 @@ from rexrag.data import QAExample
 from rexrag.errors import ConfigError, UserError
 from rexrag.models import sequence_logprobs
 from rexrag.rex.probe import answer_cut
-from rexrag.rollout.agent import SearchAgent, policy_answer
+from rexrag.rollout.agent import SearchAgent, _runs, policy_answer
 from rexrag.rollout.tool_calls import TOOLS, parse_hermes, parse_llama3_json, register_tool
 from rexrag.rollout.trajectory import Seg, to_batch
 
@@ -34,14 +34,6 @@ def _agent(tok, script, model=None, retriever=None, **cfg):
     return SearchAgent(PlayedBackend(tok, script, model), tok, retriever or FakeRetriever(), RolloutConfig(**cfg))
 
 
-def _runs(traj):
-    runs = []
-    for tid, seg in zip(traj.token_ids[traj.prompt_len :], traj.segments[traj.prompt_len :]):
-        if runs and runs[-1][0] == seg:
-            runs[-1][1].append(tid)
-        else:
-            runs.append((seg, [tid]))
-    return runs
 
 
 def _same_as_rendered(tok, traj, rendered: str) -> None:
