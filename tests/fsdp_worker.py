@@ -64,9 +64,9 @@ def train(out: Path, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     bad_rank = os.environ.get("REXRAG_TEST_NONFINITE_RANK")
     if bad_rank is not None and int(os.environ.get("RANK", "0")) == int(bad_rank):
-        import rexrag.train.trainer as trainer_mod
+        import rexrag.train.passes as passes_mod
 
-        trainer_mod._finite = lambda x: False  # this process alone sees a non-finite loss
+        passes_mod._finite = lambda x: False  # this process alone sees a non-finite loss
     cfg = toy_config(out, "algo.kl_coef=0.01", "trainer.mini_batch_size=16", "trainer.micro_batch_size=4", *overrides)
     model = toy_model()
     roll = ToyRollout(model, per_group_seed=True)

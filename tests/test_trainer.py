@@ -525,16 +525,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 def test_every_logprob_pass_uses_the_sampling_temperature(tmp_path, monkeypatch, temperature, expected):
     """pi_old, the reference and the update take log-probs at rollout.temperature (greedy: T=1), so the
     ratio compares the distribution that sampled the tokens (as verl divides logits by it)."""
-    import rexrag.train.trainer as trainer_mod
+    import rexrag.train.passes as passes_mod
 
     seen = []
-    real = trainer_mod.sequence_logprobs
+    real = passes_mod.sequence_logprobs
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("temperature", 1.0))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "sequence_logprobs", spy)
+    monkeypatch.setattr(passes_mod, "sequence_logprobs", spy)
     tr = make_trainer(tmp_path, f"rollout.temperature={temperature}", "algo.kl_coef=0.01", "trainer.steps=1",
                       "trainer.reuse_update_forward=false")
     tr.train()
