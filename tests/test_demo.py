@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rexrag import demo
+from rexrag import demo, demo_report
 from rexrag.data import QAExample, load_corpus, load_qa
 from rexrag.eval.report import summarize
 from rexrag.rollout.trajectory import Seg, Trajectory
@@ -52,9 +52,9 @@ def test_load_demo_eval_splits_by_dataset():
 
 
 def test_render_pieces_marks_segment_kinds():
-    md = demo.render_pieces_md([("POLICY", "<think> hm </think>\n<search> q </search>"),
-                                ("INFO", "\n\n<information>Doc 1(Title: \"A\") text\nDoc 2</information>\n\n"),
-                                ("PROBE", "<think> Maybe I was wrong."), ("NOTICE", "bad step")])
+    md = demo_report.render_pieces_md([("POLICY", "<think> hm </think>\n<search> q </search>"),
+                                       ("INFO", "\n\n<information>Doc 1(Title: \"A\") text\nDoc 2</information>\n\n"),
+                                       ("PROBE", "<think> Maybe I was wrong."), ("NOTICE", "bad step")])
     assert "> <information>Doc 1(Title: \"A\") text\n> Doc 2</information>" in md
     assert "**PROBE** (inserted exploratory prompt)" in md and "**NOTICE**" in md and "**POLICY** (model)" in md
 
@@ -122,14 +122,14 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
                     "rollout/groups_with_signal_after_probes": 0.5 * s, "rollout/em_rate": 0.25 * (s - 1)}) + "\n"
         for s in (1, 2)))
     p = demo.PROFILES["quick"]
-    path = demo.write_report(tmp_path, tok, p, evals, {"trajectories": 3, "two_hop": 1, "losses": [2.0, 1.0]},
-                             [], [probe], {"setup": 1.0, "cpu_setup": 0.5, "total": 60.0, "cpu_total": 30.0}, "quick", "ckpt",
-                             {"questions": 4, "file": str(tmp_path / "rl_questions.jsonl"), "ranked_by": "greedy",
-                              "candidates": 10, "candidates_em": 3, "solved": 4, "chosen_em": 3, "chosen_cover_em": 4})
+    path = demo_report.write_report(tmp_path, tok, p, evals, {"trajectories": 3, "two_hop": 1, "losses": [2.0, 1.0]},
+                                    [], [probe], {"setup": 1.0, "cpu_setup": 0.5, "total": 60.0, "cpu_total": 30.0}, "quick",
+                                    "ckpt", {"questions": 4, "file": str(tmp_path / "rl_questions.jsonl"), "ranked_by": "greedy",
+                                             "candidates": 10, "candidates_em": 3, "solved": 4, "chosen_em": 3, "chosen_cover_em": 4})
     md = path.read_text()
     # the headline: four rows on the same questions, n per dataset, intervals, plain sentences
     assert "| Method | EM HotpotQA (n=4) | EM 2Wiki (n=4) | EM Avg |" in md
-    for label in demo.LABELS.values():
+    for label in demo_report.LABELS.values():
         assert f"| {label} | " in md
     assert "| warm-up + REX-RAG (agent) | 50.0 [15.0, 85.0] | 25.0 [4.6, 69.9] | 37.5 [13.7, 69.4] |" in md
     assert "95 % Wilson score intervals" in md
@@ -146,7 +146,7 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["after"]["hotpotqa"]["em"] == 0.5 and s["evals"]["warmup"]["average"]["em"] == 0.125
     assert s["probes_seen"] == 1 and s["paired"]["trained_vs_warmup_em"]["gained"] == 2
-    assert s["signal"]["steps_with_signal"] == 2 and demo.headline_text(tmp_path) == s["headline"]
+    assert s["signal"]["steps_with_signal"] == 2 and demo_report.headline_text(tmp_path) == s["headline"]
 
 
 def test_split_and_pick_rl_questions():
