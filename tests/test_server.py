@@ -289,11 +289,14 @@ def test_http_retriever_bounded_retries_and_no_retry_on_4xx():
 def test_http_retriever_timeout_and_refused():
     with running(create_app(FakeRetriever(delay=2.0))) as url:
         slow = HTTPRetriever(f"{url}/retrieve", timeout_s=0.3, retries=0)
-        with pytest.raises(RetrievalError, match="ReadTimeout"):
+        with pytest.raises(RetrievalError, match="ReadTimeout") as info:
             slow.search(["q"], 1)
+        # a timeout names the settings that fix it; a refused connection (below) does not
+        assert "retrieval.timeout_s=0.3" in str(info.value) and "retrieval.deadline_s=60" in str(info.value)
     dead = HTTPRetriever(f"http://127.0.0.1:{free_port()}/retrieve", retries=1, backoff_s=0.01)
-    with pytest.raises(RetrievalError, match="ConnectError"):
+    with pytest.raises(RetrievalError, match="ConnectError") as info:
         dead.search(["q"], 1)
+    assert "retrieval.timeout_s" not in str(info.value)
 
 
 def test_serve_command_subprocess(bm25_index):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from rexrag.errors import UserError
 from rexrag.protocol import DEFAULT_TOPK
 
 
@@ -86,7 +87,10 @@ def add_parser(subparsers) -> None:
         help="seconds for a request head, and for a body, to arrive (default 10)",
     )
     p.add_argument("--access-log", action="store_true", help="one log line per request (default off)")
-    p.add_argument("--device", default="cpu", help="device for dense query encoding (cpu, cuda, ...)")
+    p.add_argument("--device", default=None, help="device for dense query encoding (cpu, cuda, ...; default cuda "
+                   "with --gpu, else cpu)")
+    p.add_argument("--gpu", action="store_true", help="dense indexes: search on every visible GPU, the vectors "
+                   "sharded across them in fp16 (faiss's GPU build, as Search-R1's --faiss_gpu)")
     p.add_argument(
         "--threads",
         type=int,
@@ -97,6 +101,19 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_gpu(args: argparse.Namespace) -> int:
+    """GPUs ``--gpu`` will use (0 without it); a UserError when the index is not dense or faiss has no GPUs."""
+    if not args.gpu:
+        return 0
+    from rexrag.retrieval import read_manifest
+    from rexrag.retrieval.faiss_gpu import require_gpus
+
+    kind = read_manifest(args.index)["kind"]
+    if kind != "dense":
+        raise UserError(f"--gpu: {args.index} is a {kind!r} index; only dense (faiss) indexes go on a GPU")
+    return require_gpus()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
@@ -104,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     import uvicorn
 
-    from rexrag.errors import UserError
     from rexrag.retrieval import load_index
     from rexrag.retrieval.server import create_app, is_loopback, server_config
 
@@ -145,8 +161,15 @@ def run(args: argparse.Namespace) -> int:
         "timeout_keep_alive_s": args.timeout_keep_alive,
         "timeout_read_s": args.timeout_read,
     }
-    retriever = load_index(args.index, expect_kind=args.kind, device=args.device, nprobe=args.nprobe,
+    n_gpus = _check_gpu(args)  # before the index loads: a missing GPU build fails in a second, not after minutes
+    device = args.device or ("cuda" if args.gpu else "cpu")
+    retriever = load_index(args.index, expect_kind=args.kind, device=device, nprobe=args.nprobe,
                            ef_search=args.ef_search)
+    if n_gpus:
+        from rexrag.retrieval.faiss_gpu import index_to_gpus
+
+        retriever.index = index_to_gpus(retriever.index, nprobe=args.nprobe)
+        print(f"index on {n_gpus} GPU(s), sharded, fp16", flush=True)
     app = create_app(
         retriever,
         default_topk=args.default_topk,

@@ -77,7 +77,7 @@ class HTTPRetriever:
 
     def _post(self, payload: dict) -> dict:
         end = time.monotonic() + self.deadline_s
-        last, resp, attempts = "", None, 0
+        last, resp, attempts, timed_out = "", None, 0, False
         for attempt in range(self.retries + 1):
             if attempt:
                 wait = self._wait(attempt, resp)
@@ -91,6 +91,7 @@ class HTTPRetriever:
                 resp = self.client.post(self.url, json=payload, timeout=min(self.timeout_s, max(left, 0.001)))
             except httpx.TransportError as exc:  # connect errors, timeouts, a dropped connection
                 last, resp = f"{type(exc).__name__}: {exc}", None
+                timed_out |= isinstance(exc, httpx.TimeoutException)
                 continue
             if resp.status_code in RETRYABLE_STATUS:
                 last = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -102,7 +103,12 @@ class HTTPRetriever:
                 return resp.json()
             except ValueError:
                 raise RetrievalError(f"{self.url} answered non-JSON: {resp.text[:200]!r}") from None
-        raise RetrievalError(f"{self.url} failed after {attempts} attempt(s): {last}")
+        hint = ""
+        if timed_out:  # the one failure a setting fixes: say which
+            hint = (f"; the server was too slow for retrieval.timeout_s={self.timeout_s:g} (per attempt) / "
+                    f"retrieval.deadline_s={self.deadline_s:g} (per call): raise them, or serve a faster index "
+                    "(hnsw_sq8, or `rexrag serve --gpu`)")
+        raise RetrievalError(f"{self.url} failed after {attempts} attempt(s): {last}{hint}")
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         if not queries:
