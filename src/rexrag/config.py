@@ -24,6 +24,7 @@ from rexrag.errors import ConfigError
 from rexrag.protocol import DEFAULT_TOPK, INFORMATION_OPEN
 
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")  # AdamW moments (rexrag.train.optim)
+ASYNC_DEFAULT_STALENESS = {"sync": 0, "one_step_off": 1, "async": 2}  # rollout.mode -> its default max_staleness
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.attn_implementation (rexrag.packing)
 
 
@@ -138,6 +139,21 @@ class RolloutConfig:
     tool_parser: str = doc("tool_calls format: how the model's calls are read (rexrag.rollout.tool_calls.TOOL_PARSERS: hermes = Hermes/Qwen <tool_call>{json}</tool_call> | llama3_json = Llama 3.x JSON calls).", "hermes")
     tools: list[str] = doc("tool_calls format: the tools declared, each a registered name (search is built in: the configured retriever; @rexrag.register_tool adds more) or a dotted path to a function with a Google-style docstring.", factory=lambda: ["search"])
     final_answer: str = doc("tool_calls format: the answer in the final message (the first without a tool call): auto (its last answer-tag span, else the whole message) | tag (the span only) | message (the whole message); the text after the closing think tag.", "auto")
+    mode: str = doc("When rollouts are generated: sync (by the trainer, between updates) | one_step_off (by rollout "
+                    "worker processes, the batch of step t+1 while step t trains) | async (workers up to "
+                    "max_staleness batches ahead). rexrag.train.async_source says what each mode guarantees.", "sync")
+    max_staleness: int | None = doc("Async modes: no batch is trained more than this many weight versions after the "
+                                    "version that generated it. null = the mode's own (sync 0, one_step_off 1, "
+                                    "async 2); one_step_off accepts 0 (then it is sync, run by a worker).", None)
+    workers: int = doc("Async modes: rollout worker processes, each with its own engine (batches go to them in "
+                       "turn). At most max_staleness + 1 (no more batches are ever in flight).", 1)
+    async_address: str = doc("Async modes: host:port the trainer listens on for its rollout workers. Empty = start "
+                             "the workers on this machine (127.0.0.1, a free port); set = start none and wait for "
+                             "workers launched elsewhere with `python -m rexrag.train.async_worker --address "
+                             "host:port --rank k` (k = 1..workers).", "")
+    worker_timeout_s: float = doc("Async modes: a worker silent for this long (no batch, no heartbeat) while the "
+                                  "trainer waits for it, or not connected this long after the start, ends the run "
+                                  "with an error naming it.", 600.0)
 
     def __post_init__(self):
         from rexrag.rollout.backends import backend_choices
@@ -166,11 +182,41 @@ class RolloutConfig:
         if self.max_obs_tokens < 0:
             raise ConfigError("rollout.max_obs_tokens must be >= 0")
         _choices("rollout.format", self.format, ("tags", "tool_calls"))
+        self._check_async()
         _choices("rollout.final_answer", self.final_answer, ("auto", "tag", "message"))
         if self.format == "tool_calls":  # parser, tool schemas and names: before any model loads
             from rexrag.rollout.tool_calls import check_setup
 
             check_setup(self.tool_parser, list(self.tools))
+
+    @property
+    def staleness(self) -> int:
+        """The bound k of ``mode`` (``max_staleness``, or the mode's default when it is null)."""
+        return self.max_staleness if self.max_staleness is not None else ASYNC_DEFAULT_STALENESS[self.mode]
+
+    def _check_async(self) -> None:
+        _choices("rollout.mode", self.mode, tuple(ASYNC_DEFAULT_STALENESS))
+        k = self.max_staleness
+        if k is not None and k < 0:
+            raise ConfigError(f"rollout.max_staleness must be >= 0 (0 = every batch from the current weights), got {k}")
+        if self.mode == "sync" and k not in (None, 0):
+            raise ConfigError(f"rollout.max_staleness={k} needs rollout.mode=async (sync trains every batch on the weights "
+                              "that generated it)")
+        if self.mode == "one_step_off" and k not in (None, 0, 1):
+            raise ConfigError(f"rollout.max_staleness={k}: one_step_off is at most 1 step off; use rollout.mode=async")
+        if self.workers < 1:
+            raise ConfigError(f"rollout.workers must be >= 1, got {self.workers}")
+        if self.mode == "sync" and (self.workers != 1 or self.async_address):
+            raise ConfigError("rollout.workers and rollout.async_address need rollout.mode=one_step_off or async")
+        if self.workers > self.staleness + 1:
+            raise ConfigError(f"rollout.workers={self.workers} exceeds rollout.max_staleness + 1 = {self.staleness + 1}: "
+                              "no more batches are ever in flight, so the extra workers would idle")
+        if self.worker_timeout_s <= 0:
+            raise ConfigError(f"rollout.worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if self.async_address:
+            host, _, port = self.async_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"rollout.async_address={self.async_address!r} must be host:port, e.g. 10.0.0.1:29600")
 
 
 @dataclass
@@ -198,6 +244,8 @@ class AlgoConfig:
     rollout_correction_cap: float = doc("C of token_tis / seq_tis: importance weights are truncated at C (> 1).", 2.0)
     rollout_correction_low: float = doc("Lower bound of the *_mask corrections' accepted ratio (geo_mask: SkyRL recommends about 0.99).", 0.5)
     rollout_correction_high: float = doc("Upper bound of the *_mask corrections' accepted ratio (geo_mask: about 1.01).", 2.0)
+    turn_discount: float = doc("With trainer.process_reward: discount of the process reward-to-go over later turns, in "
+                               "[0, 1] (0 = each turn only its own reward; rexrag.algos.turn_credit).", 1.0)
 
     def __post_init__(self):
         from rexrag.algos.advantages import adv_estimators
@@ -220,6 +268,8 @@ class AlgoConfig:
                               f"algo.rollout_correction_high ({self.rollout_correction_high})")
         if self.gspo_clip_low <= 0 or self.gspo_clip_high <= 0:
             raise ConfigError("algo.gspo_clip_low and algo.gspo_clip_high must be > 0")
+        if not 0.0 <= self.turn_discount <= 1.0:
+            raise ConfigError(f"algo.turn_discount must be in [0, 1], got {self.turn_discount}")
 
 
 @dataclass
@@ -271,10 +321,19 @@ class DataConfig:
     eval_limit: int = doc("At most this many questions per evaluation dataset (0 = all).", 0)
     dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups whose rewards are all equal (after REX-RAG probes join) and sample more prompts until batch_size groups carry a signal.", False)
     dynamic_sampling_max_rounds: int = doc("Bound on sampling rounds per step with dynamic_sampling (1 = no extra round); short of groups after it, the step fills up with dropped ones.", 3)
+    curriculum: str = doc("Prompt order: none (epoch-wise shuffle) | pass_rate (each step draws batch_size questions "
+                          "with weights from an online estimate of each question's pass rate p, ~p(1-p): questions "
+                          "neither always right nor always wrong first; rexrag.curriculum). Needs more training "
+                          "questions than batch_size.", "none")
+    curriculum_decay: float = doc("pass_rate: weight of a question's earlier results each time it is sampled again, in "
+                                  "[0, 1) (0 = only the last visit counts).", 0.8)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError("data.batch_size must be >= 1")
+        _choices("data.curriculum", self.curriculum, ("none", "pass_rate"))
+        if not 0.0 <= self.curriculum_decay < 1.0:
+            raise ConfigError(f"data.curriculum_decay must be in [0, 1), got {self.curriculum_decay}")
         if self.dynamic_sampling and self.dynamic_sampling_max_rounds < 1:
             raise ConfigError(f"data.dynamic_sampling_max_rounds must be >= 1 with data.dynamic_sampling, "
                               f"got {self.dynamic_sampling_max_rounds}")
@@ -309,6 +368,10 @@ class TrainerConfig:
     reward: str | list[dict[str, Any]] = doc(
         "Reward registered in rexrag.rewards (shipped: em | f1 | cover_em | format | em_format) or a dotted path "
         "'pkg.module:fn'; a weighted sum as 'em + 0.1*format' or a YAML list [{name: em, weight: 1.0}, ...].", "em")
+    process_reward: str | list[dict[str, Any]] = doc(
+        "Reward per agent turn registered in rexrag.process_rewards (shipped: evidence | answer_seen) or a dotted path, "
+        "weighted like trainer.reward ('evidence*0.2'); its turn-level advantage is added to the outcome advantage "
+        "of a group estimator (rexrag.algos.turn_credit). '' = off.", "")
     seed: int = doc("Random seed.", 0)
     out_dir: str = doc("Run directory (metrics, checkpoints, plots).", "runs/default")
     save_every: int = doc("Checkpoint every N steps (0 = only at the end).", 0)
@@ -325,6 +388,9 @@ class TrainerConfig:
         for name, _ in reward_terms(self.reward):  # raises ConfigError on a malformed spec
             if not is_reward_path(name):
                 _choices("trainer.reward", name, available_rewards(), " or a dotted path 'pkg.module:fn'")
+        from rexrag.process_rewards import process_terms
+
+        process_terms(self.process_reward)  # unknown names, malformed weights
         _choices("trainer.optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
         if self.logprob_chunk_tokens < 1:
             raise ConfigError(f"trainer.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}")

@@ -75,6 +75,12 @@ def is_sharded(acc) -> bool:
     return acc is not None and acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP
 
 
+def is_ddp_module(model) -> bool:
+    """True for a DDP-wrapped module (a forward that bypasses its ``__call__`` would skip the reducer's
+    preparation for backward)."""
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
 def is_fsdp_module(model) -> bool:
     """True for a module sharded with FSDP2 (its forward must go through the root module's hooks)."""
     try:
@@ -516,3 +522,61 @@ def gather_run(plan: GatherPlan) -> torch.Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (renamed in torch 2.13)
     gather(plan.out, plan.local, group=plan.group)
     return plan.out[: plan.rows]
+
+
+# --------------------------------------------------------------------------- point to point: trainers and rollout workers
+#
+# The async rollout modes (rexrag.train.async_source) connect the trainer with its rollout worker processes
+# through a process group of their own: a gloo ``ProcessGroupGloo`` over a ``TCPStore`` at ``host:port``, made
+# beside (never instead of) the trainers' default group, so it works across machines and needs no new
+# dependency. Only :class:`Link` sends and receives on it; its tensors are CPU tensors made here (gloo's
+# device), and a GPU tensor is copied to the host first (an NCCL group for the weights is not built).
+
+
+class Link:
+    """This process's end of the trainer/worker group (rank 0 = the trainer, 1..R = workers).
+
+    ``send_bytes`` / ``recv_bytes`` frame a payload as its length then its bytes; ``send_tensor`` /
+    ``recv_tensor`` move one tensor. Messages between two ranks on one ``tag`` arrive in the order sent;
+    sends are serialised by a lock (a frame's two parts never interleave with another thread's). A peer
+    that dies makes the pending receive raise within seconds ("Connection closed by peer"); a silent one
+    makes it raise after ``timeout_s``."""
+
+    def __init__(self, store, rank: int, world: int, timeout_s: float):
+        """``store``: a ``torch.distributed.TCPStore`` (the trainer's server, a worker's client); returns
+        once every rank has joined."""
+        import datetime
+        import threading
+
+        import torch.distributed as dist
+
+        self.group = dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
+        self.store, self.rank, self.world, self._lock = store, rank, world, threading.Lock()
+
+    @staticmethod
+    def _marked(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu().contiguous()
+        setattr(t, _MARK, True)
+        return t
+
+    def send_tensor(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        with self._lock:
+            self.group.send([self._marked(t)], dst, tag).wait()
+
+    def recv_tensor(self, shape, dtype: torch.dtype, src: int, tag: int, timeout_s: float) -> torch.Tensor:
+        import datetime
+
+        out = self._marked(torch.empty(shape, dtype=dtype))
+        self.group.recv([out], src, tag).wait(datetime.timedelta(seconds=timeout_s))
+        return out
+
+    def send_bytes(self, payload: bytes, dst: int, tag: int) -> None:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+        with self._lock:
+            self.group.send([self._marked(torch.tensor([len(payload)], dtype=torch.int64))], dst, tag).wait()
+            if payload:
+                self.group.send([self._marked(data)], dst, tag).wait()
+
+    def recv_bytes(self, src: int, tag: int, timeout_s: float) -> bytes:
+        n = int(self.recv_tensor((1,), torch.int64, src, tag, timeout_s)[0])
+        return self.recv_tensor((n,), torch.uint8, src, tag, timeout_s).numpy().tobytes() if n else b""
