@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from rexrag.config import ModelConfig
-from rexrag.models import _FSDP_HEAD, _has_plain_head, sequence_logprobs, tiny_llama
+from rexrag.logprobs import _FSDP_HEAD, _has_plain_head, sequence_logprobs
+from rexrag.models import tiny_llama
 from rexrag.sharding import is_fsdp_module, make_accelerator, set_fsdp_mixed_precision
 
 VOCAB = 48

@@ -215,7 +215,7 @@ def test_engine_share_at_start_empties_the_cache_then_keeps_the_reserve_back(mon
 
 def test_fsdp_head_flag_says_what_rexrag_models_does(monkeypatch, tiny_model):
     import rexrag.sharding
-    from rexrag.models import _has_plain_head
+    from rexrag.logprobs import _has_plain_head
 
     monkeypatch.setattr(rexrag.sharding, "is_fsdp_module", lambda m: True)
     assert _has_plain_head(tiny_model) == gpu_plan.FSDP_HEAD_CHUNKED, (

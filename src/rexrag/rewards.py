@@ -14,7 +14,7 @@ after the prompt), so the last complete ``<answer>...</answer>`` is the model's 
 answer). An empty ``<answer></answer>`` is no answer.
 
 Where the response holds retrieved passages, the answer must come from the model's tokens, not from
-text: the trainer and ``rexrag eval`` read it by segment kind (``rexrag.rollout.agent.policy_answer``)
+text: the trainer and ``rexrag eval`` read it by segment kind (``rexrag.rollout.views.policy_answer``)
 and pass it to rewards as ``predictions``; ``extract_answer`` on text only drops whole
 ``<information>...</information>`` blocks by pattern, which a passage quoting
 ``</information><answer>X</answer>`` defeats. Use it for text with no inserted blocks.
@@ -25,7 +25,7 @@ retrieved ``<information>`` text, no notices of ours) and ``answers[i]`` its lis
 rewards are found by registered name or by dotted path ``"pkg.module:fn"`` / ``"pkg.module.fn"``. The
 trainer also passes, as keywords, ``predictions`` (``predictions[i]``: the model's answer read from
 its own tokens, None when there is none), ``formatted`` (``format_ok`` of the response with every
-retrieved block emptied, ``rexrag.rollout.agent.format_view``), ``questions``, ``metadata``
+retrieved block emptied, ``rexrag.rollout.views.format_view``), ``questions``, ``metadata``
 (``metadata[i]``: the example's metadata plus ``id``, ``data_source`` and ``group_id``) and
 ``trajectories`` (the token-exact ``Trajectory`` records); a function gets only the keywords it names
 unless it takes ``**kw``, so ``fn(completions, answers)`` still works. The built-in rewards use
@@ -136,7 +136,7 @@ def extract_answer(response: str | None) -> str | None:
 
     ``response`` is the model's own response (never the prompt). Well-formed ``<information>``
     blocks are skipped by pattern -- a best effort only: for responses with retrieved text use
-    ``rexrag.rollout.agent.policy_answer``, which reads the model's tokens. With nested openings
+    ``rexrag.rollout.views.policy_answer``, which reads the model's tokens. With nested openings
     (``<answer>a <answer>b</answer>``) the innermost wins ("b"). An empty answer is None. An answer
     written inside ``<think>`` still counts here; ``format_ok`` rejects it.
     """
@@ -383,9 +383,9 @@ def answer_metrics(response: str | None, golds: str | Iterable[str] | None) -> d
 
 def trajectory_format_ok(tokenizer, traj) -> bool:
     """The format check of one trajectory. Tags format: ``format_ok`` of the response with every retrieved block
-    emptied (``rexrag.rollout.agent.format_view``). ``rollout.format=tool_calls``: the chat template carries the
+    emptied (``rexrag.rollout.views.format_view``). ``rollout.format=tool_calls``: the chat template carries the
     format, so it is followed when every call parsed and ran (no notice) and the final message gave an answer."""
-    from rexrag.rollout.agent import format_view
+    from rexrag.rollout.views import format_view
 
     if traj.meta.get("format") == "tool_calls":
         return traj.stop_reason == "answer" and traj.invalid_actions == 0 and traj.answer is not None
@@ -396,14 +396,14 @@ def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list
     """Reward of each trajectory (``rexrag.rollout.trajectory.Trajectory``), also stored in ``traj.meta['reward']``.
 
     ``fn`` gets ``completions`` (the model's own text: POLICY and PROBE tokens, no prompt, no retrieved
-    passages, no notices; ``rexrag.rollout.agent.policy_text``) and the gold answers, and as keywords
+    passages, no notices; ``rexrag.rollout.views.policy_text``) and the gold answers, and as keywords
     (those it names, or all with ``**kw``): ``predictions`` (the model's answer read from its own tokens,
     ``policy_answer``), ``formatted`` (``trajectory_format_ok``: ``format_ok`` of the response with every
     retrieved block emptied; in the tool_calls format, clean calls and an answer),
     ``questions``, ``metadata`` (the example's metadata plus ``id``, ``data_source``, ``group_id``) and
     ``trajectories``. A wrong count or a non-finite value is an error naming ``name``.
     """
-    from rexrag.rollout.agent import policy_answer, policy_text
+    from rexrag.rollout.views import policy_answer, policy_text
 
     if not trajs:
         return []

@@ -44,9 +44,9 @@ from rexrag.errors import UserError
 from rexrag.memory import trim_heap
 from rexrag.models import ValueModel, enable_gradient_checkpointing
 from rexrag.rewards import build_reward, format_ok, reward_trajectories
-from rexrag.rollout.agent import format_view
 from rexrag.rollout.colocate import Colocation, mismatch_metrics
 from rexrag.rollout.trajectory import Trajectory
+from rexrag.rollout.views import format_view
 from rexrag.sharding import (check_supported, drain, gather_objects, is_sharded, make_accelerator, module_bytes,
                               set_fsdp_mixed_precision)
 from rexrag.train import checkpoint as ckpt
