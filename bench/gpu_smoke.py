@@ -12,7 +12,8 @@ development corpus. Phases run as the CLI runs them (subprocesses), each timed:
   warmup  rexrag warmup (bf16 autocast)
   train   rexrag train --config configs/gpu_smoke_qwen05b.yaml (3 REX-RAG GRPO steps)
 
-  memory  one RL step per condition (REX-RAG on; the critic on, ``gae``), each in its own process, logging
+  memory  one RL step per condition (REX-RAG on, padded and packed; the critic on, ``gae``), each in its own
+          process (the packed update's time against the padded one is reported), logging
           the GPU's free memory (``torch.cuda.mem_get_info`` after ``empty_cache``) at the start of each phase
           and its peak in use, beside what the GPU memory plan (``rexrag.gpu_plan``) predicts for that phase
 
@@ -43,8 +44,10 @@ QWEN05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=
                      rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY_SHAPE = dict(QWEN05B_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
-# Conditions of the memory probes (each on top of the train phase's settings): REX-RAG on, and the critic on.
-MEMORY_PROBES = {"rex": ["rex.enabled=true", "algo.adv_estimator=grpo"],
+# Conditions of the memory probes (each on top of the train phase's settings): REX-RAG on (padded, then packed:
+# the packed update's time against the padded one on the same rollouts' shape), and the critic on.
+MEMORY_PROBES = {"rex": ["rex.enabled=true", "algo.adv_estimator=grpo", "trainer.pack_sequences=false"],
+                 "rex_packed": ["rex.enabled=true", "algo.adv_estimator=grpo", "trainer.pack_sequences=true"],
                  "critic": ["rex.enabled=false", "algo.adv_estimator=gae", "trainer.critic_lr=1e-5"]}
 STEP_KEYS = ("timing/step_s", "timing/gen_s", "timing/weight_sync_s", "timing/logprob_s", "timing/update_s",
              "timing/explore_s", "timing/tokens_per_s", "gen_tokens_per_s", "memory/cuda_max_allocated_gib",
@@ -196,11 +199,12 @@ def probe_memory(label: str, overrides: list[str], out: Path) -> dict:
         mem.wrap(trainer, method, "log-probs")
     mem.wrap(trainer, "update", "update")
     mem.wrap(trainer.optimizer, "step", "optimizer step")
-    trainer.train()
+    last = trainer.train()[-1]
     rows = [{"phase": name, "predicted_gib": total(parts) / GIB, **mem.records.get(name, {})}
             for name, parts in plan.phases.items()]
     result = {"label": label, "overrides": overrides, "plan_share": plan.share, "plan_problem": plan.problem,
-              "shape_source": source, "cuda": cuda, "phases": rows}
+              "shape_source": source, "cuda": cuda, "phases": rows,
+              "update_s": last.get("timing/update_s"), "padding_ratio": last.get("update/padding_ratio")}
     (out / f"memory_{label}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -215,7 +219,21 @@ def memory_markdown(result: dict) -> str:
              "| phase | predicted in use (GiB) | measured peak in use (GiB) | free at phase start (GiB) |", "|---|---|---|---|"]
     lines += [f"| {r['phase']} | {r['predicted_gib']:.2f} | {cell(r, 'peak_used_gib')} | {cell(r, 'free_at_start_gib')} |"
               for r in result["phases"]]
+    if result.get("update_s") is not None:
+        lines += ["", f"update {result['update_s']:.3g} s, tokens computed per real token "
+                      f"{result.get('padding_ratio') or float('nan'):.3f}"]
     return "\n".join(lines) + "\n"
+
+
+def packing_markdown(memory: list[dict]) -> str:
+    """The packed update against the padded one (one step each, same recipe and shape)."""
+    by = {m["label"]: m for m in memory}
+    padded, packed = by.get("rex", {}), by.get("rex_packed", {})
+    if not (padded.get("update_s") and packed.get("update_s")):
+        return ""
+    return (f"packed vs padded update (one REX-RAG step each): {padded['update_s']:.3g} s -> {packed['update_s']:.3g} s "
+            f"({padded['update_s'] / packed['update_s']:.2f}x); tokens computed per real token "
+            f"{padded.get('padding_ratio') or float('nan'):.3f} -> {packed.get('padding_ratio') or float('nan'):.3f}\n")
 
 
 def main() -> None:
@@ -278,7 +296,7 @@ def main() -> None:
                "steps": [{k: v for k, v in rec.items() if k in ("step", "gen_tokens_per_s") or k.startswith(("timing/", "memory/", "rollout/",
                                                                                      "reward/", "rex/"))}
                          for rec in steps]}
-    report = markdown(summary) + "".join("\n" + memory_markdown(m) for m in memory)
+    report = markdown(summary) + "".join("\n" + memory_markdown(m) for m in memory) + "\n" + packing_markdown(memory)
     (out / "gpu_smoke.json").write_text(json.dumps(summary, indent=1))
     (out / "gpu_smoke.md").write_text(report)
     print(report)

@@ -65,4 +65,14 @@ def test_memory_table_puts_the_prediction_beside_the_measurement(smoke):
                          {"phase": "load", "predicted_gib": 3.0}]}
     md = smoke.memory_markdown(result)
     assert "| update | 12.50 | 11.25 | 60.00 |" in md and "| load | 3.00 | n/a | n/a |" in md
-    assert set(smoke.MEMORY_PROBES) == {"rex", "critic"} and "algo.adv_estimator=gae" in smoke.MEMORY_PROBES["critic"]
+    assert set(smoke.MEMORY_PROBES) == {"rex", "rex_packed", "critic"}
+    assert "algo.adv_estimator=gae" in smoke.MEMORY_PROBES["critic"]
+    assert "trainer.pack_sequences=true" in smoke.MEMORY_PROBES["rex_packed"]
+
+
+def test_packing_line_compares_the_packed_update_with_the_padded_one(smoke):
+    memory = [{"label": "rex", "update_s": 3.0, "padding_ratio": 1.6}, {"label": "rex_packed", "update_s": 2.0,
+                                                                         "padding_ratio": 1.0}]
+    line = smoke.packing_markdown(memory)
+    assert "3 s -> 2 s (1.50x)" in line and "1.600 -> 1.000" in line
+    assert smoke.packing_markdown(memory[:1]) == ""  # no packed probe: no claim
