@@ -386,9 +386,16 @@ def check_group_ids(examples: list) -> None:
 
 
 def check_examples(examples: list, data_cfg=None) -> None:
-    """Unique group ids (:func:`check_group_ids`) and, with ``data.dynamic_sampling``, enough distinct
-    prompts for every round of a step (``batch_size * dynamic_sampling_max_rounds``)."""
+    """Unique group ids (:func:`check_group_ids`); with ``data.curriculum``, more questions than ``batch_size``; with
+    ``data.dynamic_sampling``, enough distinct prompts for every round of a step (``batch_size * dynamic_sampling_max_rounds``)."""
     check_group_ids(examples)
+    if data_cfg is not None and getattr(data_cfg, "curriculum", "none") != "none" and len(examples) <= data_cfg.batch_size:
+        from rexrag.errors import ConfigError
+
+        where = ", ".join(map(str, data_cfg.train_files)) or "the bundled demo questions"
+        raise ConfigError(f"data.curriculum={data_cfg.curriculum} chooses data.batch_size={data_cfg.batch_size} of the "
+                          f"training questions each step, but {where} holds {len(examples)}: there is nothing to choose "
+                          "(add questions, lower data.batch_size, or set data.curriculum=none)")
     if data_cfg is not None and data_cfg.dynamic_sampling:
         need = data_cfg.batch_size * data_cfg.dynamic_sampling_max_rounds
         if len(examples) < need:

@@ -218,42 +218,57 @@ def get_reward(name: str) -> RewardFn:
     """A registered reward by name, or a user function by dotted path ``pkg.mod:fn`` / ``pkg.mod.fn``."""
     if not is_reward_path(name):
         return _REWARDS.get(name, hint=" or a dotted path 'pkg.module:fn'")
+    return load_dotted(name, "reward")
+
+
+def load_dotted(name: str, kind: str) -> Callable:
+    """The callable a dotted path ``pkg.mod:fn`` / ``pkg.mod.fn`` names; a ``UserError`` naming ``kind`` otherwise."""
     module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"reward {name!r}: cannot import module {module_name!r} ({exc})") from None
+        raise UserError(f"{kind} {name!r}: cannot import module {module_name!r} ({exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
+        raise UserError(f"{kind} {name!r}: module {module_name!r} has no callable {attr!r}")
     return fn
 
 
-def reward_terms(spec: str | list) -> list[tuple[str, float]]:
-    """``trainer.reward`` as ``[(name, weight), ...]``: ``"em"``, ``"em + 0.1*format"`` (terms joined
-    by ``+``, each ``[weight*]name``) or a list of ``{"name": ..., "weight": ...}`` (weight default 1)."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def reward_terms(spec: str | list, key: str = "trainer.reward") -> list[tuple[str, float]]:
+    """``trainer.reward`` (or the config ``key`` named) as ``[(name, weight), ...]``: ``"em"``, ``"em + 0.1*format"``
+    (terms joined by ``+``, each ``[weight*]name`` or ``name*weight``) or a list of ``{"name": ..., "weight": ...}`` (weight default 1)."""
     if isinstance(spec, str):
         items = []
         for term in spec.split("+"):
-            weight, _, name = term.rpartition("*")
-            items.append({"name": name.strip(), "weight": weight.strip() or 1.0})
+            weight, _, name = (x.strip() for x in term.rpartition("*"))
+            if _is_number(name) and not _is_number(weight):  # "em*0.5": the weight may follow the name
+                weight, name = name, weight
+            items.append({"name": name, "weight": weight or 1.0})
     elif isinstance(spec, (list, tuple)):
         items = [{"name": x} if isinstance(x, str) else x for x in spec]
     else:
-        raise ConfigError(f"trainer.reward must be a name, 'em + 0.1*format' or a list of {{name, weight}}; got {spec!r}")
+        raise ConfigError(f"{key} must be a name, 'em + 0.1*format' or a list of {{name, weight}}; got {spec!r}")
     out = []
     for item in items:
         if not isinstance(item, dict) or set(item) - {"name", "weight"} or not isinstance(item.get("name"), str):
-            raise ConfigError(f"trainer.reward entry {item!r} must be {{name: <reward>, weight: <number>}}")
+            raise ConfigError(f"{key} entry {item!r} must be {{name: <reward>, weight: <number>}}")
         try:
             weight = float(item.get("weight", 1.0))
         except (TypeError, ValueError):
             weight = float("nan")
         if not item["name"] or not math.isfinite(weight):
-            raise ConfigError(f"trainer.reward term {item!r} needs a reward name and a finite weight (spec {spec!r})")
+            raise ConfigError(f"{key} term {item!r} needs a reward name and a finite weight (spec {spec!r})")
         out.append((item["name"], weight))
     if not out:
-        raise ConfigError("trainer.reward names no reward")
+        raise ConfigError(f"{key} names no reward")
     return out
 
 
@@ -392,6 +407,16 @@ def trajectory_format_ok(tokenizer, traj) -> bool:
     return format_ok(format_view(tokenizer, traj))
 
 
+def example_fields(trajs: list) -> tuple[list[list[str]], list[str], list[dict]]:
+    """(gold answers, questions, metadata) of each trajectory's example; ``metadata[i]`` is the example's
+    metadata plus ``id``, ``data_source`` and ``group_id``."""
+    exs = [tr.example for tr in trajs]
+    answers = [list(getattr(ex, "golden_answers", []) or []) for ex in exs]
+    metadata = [{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
+                 "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)]
+    return answers, [getattr(ex, "question", "") for ex in exs], metadata
+
+
 def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list[float]:
     """Reward of each trajectory (``rexrag.rollout.trajectory.Trajectory``), also stored in ``traj.meta['reward']``.
 
@@ -407,16 +432,12 @@ def reward_trajectories(fn: RewardFn, name: str, tokenizer, trajs: list) -> list
 
     if not trajs:
         return []
-    exs = [tr.example for tr in trajs]
-    answers = [list(getattr(ex, "golden_answers", []) or []) for ex in exs]
+    answers, questions, metadata = example_fields(trajs)
     out = call_reward(
         fn, name, [policy_text(tokenizer, tr) for tr in trajs], answers,
         predictions=[policy_answer(tokenizer, tr) for tr in trajs],
         formatted=[trajectory_format_ok(tokenizer, tr) for tr in trajs],
-        questions=[getattr(ex, "question", "") for ex in exs],
-        metadata=[{**(getattr(ex, "metadata", None) or {}), "id": getattr(ex, "id", ""),
-                   "data_source": getattr(ex, "data_source", ""), "group_id": tr.group_id} for ex, tr in zip(exs, trajs)],
-        trajectories=trajs)
+        questions=questions, metadata=metadata, trajectories=trajs)
     for tr, r in zip(trajs, out):
         tr.meta["reward"] = r
     return out

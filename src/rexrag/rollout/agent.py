@@ -72,7 +72,7 @@ from rexrag.protocol import (
 )
 from rexrag.rollout.engine import FINISH_REASONS, GenerationBackend, GenOutput, SamplingParams
 from rexrag.rollout.tool_calls import apply_tool_turn, finish_tool_turns
-from rexrag.rollout.trajectory import Seg, Trajectory
+from rexrag.rollout.trajectory import Retrieval, Seg, Trajectory, passage_ids
 
 if TYPE_CHECKING:  # annotation only: config validates rollout.backend against our registry, so it imports us
     from rexrag.config import RolloutConfig
@@ -374,6 +374,7 @@ class SearchAgent:
                 counts["obs_truncated"] += 1
                 body = body[: self.cfg.max_obs_tokens]
             block = self._encode(INFO_OPEN) + list(body) + self._encode(INFO_CLOSE)
+            r.traj.retrievals.append(Retrieval(len(r.traj), r.turn, searching[i][1], passage_ids(results[i])))
             counts["info_tokens"] += self._insert(r, block, Seg.INFO)
             r.searches_left -= 1
             r.traj.n_searches += 1

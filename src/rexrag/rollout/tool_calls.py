@@ -45,7 +45,7 @@ from typing import Callable
 from rexrag.errors import ConfigError
 from rexrag.protocol import THINK_CLOSE, last_answer_span
 from rexrag.registry import Registry
-from rexrag.rollout.trajectory import Seg
+from rexrag.rollout.trajectory import Retrieval, Seg, passage_ids
 
 DUMMY = "rexragDUMMYcontent"
 NOTICE_TEXT = {
@@ -349,6 +349,7 @@ def finish_tool_turns(agent, pending: list[tuple], counts: Counter) -> None:
             r.searches_left -= 1
             r.traj.n_searches += 1
             counts["searches"] += 1
+            r.traj.retrievals.append(Retrieval(len(r.traj), r.turn, jobs[k][2], passage_ids(found[k])))  # results follow
             results[i, j] = (agent.format_fn(found[k]), True)
     for i, (r, turn) in enumerate(pending):
         _append_messages(agent, r, turn, [results[i, j] for j in range(len(turn.calls or []))], counts)

@@ -28,6 +28,23 @@ class Seg(IntEnum):
     PROBE = 4  # REX-RAG exploratory prompt, inserted by the system
 
 
+@dataclass
+class Retrieval:
+    """One search that ran: the token index where its results start in the trajectory, the agent turn that
+    issued it, the query sent and the ids of the passages returned (what process rewards such as
+    ``evidence`` read: ``rexrag.process_rewards``)."""
+
+    start: int
+    turn: int
+    query: str
+    doc_ids: list[str] = field(default_factory=list)
+
+
+def passage_ids(passages) -> list[str]:
+    """The ids of a search's returned passages (``Passage.id``; "" for a record without one)."""
+    return [str(getattr(p, "id", "") or "") for p in passages]
+
+
 # answer: ended with </answer> (``answer`` is None when that span is empty); eos: the model emitted EOS without an answer; length: hit
 # rollout.max_total_tokens; turns: the turn budget ran out without an answer; running: not finished.
 STOP_REASONS = ("answer", "eos", "length", "turns", "running")
@@ -57,6 +74,7 @@ class Trajectory:
     retrieval_failures: int = 0
     invalid_actions: int = 0
     meta: dict = field(default_factory=dict)  # free-form per-trajectory extras (reward, etc.)
+    retrievals: list[Retrieval] = field(default_factory=list)  # the searches that ran, in order
 
     # ------------------------------------------------------------------ building
     def extend(self, ids: list[int], seg: Seg, turn: int, logprobs: list[float] | None = None) -> None:
@@ -99,6 +117,7 @@ class Trajectory:
             example=self.example,
             n_searches=sum(1 for i in range(1, end) if self.segments[i] == Seg.INFO and self.segments[i - 1] != Seg.INFO),
             meta={},
+            retrievals=[r for r in self.retrievals if r.start < end],  # a probe inherits its source's searches
         )
 
     def check(self) -> None:

@@ -45,6 +45,7 @@ class Batch:
     rewards           [B]    float  outcome reward
     is_probe          [B]    bool   REX-RAG probe rows
     probe_start       [B]    long   index of a probe's first PROBE token; -1 for originals
+    turn_rewards      [B, K] float  process reward of each turn (``trainer.process_reward``), else None
     """
 
     input_ids: Tensor
@@ -58,14 +59,17 @@ class Batch:
     rewards: Tensor
     is_probe: Tensor
     probe_start: Tensor
+    turn_rewards: Tensor | None = None
 
     @classmethod
     def collate(cls, trajs: list[Trajectory], pad_id: int, train_probe_tokens: bool, device) -> Batch:
-        """Right-pad ``trajs`` (rewards from ``meta['reward']``) onto ``device``."""
+        """Right-pad ``trajs`` (rewards from ``meta['reward']``, per-turn process rewards from ``meta['turn_rewards']``
+        when any trajectory has them) onto ``device``."""
         t = {k: v.to(device) for k, v in to_batch(trajs, pad_id, train_probe_tokens).items()}
         return cls(**t, rewards=torch.tensor([tr.meta["reward"] for tr in trajs], dtype=torch.float32, device=device),
                    is_probe=torch.tensor([tr.is_probe for tr in trajs], dtype=torch.bool, device=device),
-                   probe_start=torch.tensor([tr.probe_start for tr in trajs], dtype=torch.long, device=device))
+                   probe_start=torch.tensor([tr.probe_start for tr in trajs], dtype=torch.long, device=device),
+                   turn_rewards=_turn_rewards(trajs, device))
 
     @property
     def sampled(self) -> Tensor:
@@ -82,9 +86,22 @@ class Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if v is None:
+                continue
             v = v if rows is None else v[rows]
             out[f.name] = v[:, :width] if (width is not None and v.dim() == 2) else v
         return out
+
+
+def _turn_rewards(trajs: list[Trajectory], device) -> Tensor | None:
+    """[B, K] per-turn process rewards, 0 beyond a row's turns; None when no trajectory has them."""
+    rows = [tr.meta.get("turn_rewards") for tr in trajs]
+    if all(r is None for r in rows):
+        return None
+    out = torch.zeros(len(rows), max(1, max(len(r or []) for r in rows)), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r or [])] = torch.tensor(r or [], dtype=torch.float32)
+    return out.to(device)
 
 
 @dataclass

@@ -32,6 +32,13 @@ def _examples(cfg):
     return list(load_qa_files(files, skip_bad=cfg.data.skip_bad, limit=cfg.data.limit))
 
 
+def _data_files(cfg, given: bool) -> str:
+    """Where the training examples came from, for error messages."""
+    if given:
+        return "the examples given to build_trainer"
+    return ", ".join(map(str, cfg.data.train_files)) or "the bundled demo questions"
+
+
 def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, examples=None, reward_fn=None):
     """Model, tokenizer, retriever, data, SearchAgent and (if enabled) RexExplorer -> Trainer.
 
@@ -47,6 +54,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     from rexrag.rollout.backends import build_backend, resolve_backend_name
     from rexrag.rollout.colocate import check_layout, start_engine
     from rexrag.sharding import make_accelerator
+    from rexrag.train.credit import check_setup as check_credit
     from rexrag.train.trainer import Trainer, seed_everything
 
     acc = make_accelerator()  # an FSDP launch on a CUDA-less machine is really FSDP (rexrag.sharding)
@@ -59,8 +67,10 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
     if backend_name == "vllm":
         check_layout(cfg.rollout, acc.num_processes)
+    where = _data_files(cfg, examples is not None)
     examples = _examples(cfg) if examples is None else list(examples)
     check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
+    check_credit(cfg, examples, where)  # trainer.process_reward: estimator, data fields
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     if cfg.rollout.format == "tool_calls":  # a tokenizer without a chat template: before the model loads

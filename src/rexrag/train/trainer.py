@@ -39,7 +39,8 @@ from rexrag.algos.advantages import get_adv_estimator, token_rewards
 from rexrag.algos.losses import kl_penalty
 from rexrag.algos.rollout_correction import rollout_correction
 from rexrag.config import Config, ConfigError, config_to_dict
-from rexrag.data import PromptSampler, check_examples
+from rexrag.curriculum import make_sampler
+from rexrag.data import check_examples
 from rexrag.errors import UserError
 from rexrag.memory import trim_heap
 from rexrag.models import ValueModel, enable_gradient_checkpointing
@@ -52,6 +53,8 @@ from rexrag.sharding import (check_supported, drain, gather_objects, is_sharded,
 from rexrag.train import checkpoint as ckpt
 from rexrag.train import rundir
 from rexrag.train.batch import Batch, Targets
+from rexrag.train.credit import ProcessCredit, observe_curriculum, search_metrics
+from rexrag.train.credit import check_setup as check_credit
 from rexrag.train.logging import MetricsLogger, memory_metrics
 from rexrag.train.dynamic import sample_step
 from rexrag.train.metrics import rollout_metrics, update_flops
@@ -155,8 +158,11 @@ class Trainer(ForwardPasses):
         self.reward_fn = reward_fn or build_reward(self.tc.reward)
         self.reward_name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
         self.estimator = get_adv_estimator(self.algo.adv_estimator)
+        check_credit(cfg, examples, "the training examples")  # trainer.process_reward: estimator and data fields
+        self.process = ProcessCredit.from_config(cfg, tokenizer)  # None: the estimator's advantages, untouched
         seed_everything(self.tc.seed)
-        self.sampler = PromptSampler(len(examples), cfg.data.batch_size, self.tc.seed, cfg.data.shuffle)
+        self.sampler = make_sampler(len(examples), cfg.data, self.tc.seed)  # data.curriculum
+        self.prompt_index = {ex.group_id: i for i, ex in enumerate(examples)}
         self.critic = ValueModel(model) if self.algo.adv_estimator == "gae" else None
         self.reference = None
         if self.algo.kl_coef > 0:
@@ -232,6 +238,7 @@ class Trainer(ForwardPasses):
         t = {"start": time.perf_counter()}
         self.passes = dict.fromkeys(PASSES, 0)
         trajs, rewards, probes, agent_metrics = sample_step(self, t)  # (data.dynamic_sampling: more rounds)
+        observe_curriculum(self, trajs, rewards)  # data.curriculum=pass_rate: the estimate the next draw uses
         n_orig, rex_metrics = len(trajs), {}
         trajs = trajs + probes
         batch = Batch.collate(trajs, self.pad_id, self.cfg.rex.train_probe_tokens, self.acc.device)
@@ -272,6 +279,9 @@ class Trainer(ForwardPasses):
                    **mismatch_metrics(batch.segments, batch.is_probe, batch.rollout_logprobs, old_logp), **corr_metrics,
                    **{k if k.startswith("rex/") else f"rex/{k}": v for k, v in rex_metrics.items()},
                    **{f"passes/{k}": float(v) for k, v in self.passes.items()},
+                   **search_metrics(trajs[:n_orig], self.cfg.rollout.max_turns),
+                   **(self.process.metrics(trajs[:n_orig]) if self.process is not None else {}),
+                   **(self.sampler.metrics() if hasattr(self.sampler, "metrics") else {}),
                    **(self.rollout_source.last if self.rollout_source is not None else {})}  # async/: staleness, queue
         metrics = self._reduce(metrics)
         t_total = time.perf_counter() - t["start"]
@@ -334,7 +344,10 @@ class Trainer(ForwardPasses):
     def compute_rewards(self, trajs: list[Trajectory]) -> list[float]:
         """Reward of each trajectory, also stored in ``traj.meta['reward']`` (``rexrag.rewards.reward_trajectories``
         says what the reward function gets)."""
-        return reward_trajectories(self.reward_fn, self.reward_name, self.tokenizer, trajs)
+        out = reward_trajectories(self.reward_fn, self.reward_name, self.tokenizer, trajs)
+        if self.process is not None:  # trainer.process_reward: per-turn rewards into meta['turn_rewards']
+            self.process.score(trajs)
+        return out
 
     def _advantages(self, batch: Batch, old_logp: Tensor | None, ref_logp: Tensor | None,
                     old_values: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -346,7 +359,10 @@ class Trainer(ForwardPasses):
             if ref_logp is not None:
                 kl = kl_penalty(old_logp, ref_logp, self.algo.kl_type)
                 rewards = rewards - self.algo.kl_coef * torch.where(mask > 0, kl, torch.zeros_like(kl))
-        return self.estimator(rewards, mask, batch.group_ids, old_values, self.algo)
+        adv, ret = self.estimator(rewards, mask, batch.group_ids, old_values, self.algo)
+        if self.process is not None:  # plus the turn-level process term (rexrag.algos.turn_credit)
+            adv = self.process.add(batch, adv)
+        return adv, ret
 
     # ------------------------------------------------------------------ metrics
 
