@@ -71,6 +71,9 @@ def test_resume_uses_the_saved_config_and_names_conflicting_keys(tmp_path):
     # training further and re-supplying the secret are not conflicts
     cfg = _cli("--resume", f"trainer.out_dir={out}", "trainer.steps=40", "retrieval.api_key=k1")
     assert cfg.trainer.steps == 40 and cfg.retrieval.api_key == "k1" and cfg.rollout.n == 3
+    # nor is evaluating during the resumed part of the run
+    cfg = _cli("--resume", f"trainer.out_dir={out}", "trainer.eval_every=5", "data.eval_files=[x.jsonl]", "data.eval_limit=9")
+    assert (cfg.trainer.eval_every, cfg.data.eval_files, cfg.data.eval_limit) == (5, ["x.jsonl"], 9)
     # the recipe again on resume: every key it changes is named
     with pytest.raises(ConfigError) as err:
         _cli("--config", str(recipe), "--resume", f"trainer.out_dir={out}", "rollout.n=3")

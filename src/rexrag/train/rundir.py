@@ -13,8 +13,9 @@ above (``clear_run``) and nothing else: other files, and an ``index/`` built ove
 stay. On resume, a key given on the command line (in ``--config`` or as ``key=value``) whose value
 differs from the saved one is an error naming the keys, unless ``--allow-override`` (the command
 line then wins); the keys in ``RESUME_MAY_CHANGE`` (``trainer.steps`` to train further, logging and
-checkpoint cadence) may always change. The newest checkpoint must resume on this launch's number of
-processes (``rexrag.train.checkpoint.check_resumable``), checked before any model loads.
+checkpoint cadence, what is evaluated during training) may always change. The newest checkpoint is
+resharded to this launch's number of processes where it can be (``rexrag.train.checkpoint.check_resumable``
+says otherwise in one line, before any model loads).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RUN_ENTRIES = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "tensorboard")  # wh
 SECRET_KEYS = frozenset({"retrieval.api_key"})  # never written; taken from the command line on resume
 RESUME_MAY_CHANGE = frozenset({
     "trainer.steps", "trainer.save_every", "trainer.keep_last", "trainer.log_tensorboard", "trainer.wandb_project",
-    "trainer.resume", "trainer.out_dir", *SECRET_KEYS,
+    "trainer.resume", "trainer.out_dir", "trainer.eval_every", "data.eval_files", "data.eval_limit", *SECRET_KEYS,
 })
 
 
