@@ -53,15 +53,17 @@ class WorkerError(EngineError):
     """A rollout worker died, failed or went silent (the message names it)."""
 
 
-def check_async(cfg, world: int, backend_given: bool = False) -> None:
-    """Refuse, before any model loads, what the async modes cannot run (one line naming the setting)."""
+def check_async(cfg, world: int, given: list[str] = ()) -> None:
+    """Refuse, before any model loads, what the async modes cannot run (one line naming the setting).
+    ``given``: objects the caller built in this process (``backend``, ``retriever``), which a worker process
+    cannot use (it builds its own from the config)."""
     ro = cfg.rollout
     if ro.mode == "sync":
         return
     what = f"rollout.mode={ro.mode}"
-    if backend_given:
-        raise UserError(f"{what}: the generation backend was built in this process and cannot run in a rollout worker "
-                        "process; let the workers build their own (rollout.backend) or use rollout.mode=sync")
+    if given:
+        raise UserError(f"{what}: the {' and '.join(given)} built in this process cannot run in a rollout worker "
+                        "process, which builds its own from rollout.backend and retrieval.*; use rollout.mode=sync")
     if world > 1:
         raise UserError(f"{what} with {world} trainer processes is not built yet: launch one trainer process")
     refused = {"rex.enabled": cfg.rex.enabled, "data.dynamic_sampling": cfg.data.dynamic_sampling,
@@ -197,7 +199,15 @@ class AsyncSource:
             self.sampler.consumed -= self.cfg.data.batch_size
             self.next_batch = s
         start = time.perf_counter()
-        pushed = sum(self._dispatch(trainer, j) for j in range(self.next_batch, s + self.k + 1))
+        pushed = 0
+        for j in range(self.next_batch, s + self.k + 1):
+            try:
+                pushed += self._dispatch(trainer, j)
+            except RuntimeError as exc:  # the connection is gone: the worker's own report first, if it sent one
+                r = 1 + j % self.R
+                time.sleep(0.5)  # let its receiving thread deliver what the worker said last
+                self._drain()
+                raise WorkerError(f"{self._name(r)} died (the trainer was sending it batch {j}): {_one_line(exc)}") from None
         t["weight_push"] = t.get("weight_push", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         res = self._wait(s)
@@ -208,6 +218,7 @@ class AsyncSource:
         if max(staleness, default=0) > self.k or min(staleness, default=0) < 0:
             raise RuntimeError(f"batch {s} was generated with weight version {res['version']}: staleness "
                                f"{max(staleness)} outside [0, rollout.max_staleness={self.k}]")
+        self._drain()  # so that the queue length counts what finished during the last update
         start = time.perf_counter()
         rewards = trainer.compute_rewards(res["trajs"])
         t["reward"] = t.get("reward", 0.0) + time.perf_counter() - start
@@ -264,6 +275,18 @@ class AsyncSource:
                 raise WorkerError(f"{self._name(r)} sent nothing for {silent:.0f} s while the trainer waited for {what} "
                                   f"(rollout.worker_timeout_s={self.timeout:g})") from None
             return
+        self._handle(src, kind, body, what)
+
+    def _drain(self) -> None:
+        """Handle every message already here (results that finished while the trainer was busy)."""
+        while True:
+            try:
+                src, kind, body = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(src, kind, body, "the next batch")
+
+    def _handle(self, src: int, kind: str, body, what: str) -> None:
         self.heard[src] = time.monotonic()
         if kind == "result":
             self.results[body["step"]] = body

@@ -95,6 +95,17 @@ class WorkerRollout(Protocol):
     def rollout(self, examples: list, n: int) -> list: ...
 
 
+def copy_weights(model, pairs: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy streamed ``(name, tensor)`` pairs into ``model``'s parameters and buffers by state-dict name."""
+    state = model.state_dict()
+    unknown = [name for name, _ in pairs if name not in state]
+    if unknown:
+        raise RuntimeError(f"weights the worker's model does not have: {unknown[:3]}")
+    with torch.no_grad():
+        for name, t in pairs:
+            state[name].copy_(t)
+
+
 class AgentRollout:
     """The default: a ``SearchAgent`` over this process's backend, retriever and copy of the policy."""
 
@@ -110,13 +121,7 @@ class AgentRollout:
         if self.colocation.holds_weights:  # vLLM: its in-place loader, as the colocated sync feeds it
             self.agent.backend.load_weights(iter(pairs))
             return
-        state = self.model.state_dict()  # the HF loop samples from self.model
-        unknown = [name for name, _ in pairs if name not in state]
-        if unknown:
-            raise RuntimeError(f"weights the worker's model does not have: {unknown[:3]}")
-        with torch.no_grad():
-            for name, t in pairs:
-                state[name].copy_(t)
+        copy_weights(self.model, pairs)  # the HF loop samples from self.model
         if hasattr(self.agent.backend, "reset_cache"):
             self.agent.backend.reset_cache()  # cached keys/values were computed with the old weights
 

@@ -48,14 +48,11 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     with unique ``group_id``) and ``reward_fn`` replace what ``cfg.retrieval`` / ``cfg.data`` /
     ``cfg.trainer.reward`` would give."""
     from rexrag.data import check_examples
-    from rexrag.models import load_model, load_tokenizer
-    from rexrag.retrieval import load_retriever
-    from rexrag.rollout.agent import SearchAgent
-    from rexrag.rollout.backends import build_backend, resolve_backend_name
-    from rexrag.rollout.colocate import check_layout, start_engine
+    from rexrag.rollout.backends import resolve_backend_name
+    from rexrag.rollout.colocate import check_layout
     from rexrag.sharding import make_accelerator
+    from rexrag.train.async_source import AsyncSource, check_async
     from rexrag.train.credit import check_setup as check_credit
-    from rexrag.train.trainer import Trainer, seed_everything
 
     acc = make_accelerator()  # an FSDP launch on a CUDA-less machine is really FSDP (rexrag.sharding)
     if retriever is None and not (cfg.retrieval.index or cfg.retrieval.url):
@@ -67,10 +64,34 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
     if backend_name == "vllm":
         check_layout(cfg.rollout, acc.num_processes)
+    given = [name for name, obj in (("backend", backend), ("retriever", retriever)) if obj is not None]
+    check_async(cfg, acc.num_processes, given)  # what the async modes cannot run: before any model loads
     where = _data_files(cfg, examples is not None)
     examples = _examples(cfg) if examples is None else list(examples)
     check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
     check_credit(cfg, examples, where)  # trainer.process_reward: estimator, data fields
+    # rollout.mode=one_step_off|async: the workers start (and load their models) while this process loads its own
+    source = AsyncSource(cfg).start() if cfg.rollout.mode != "sync" else None
+    try:
+        trainer = _build(cfg, acc, backend, backend_name, examples, retriever, reward_fn, progress, source is None)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
+    trainer.rollout_source = source
+    return trainer
+
+
+def _build(cfg, acc, backend, backend_name, examples, retriever, reward_fn, progress, start_engine_here: bool):
+    """The trainer (model, tokenizer, retriever, agent, explorer); a vLLM engine only when ``start_engine_here``
+    (the async modes generate in their workers)."""
+    from rexrag.models import load_model, load_tokenizer
+    from rexrag.retrieval import load_retriever
+    from rexrag.rollout.agent import SearchAgent
+    from rexrag.rollout.backends import build_backend
+    from rexrag.rollout.colocate import start_engine
+    from rexrag.train.trainer import Trainer, seed_everything
+
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     if cfg.rollout.format == "tool_calls":  # a tokenizer without a chat template: before the model loads
@@ -101,7 +122,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
         )
     trainer = Trainer(cfg, model, tokenizer, examples, agent=agent, explorer=explorer, reward_fn=reward_fn,
                       accelerator=acc, progress=progress)
-    if agent.backend is None:  # vLLM: one engine per process, started once the policy is prepared (sharded),
+    if agent.backend is None and start_engine_here:  # vLLM: one engine per process, started once the policy is prepared (sharded),
         # the reference placed and the trainer's memory known, on this process's device
         # max_num_seqs: the rows one rollout of this process generates (probes continue in a later call)
         rows = max(1, cfg.data.batch_size // acc.num_processes) * cfg.rollout.n

@@ -1,0 +1,84 @@
+"""Worker factories for tests/test_async_rollout.py (``rexrag.train.async_worker`` imports them by dotted path in
+the worker process; tests/ is on its PYTHONPATH). Faults are injected through the environment the worker
+inherits: ``REXRAG_TEST_WORKER_DELAY`` (seconds slept before each batch) and ``REXRAG_TEST_WORKER_DIE`` (the
+worker process exits abruptly when it is handed its N-th batch, 1-based)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rexrag.train.async_worker import AgentRollout, copy_weights
+
+
+class _Faults:
+    """Wraps a ``WorkerRollout`` with the injected delay and death."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, 0
+        self.delay = float(os.environ.get("REXRAG_TEST_WORKER_DELAY", "0"))
+        self.die = int(os.environ.get("REXRAG_TEST_WORKER_DIE", "0"))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def rollout(self, examples, n):
+        self.batches += 1
+        if self.die and self.batches >= self.die:
+            os._exit(3)  # no goodbye: as a killed process
+        time.sleep(self.delay)
+        return self.inner.rollout(examples, n)
+
+
+class ToyWorkerRollout:
+    """tests/toy_rl.py's single-turn sampler on the worker's own toy model, seeded per batch."""
+
+    dtype = "float32"
+
+    def __init__(self):
+        from toy_rl import ToyRollout, toy_model
+
+        self.model = toy_model()
+        self.sampler, self.gen, self.last_metrics = ToyRollout(self.model), torch.Generator(), {}
+
+    def load_weights(self, pairs):
+        copy_weights(self.model, pairs)
+
+    def reseed(self, seed):
+        self.gen.manual_seed(seed)
+
+    def rollout(self, examples, n):
+        from rexrag.rollout.trajectory import Seg, Trajectory
+        from toy_rl import prompt_ids
+
+        prompts = [prompt_ids(ex) for ex in examples]
+        toks, lps = self.sampler._sample(prompts, n, self.gen)
+        out = []
+        for i, ex in enumerate(examples):
+            for k in range(n):
+                tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
+                tr.extend(prompts[i], Seg.PROMPT, 0)
+                tr.extend(toks[i * n + k].tolist(), Seg.POLICY, 0, lps[i * n + k].tolist())
+                out.append(tr)
+        return out
+
+
+def build_toy(cfg, rank, device):
+    return _Faults(ToyWorkerRollout())
+
+
+def build_tiny_hf(cfg, rank, device):
+    """The shipped ``AgentRollout`` over the HF loop on the conftest's tiny Llama and a fake retriever."""
+    from _rollout_fakes import FakeRetriever
+
+    from rexrag.models import load_tokenizer, tiny_llama
+    from rexrag.rollout.agent import SearchAgent
+    from rexrag.rollout.backends import build_backend
+
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny_llama(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       seed=123)  # a different init: the first weight push must overwrite it
+    backend = build_backend("hf", model, tok, cfg.rollout, device="cpu", seed=0)
+    return _Faults(AgentRollout(SearchAgent(backend, tok, FakeRetriever(), cfg.rollout, topk=2), model))

@@ -1,0 +1,288 @@
+"""Async rollouts with bounded staleness (rexrag.train.async_source / async_worker): bad input, the k = 0 path
+equal to the synchronous loop, the bound under a slow trainer and slow workers, a dying worker, resume with
+batches in flight, and the off-policy weights of a stale batch in closed form.
+
+Each multi-process test starts real worker processes (``python -m rexrag.train.async_worker`` on 127.0.0.1,
+tests/async_fakes.py building their rollouts) and bounds them: every run is timed, ``AsyncSource.close`` reaps
+the workers (killing one that does not stop within 30 s), and the fixture below closes any source a test left open.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rexrag.algos.rollout_correction import rollout_correction
+from rexrag.config import load_config
+from rexrag.data import PromptSampler
+from rexrag.errors import ConfigError, UserError
+from rexrag.train.async_source import AsyncSource, WorkerError, check_async
+from rexrag.train.trainer import Trainer
+from toy_rl import ToyRollout, early_target_reward, toy_config, toy_examples, toy_model, toy_tokenizer
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """Worker processes import tests/async_fakes.py; no fault unless a test sets one. Yields a list the test
+    appends its sources to: they are closed (workers reaped) whatever happens."""
+    monkeypatch.setenv("PYTHONPATH", str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.delenv("REXRAG_TEST_WORKER_DELAY", raising=False)
+    monkeypatch.delenv("REXRAG_TEST_WORKER_DIE", raising=False)
+    sources: list[AsyncSource] = []
+    yield sources
+    for s in sources:
+        s.close()
+        assert all(p.poll() is not None for p in s.procs.values()), "a worker process outlived its source"
+
+
+def _toy_trainer(tmp_path, sources, *overrides, model=None):
+    cfg = toy_config(tmp_path, "rollout.worker_timeout_s=60", *overrides)
+    model = model if model is not None else toy_model()
+    tr = Trainer(cfg, model, toy_tokenizer(), toy_examples(), rollout_fn=ToyRollout(model), reward_fn=early_target_reward,
+                 progress=False)
+    source = AsyncSource(cfg, factory="async_fakes:build_toy", threads=1)
+    sources.append(source)
+    tr.rollout_source = source.start()
+    return tr
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.max_staleness=-1"], "rollout.max_staleness must be >= 0"),
+    (["rollout.mode=fast"], "rollout.mode='fast' is not allowed"),
+    (["rollout.max_staleness=2"], "needs rollout.mode=async"),
+    (["rollout.mode=one_step_off", "rollout.max_staleness=2"], "one_step_off is at most 1 step off"),
+    (["rollout.mode=async", "rollout.workers=0"], "rollout.workers must be >= 1"),
+    (["rollout.mode=async", "rollout.workers=4"], r"rollout.workers=4 exceeds rollout.max_staleness \+ 1 = 3"),
+    (["rollout.workers=2"], "need rollout.mode=one_step_off or async"),
+    (["rollout.mode=async", "rollout.async_address=nohost"], "must be host:port"),
+])
+def test_bad_async_settings_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_cli_refuses_bad_async_input_with_exit_2_before_any_model_loads(tmp_path, capsys):
+    from rexrag.cli import main
+
+    code = main(["train", f"trainer.out_dir={tmp_path}", "rollout.mode=async", "rollout.max_staleness=-3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "rollout.max_staleness must be >= 0" in err[0]
+
+
+@pytest.mark.parametrize("overrides, world, given, match", [
+    (["rex.enabled=true"], 1, [], "does not run rex.enabled"),
+    (["data.dynamic_sampling=true"], 1, [], "does not run data.dynamic_sampling"),
+    ([], 2, [], "2 trainer processes is not built yet"),
+    ([], 1, ["backend"], "the backend built in this process cannot run in a rollout worker"),
+    (["rollout.mode=async", "rollout.workers=3", "rollout.max_staleness=4"], 1, [], "rollout.workers=3: one trainer"),
+])
+def test_async_refuses_what_it_cannot_run(overrides, world, given, match, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = load_config(None, ["rollout.mode=one_step_off", *overrides])
+    with pytest.raises(UserError, match=match):
+        check_async(cfg, world, given)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # free now; nobody listens on it
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_that_never_join_end_the_start_naming_the_settings(tmp_path):
+    cfg = toy_config(tmp_path, "rollout.mode=one_step_off", f"rollout.async_address=127.0.0.1:{_free_port()}",
+                     "rollout.worker_timeout_s=0.5")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"rollout workers \[1\] did not join .* rollout.worker_timeout_s=0.5"):
+        AsyncSource(cfg).start()
+    assert time.monotonic() - start < 10
+
+
+def test_a_worker_that_cannot_reach_the_trainer_says_so_in_one_line_exit_2():
+    port = _free_port()
+    res = subprocess.run([sys.executable, "-m", "rexrag.train.async_worker", "--address", f"127.0.0.1:{port}", "--rank",
+                          "1", "--timeout", "1"], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and f"cannot reach the trainer at 127.0.0.1:{port}" in lines[0]
+
+
+# --------------------------------------------------------------------------- the off-policy weights of a stale batch
+
+
+def test_stale_batch_importance_weights_equal_the_closed_form():
+    """Tokens sampled by version v, trained after one update (version v+1): token_tis weights are
+    min(pi_{v+1}(y) / pi_v(y), C) computed straight from the two models' softmaxes; seq_tis the product."""
+    from rexrag.models import sequence_logprobs
+
+    torch.manual_seed(0)
+    stale, fresh = toy_model(seed=0), toy_model(seed=0)
+    with torch.no_grad():  # one "update": a small perturbation of every weight
+        for p in fresh.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(1, 16, (3, 7))
+    ids[:, 0] = 5
+    am = torch.ones_like(ids)
+    sampled = torch.zeros_like(ids, dtype=torch.bool)
+    sampled[:, 2:] = True  # the first two tokens are the prompt
+
+    def by_hand(model):  # log softmax of the logits at t-1, read at y_t; 0 at position 0
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        out = torch.zeros(ids.shape)
+        out[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        return out
+
+    engine, old = by_hand(stale), by_hand(fresh)
+    assert torch.allclose(sequence_logprobs(fresh, ids, am), old, atol=1e-5)  # the trainer's pi_old is this
+    for mode, cap in (("token_tis", 1.05), ("seq_tis", 3.0)):
+        cfg = load_config(None, [f"algo.rollout_correction={mode}", f"algo.rollout_correction_cap={cap}"]).algo
+        w, keep, _ = rollout_correction(old, engine, sampled, sampled.float(), torch.zeros(3, dtype=torch.bool), cfg)
+        ratio = torch.where(sampled, (old - engine).exp(), torch.ones_like(old))
+        want = ratio.clamp(max=cap) if mode == "token_tis" else ratio.prod(-1, keepdim=True).clamp(max=cap).expand_as(old)
+        assert torch.allclose(w, want, rtol=1e-5) and bool((keep == 1).all())
+        assert not torch.allclose(ratio, torch.ones_like(ratio))  # the batch really is stale
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _record(trainer) -> list[list[tuple[int, ...]]]:
+    """Every step's trajectories (token ids), as the reward sees them."""
+    seen, compute = [], trainer.compute_rewards
+
+    def recording(trajs):
+        seen.append([tuple(t.token_ids) for t in trajs])
+        return compute(trajs)
+
+    trainer.compute_rewards = recording
+    return seen
+
+
+@pytest.mark.slow
+def test_one_step_off_with_bound_zero_equals_sync_on_a_tiny_hf_model(tmp_path, worker_env, smol_tokenizer):
+    """Same seeds, same prompts, same weights: the worker's trajectories are the synchronous trainer's, token
+    for token, and so are the trained weights."""
+    from _rollout_fakes import FakeRetriever
+
+    from rexrag.models import tiny_llama
+    from rexrag.rollout.agent import SearchAgent
+    from rexrag.rollout.backends import build_backend
+    from colocate_worker import examples
+
+    base = [f"trainer.out_dir={tmp_path}", "rollout.backend=hf", "rollout.engine_dtype=float32", "rollout.n=2",
+            "rollout.max_turns=1", "rollout.max_new_tokens_per_turn=8", "rollout.max_total_tokens=384", "data.batch_size=2",
+            "trainer.steps=3", "trainer.lr=0.05", "trainer.mini_batch_size=4", "trainer.micro_batch_size=4",
+            "algo.kl_coef=0.0", "trainer.log_tensorboard=false", "retrieval.index=unused", "rollout.worker_timeout_s=120"]
+    runs = {}
+    for mode in ("sync", "one_step_off"):
+        cfg = load_config(None, base + [f"trainer.out_dir={tmp_path / mode}"]
+                          + (["rollout.mode=one_step_off", "rollout.max_staleness=0"] if mode != "sync" else []))
+        tok = smol_tokenizer
+        model = tiny_llama(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        agent = SearchAgent(build_backend("hf", model, tok, cfg.rollout, device="cpu", seed=0), tok, FakeRetriever(),
+                            cfg.rollout, topk=2)
+        tr = Trainer(cfg, model, tok, examples(), agent=agent, reward_fn=lambda c, a, **kw: [len(set(x)) / 10 for x in c],
+                     progress=False)
+        if mode != "sync":
+            source = AsyncSource(cfg, factory="async_fakes:build_tiny_hf", threads=1)
+            worker_env.append(source)
+            tr.rollout_source = source.start()
+        seen = _record(tr)
+        hist = tr.train()
+        runs[mode] = (seen, {n: p.detach().clone() for n, p in model.named_parameters()}, hist)
+    (sync_seen, sync_w, _), (off_seen, off_w, off_hist) = runs["sync"], runs["one_step_off"]
+    assert len(sync_seen) == 3 and off_seen == sync_seen
+    assert len({s for step in sync_seen for s in step}) > 4  # really sampled, not one repeated answer
+    for n in sync_w:
+        assert torch.equal(sync_w[n], off_w[n]), n
+    assert [m["async/staleness_max"] for m in off_hist] == [0.0, 0.0, 0.0]
+
+
+def _staleness(hist) -> list[float]:
+    return [m["async/staleness_max"] for m in hist]
+
+
+@pytest.mark.slow
+def test_bound_holds_under_a_slow_trainer(tmp_path, worker_env):
+    """The trainer is slower than the worker: the pipeline fills and every batch is exactly k versions old
+    once it can be, never more."""
+    tr = _toy_trainer(tmp_path, worker_env, "rollout.mode=async", "rollout.max_staleness=2", "trainer.steps=6")
+    update = tr.update
+
+    def slow_update(*a, **kw):
+        time.sleep(0.4)
+        return update(*a, **kw)
+
+    tr.update = slow_update
+    hist = tr.train()
+    assert _staleness(hist) == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert all(m["async/staleness_mean"] <= 2 for m in hist)
+    assert max(m["async/queue_len"] for m in hist) >= 1  # finished batches waited for the trainer
+
+
+@pytest.mark.slow
+def test_bound_holds_under_slow_workers(tmp_path, worker_env, monkeypatch):
+    """Two slow workers: the trainer waits (idle) and the bound still holds."""
+    monkeypatch.setenv("REXRAG_TEST_WORKER_DELAY", "0.6")
+    tr = _toy_trainer(tmp_path, worker_env, "rollout.mode=async", "rollout.max_staleness=2", "rollout.workers=2",
+                      "trainer.steps=5")
+    hist = tr.train()
+    assert max(_staleness(hist)) <= 2 and len(hist) == 5
+    assert sum(m["timing/trainer_idle_s"] for m in hist[1:]) > 0.5  # it waited for generation
+    versions = [m["async/weight_version"] for m in hist]
+    assert versions == sorted(versions)  # batches trained in order, each from weights no older than the last's
+
+
+@pytest.mark.slow
+def test_a_dying_worker_ends_the_run_with_one_error_naming_it(tmp_path, worker_env, monkeypatch):
+    monkeypatch.setenv("REXRAG_TEST_WORKER_DIE", "3")  # exits abruptly when handed its 3rd batch
+    tr = _toy_trainer(tmp_path, worker_env, "rollout.mode=one_step_off", "trainer.steps=6")
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rollout worker 1 \(pid \d+\) (died|exited)") as info:
+        tr.train()
+    assert time.monotonic() - start < 60
+    assert "batch" in str(info.value) and tr.step_idx == 2  # two steps trained, then the error
+
+
+@pytest.mark.slow
+def test_resume_with_batches_in_flight_trains_every_prompt_once(tmp_path, worker_env):
+    """Stopped after 2 steps with batches 2 and 3 in flight (k = 2): they are discarded, their prompts are not
+    consumed, and the resumed run trains them: over both runs the trained prompts are exactly the sampler's
+    first 4 batches, in order."""
+    trained = []
+
+    def run(*overrides):
+        tr = _toy_trainer(tmp_path, worker_env, "rollout.mode=async", "rollout.max_staleness=2", "trainer.save_every=1",
+                          *overrides)
+        sample = tr.rollout_source.sample
+
+        def recording(trainer, examples, t):
+            trained.append([ex.group_id for ex in examples])
+            return sample(trainer, examples, t)
+
+        tr.rollout_source.sample = recording
+        tr.train()
+        return tr
+
+    first = run("trainer.steps=2")
+    assert first.rollout_source.next_batch == 4  # batches 2 and 3 were dispatched, never trained
+    resumed = run("trainer.steps=4", "trainer.resume=true")
+    assert resumed.step_idx == 4 and resumed.sampler.consumed == 4 * 8
+    fresh = PromptSampler(16, 8, 0, True)
+    want = [[toy_examples()[i].group_id for i in fresh.next_batch()] for _ in range(4)]
+    assert trained == want
