@@ -18,7 +18,7 @@ import torch
 from test_trainer import _ragged_trainer, _step_grads
 
 from rexrag.config import ConfigError, ModelConfig, load_config
-from rexrag.models import sequence_logprobs, tiny_llama
+from rexrag.models import ValueModel, sequence_logprobs, tiny_llama
 from rexrag.packing import FLASH, VARLEN_SDPA, pack, resolve_attn_implementation
 from rexrag.sharding import fsdp_param_dtype
 from rexrag.train.batch import micro_batches, padding_fraction, padding_ratio
@@ -79,6 +79,28 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(attn):
     # bitwise: the returned log-probs do not depend on whether entropy was asked for
     model = tiny_llama(64, seed=1, attn_implementation=attn)
     assert torch.equal(sequence_logprobs(model, ids, am, chunk_tokens=7, temperature=0.7, pack=True), lp1)
+
+
+def test_packed_critic_values_and_gradients_equal_padded():
+    """The value model (gae) packs like the policy: the same values wherever a token and the one before it are
+    real, 0 elsewhere, and the same gradients of a loss on those values."""
+    ids, am = _batch()
+    valid = torch.zeros_like(am, dtype=torch.bool)
+    valid[:, 1:] = (am[:, 1:] * am[:, :-1]).bool()
+    out = {}
+    for packed in (False, True):
+        critic = ValueModel(tiny_llama(64, seed=2))
+        with torch.no_grad():  # zero-initialised head: give the values some signal, the same in both runs
+            critic.head.weight.copy_(torch.linspace(-0.5, 0.5, critic.head.weight.numel()).view_as(critic.head.weight))
+        values = critic(ids, am, pack=packed)
+        weights = torch.linspace(-1.0, 2.0, values.numel()).view_as(values)
+        (torch.where(valid, values, torch.zeros_like(values)) * weights).sum().backward()
+        out[packed] = (values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters()})
+    (v0, g0), (v1, g1) = out[False], out[True]
+    assert torch.all(v1[~valid] == 0) and v1[valid].abs().sum() > 0
+    torch.testing.assert_close(v1[valid], v0[valid], atol=LP_ATOL, rtol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **GRAD_TOL)
 
 
 def test_packed_gradients_with_gradient_checkpointing():
@@ -160,6 +182,34 @@ def test_trainer_with_packing_gives_the_losses_and_gradients_of_padding(tmp_path
         assert math.isclose(m_packed[k], m_padded[k], rel_tol=1e-4, abs_tol=1e-6), k
     assert m_packed["update/padding_ratio"] == 1.0 and m_packed["train/padding_fraction"] == 0.0
     assert m_padded["update/padding_ratio"] > (1.2 if budget == 0 else 1.0)  # sorted rows x longest pad less
+
+
+def test_trainer_with_packing_and_a_critic_gives_the_padded_value_loss_and_gradients(tmp_path):
+    """gae: the value model's forwards pack too; its loss and gradients equal the padded run's."""
+    common = ("algo.adv_estimator=gae", "trainer.mini_batch_size=16", "trainer.micro_batch_size=4")
+    runs = {}
+    for name, extra in (("padded", ()), ("packed", ("trainer.pack_sequences=true",))):
+        tr = _ragged_trainer(tmp_path / name, *common, *extra)
+        seen, real_step = [], tr.optimizer.step
+
+        def step(*a, _tr=tr, _seen=seen, _real=real_step, **k):
+            _seen.append({n: p.grad.detach().clone() for n, p in _tr.critic.named_parameters() if p.grad is not None})
+            return _real(*a, **k)
+
+        tr.optimizer.step = step
+        shapes: list[tuple] = []
+        tr.critic.backbone.register_forward_pre_hook(lambda m, a, kw, _s=shapes: _s.append(tuple(kw["input_ids"].shape)),
+                                                     with_kwargs=True)
+        runs[name] = (seen, tr.step())
+        if extra:  # every value forward (old values and the update's) saw one packed row, no padding
+            assert shapes and all(s[0] == 1 for s in shapes), shapes
+    (g_pad, m_pad), (g_pack, m_pack) = runs["padded"], runs["packed"]
+    assert len(g_pad) == len(g_pack) > 0 and any(g.abs().sum() > 0 for g in g_pad[0].values())
+    for a, b in zip(g_pad, g_pack, strict=True):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], **GRAD_TOL)
+    assert math.isclose(m_pack["critic/vf_loss"], m_pad["critic/vf_loss"], rel_tol=1e-4, abs_tol=1e-7)
+    assert m_pack["update/padding_ratio"] == 1.0
 
 
 def test_flash_attention_requested_without_flash_attn_is_one_line_before_loading(tmp_path, monkeypatch):

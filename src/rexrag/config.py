@@ -353,7 +353,7 @@ class TrainerConfig:
     micro_batch_size: int = doc("Trajectories per forward/backward (gradient accumulation).", 4)
     micro_batch_tokens: int = doc("Token budget per forward/backward: rows sorted by length and packed while "
                                   "rows x longest <= budget (replaces micro_batch_size; 0 = split by rows).", 0)
-    pack_sequences: bool = doc("Padding-free update and log-prob passes: each micro-batch's rows run as one "
+    pack_sequences: bool = doc("Padding-free update, log-prob and value (gae) passes: each micro-batch's rows run as one "
                                "sequence of their real tokens (position ids restarting per row, attention within "
                                "rows: rexrag.packing), so no padding is computed; micro_batch_tokens then budgets real "
                                "tokens. Logged: update/padding_ratio (tokens computed per real token).", False)

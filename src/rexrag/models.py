@@ -415,7 +415,9 @@ class ValueModel(nn.Module):
     """Critic for ``gae``: a copy of the policy's decoder plus a zero-initialised linear head.
 
     ``forward(input_ids [B, T], attention_mask [B, T]) -> values [B, T]`` with ``values[:, t]`` the
-    value of the state before token t (aligned with per-token log-probs; ``values[:, 0] = 0``).
+    value of the state before token t (aligned with per-token log-probs; ``values[:, 0] = 0``). With
+    ``pack`` the rows run as one sequence of their real tokens (``rexrag.packing``, as the policy's packed
+    forwards): values where token t and the one before it are real, 0 elsewhere (padding, a row's first token).
     """
 
     def __init__(self, policy: nn.Module):
@@ -427,8 +429,19 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pack: bool = False) -> Tensor:
+        if pack:
+            return self._packed(input_ids, attention_mask)
         pos = position_ids(attention_mask)
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
         v = self.head(h).squeeze(-1).float()
         return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+
+    def _packed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        from rexrag.packing import pack, varlen_forward_kwargs
+
+        p = pack(input_ids, attention_mask.long())
+        h = self.backbone(input_ids=p.input_ids, **varlen_forward_kwargs(self.backbone, p)).last_hidden_state[0]  # [N, H]
+        v = self.head(h.index_select(0, p.src)).squeeze(-1).float()  # [M]: the state before each predicted token
+        out = torch.zeros(input_ids.numel(), dtype=v.dtype, device=v.device)
+        return out.index_put((p.dest,), v).view_as(input_ids)

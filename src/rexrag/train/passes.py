@@ -160,7 +160,8 @@ class ForwardPasses:
         if self.critic is None:
             return None
         self.passes["values"] += 1
-        return self._no_grad_pass(self.critic, batch.input_ids, batch.attention_mask)
+        return self._no_grad_pass(lambda i, m: self.critic(i, m, pack=self.tc.pack_sequences), batch.input_ids,
+                                  batch.attention_mask)
 
     # ------------------------------------------------------------------ update
 
@@ -287,7 +288,7 @@ class ForwardPasses:
             m.update(em)
         if self.critic is not None:
             with self._autocast():
-                values = self.critic(ids, am).float()
+                values = self.critic(ids, am, pack=self.tc.pack_sequences).float()
             vl, vm = value_loss(values, targets.old_values[idx, :w], targets.returns[idx, :w], mask, self.algo.value_clip,
                                 "token-mean", num_tokens=norm["num_tokens"])
             loss = loss + self.algo.vf_coef * vl
