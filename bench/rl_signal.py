@@ -11,7 +11,10 @@ would see on a fixed sample of RL training questions: it calls the trainer's own
   spread (what an F1 reward would see, from the same rollouts);
 * the dead-end group fraction, REX-RAG's kept probes, their accuracy and the dead groups they rescue;
 * the cost: tokens sampled per group (the experiment's budget unit), trajectory length (update cost)
-  and wall time, and groups with an EM spread per 10k sampled tokens (signal at equal budget).
+  and wall time, and groups with an EM spread per 10k sampled tokens (signal at equal budget);
+* what the searches did: recall of the questions' supporting passages; and for the ``process`` variant
+  (``trainer.process_reward=evidence*0.2``) the share of groups with any signal once the turn-level
+  process term joins the outcome advantage (``rexrag.algos.turn_credit``).
 
     python bench/rl_signal.py --append-md                     # all variants (~1-2 min each on 2 cores)
     python bench/rl_signal.py --variants recipe,G8 --questions 32
@@ -42,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "obs192": ["rollout.max_obs_tokens=192"],
     "top3_obs256": ["retrieval.topk=3", "rollout.max_obs_tokens=256"],
     "obs192_G8": ["rollout.max_obs_tokens=192", "rollout.n=8"],
+    "process": ["trainer.process_reward=evidence*0.2"],  # turn-level credit: signal of dead-end groups' searches
 }
 
 
@@ -78,7 +82,7 @@ def by_group(trajs, values) -> dict[int, list[float]]:
 def signal_metrics(tokenizer, trajs, rewards, probes, rex: dict, tokens: int, wall_s: float) -> dict:
     """The variant's row: rollout EM, groups with a reward / EM / F1 spread, REX-RAG's probe statistics, cost."""
     from rexrag.rewards import exact_match, f1_score
-    from rexrag.rollout.agent import policy_answer
+    from rexrag.rollout.views import policy_answer
 
     golds = [list(t.example.golden_answers) for t in trajs]
     answers = [policy_answer(tokenizer, t) for t in trajs]
@@ -114,7 +118,24 @@ def measure(args, overrides: list[str], model_dir: Path, engine, retriever, exam
     trajs, rewards, probes, _ = trainer.sample(list(examples))
     row = signal_metrics(trainer.tokenizer, trajs, rewards, probes, trainer.explorer.end_step(),
                          counter.tokens, time.perf_counter() - t0)
-    return row | {"overrides": overrides, "sampled_tokens": counter.tokens}
+    return row | credit_metrics(trainer, trajs, probes) | {"overrides": overrides, "sampled_tokens": counter.tokens}
+
+
+def credit_metrics(trainer, trajs, probes) -> dict:
+    """What the searches did (``search/``: recall of the supporting passages, queries copying the question, rollouts
+    at the turn limit) and, with ``trainer.process_reward``, the share of groups left without any signal once the
+    turn-level term joins (``process/no_signal_after``; ``..._before``: outcome rewards only, probes included)."""
+    import torch
+
+    from rexrag.train.batch import Batch
+    from rexrag.train.credit import search_metrics
+
+    out = search_metrics(trajs, trainer.cfg.rollout.max_turns)
+    if trainer.process is not None:
+        batch = Batch.collate(trajs + probes, trainer.pad_id, True, torch.device("cpu"))
+        trainer.process.add(batch, torch.zeros_like(batch.loss_mask))
+        out |= trainer.process.metrics(trajs)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -126,14 +147,20 @@ def markdown(result: dict) -> str:
              "variant of `configs/cpu_experiment.yaml` (`Trainer.sample`, no update). A group has *signal* when its rewards "
              "differ; *EM spread* means it holds both a right and a wrong answer.", "",
              "| variant | overrides | rollout EM | groups with reward spread | EM spread | F1 spread | dead-end groups | "
-             "after probes | probes kept | probe acc | rescued | sampled tokens/group | traj. tokens | EM-spread groups per 10k tokens | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "after probes | probes kept | probe acc | rescued | sampled tokens/group | traj. tokens | EM-spread groups per 10k tokens | wall s | "
+             "search recall | signal with process credit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {' '.join(r['overrides']) or '(as is)'} | {100 * r['em_rate']:.1f} % | {r['reward_spread']:.2f} | "
                      f"{r['em_spread']:.2f} | {r['f1_spread']:.2f} | {r['dead_end_frac']:.2f} | {r['reward_spread_after_probes']:.2f} | "
                      f"{r['probes_kept']:.0f} | {r['probe_acc']:.2f} | {r['dead_groups_rescued']:.0f} | {r['tokens_per_group']:.0f} | "
-                     f"{r['traj_len']:.0f} | {r['em_spread_groups_per_10k_tokens']:.2f} | {r['wall_s']:.0f} |")
+                     f"{r['traj_len']:.0f} | {r['em_spread_groups_per_10k_tokens']:.2f} | {r['wall_s']:.0f} | "
+                     f"{_fmt(r.get('search/recall'))} | {_fmt(1 - r['process/no_signal_after'] if 'process/no_signal_after' in r else None)} |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def main(argv=None) -> int:

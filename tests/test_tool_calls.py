@@ -17,9 +17,10 @@ from rexrag.data import QAExample
 from rexrag.errors import ConfigError, UserError
 from rexrag.models import sequence_logprobs
 from rexrag.rex.probe import answer_cut
-from rexrag.rollout.agent import SearchAgent, _runs, policy_answer
+from rexrag.rollout.agent import SearchAgent
 from rexrag.rollout.tool_calls import TOOLS, parse_hermes, parse_llama3_json, register_tool
 from rexrag.rollout.trajectory import Seg, to_batch
+from rexrag.rollout.views import _runs, policy_answer
 
 CALL = '<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>'
 

@@ -301,7 +301,7 @@ def _run_agent(examples, agent, tokenizer) -> list[dict]:
     """The prediction is read from the model's own tokens (``policy_answer``), and the format check
     sees retrieved blocks emptied (``format_view``): retrieved text can neither answer nor break it."""
     from rexrag.rewards import trajectory_format_ok
-    from rexrag.rollout.agent import policy_answer, response_text
+    from rexrag.rollout.views import policy_answer, response_text
 
     trajs = agent.rollout(list(examples), n=1)
     rows = []

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from rexrag.algos.losses import masked_mean
-from rexrag.rollout.agent import policy_answer
+from rexrag.rollout.views import policy_answer
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 
