@@ -19,6 +19,15 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   ``rex``; ``rex_rc``, REX-RAG with the engine-vs-trainer rollout correction (``RC_SETTINGS``: token-level
   truncated IS, C = 2, as slime's ``--use-tis`` and verl's token ``rollout_is``). Each method is the recipe
   plus its ``METHOD_SETTINGS``; pairs in ``PAIRS`` are compared per seed on the same questions.
+* Turn-level credit arms (not run by default; name them in ``--methods``): ``grpo_process`` / ``rex_process``
+  add ``trainer.process_reward=evidence*0.2`` (``PROCESS``: a search turn earns the share of the question's
+  supporting passages it retrieves first; the turn term joins GRPO's advantage), ``grpo_cur`` / ``rex_cur``
+  draw prompts by ``data.curriculum=pass_rate`` (``CURRICULUM``), and ``grpo_process_cur`` / ``rex_process_cur``
+  both. Every run logs search recall of the supporting passages, searches per rollout and the reward-hacking
+  sentinels (queries copying the question, rollouts at the turn limit); the table shows them.
+  ``--rl-questions solvable`` stays a separate, offline choice: the curriculum learns pass rates from the
+  training rollouts themselves, one visit per question at a time, while ``solvable`` spends a greedy pass
+  up front; at this budget (tens of steps of B=2) the curriculum sees most questions at most once.
 * Equal compute: each run trains until the tokens it *sampled* (original rollouts plus probe
   continuations, counted at the generation backend) reach ``--token-budget``; REX-RAG spends part of
   its budget on probes, so it takes fewer steps.
@@ -39,6 +48,7 @@ every invocation) writes ``<out>/results.md`` and ``<out>/curves.png`` from what
     python bench/rex_vs_grpo.py --seeds 0,1,2 --append-md     # the CPU experiment (~40 min per run here)
     python bench/rex_vs_grpo.py --report --append-md          # re-plot and re-tabulate recorded runs
     python bench/rex_vs_grpo.py --smoke --out /tmp/rvg        # pipeline check in minutes (meaningless numbers)
+    python bench/rex_vs_grpo.py --methods grpo,grpo_process,rex,rex_process --seeds 0,1,2,3 --append-md   # credit
 
 Records are reused across code changes only when the protocol still holds: keys added to the config since a
 run was recorded must sit at their defaults (the code path a run without them took), and ``--replay-steps K``
@@ -64,12 +74,23 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 HEADING = "## REX-RAG vs GRPO (bench/rex_vs_grpo.py)"
 DATASETS = {"hotpotqa": "hotpotqa_dev_ctx.flashrag.jsonl", "2wikimultihopqa": "2wikimultihopqa_dev_ctx.flashrag.jsonl"}
-METHODS = ("grpo", "grpo_ds", "rex", "rex_rc")
 RC_SETTINGS = ("algo.rollout_correction=token_tis", "algo.rollout_correction_cap=2.0")
+PROCESS = ("trainer.process_reward=evidence*0.2",)  # turn-level credit (rexrag.process_rewards, algos.turn_credit)
+CURRICULUM = ("data.curriculum=pass_rate",)  # rexrag.curriculum
 METHOD_SETTINGS = {"grpo": ("rex.probe_prob=0",), "grpo_ds": ("rex.probe_prob=0", "data.dynamic_sampling=true"),
-                   "rex": (), "rex_rc": RC_SETTINGS}
-LABELS = {"grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", "rex": "REX-RAG", "rex_rc": "REX-RAG + rollout correction"}
-PAIRS = (("grpo", "rex"), ("grpo", "grpo_ds"), ("rex", "rex_rc"), ("grpo_ds", "rex"))  # (reference, method)
+                   "rex": (), "rex_rc": RC_SETTINGS,
+                   "grpo_process": ("rex.probe_prob=0", *PROCESS), "rex_process": PROCESS,
+                   "grpo_cur": ("rex.probe_prob=0", *CURRICULUM), "rex_cur": CURRICULUM,
+                   "grpo_process_cur": ("rex.probe_prob=0", *PROCESS, *CURRICULUM), "rex_process_cur": (*PROCESS, *CURRICULUM)}
+METHODS = tuple(METHOD_SETTINGS)
+DEFAULT_METHODS = ("grpo", "grpo_ds", "rex", "rex_rc")  # the recorded CPU run; the others: --methods
+LABELS = {"grpo": "GRPO", "grpo_ds": "GRPO + dynamic sampling", "rex": "REX-RAG", "rex_rc": "REX-RAG + rollout correction",
+          "grpo_process": "GRPO + process reward", "rex_process": "REX-RAG + process reward",
+          "grpo_cur": "GRPO + curriculum", "rex_cur": "REX-RAG + curriculum",
+          "grpo_process_cur": "GRPO + process reward + curriculum", "rex_process_cur": "REX-RAG + process reward + curriculum"}
+PAIRS = (("grpo", "rex"), ("grpo", "grpo_ds"), ("rex", "rex_rc"), ("grpo_ds", "rex"),  # (reference, method)
+         ("grpo", "grpo_process"), ("rex", "rex_process"), ("grpo_process", "rex_process"), ("grpo", "grpo_cur"),
+         ("rex", "rex_cur"), ("grpo_process", "grpo_process_cur"), ("rex_process", "rex_process_cur"))
 # the bench's own settings a recorded run depends on (with the recipe's): other values need another --out
 PROTOCOL = ("heldout_per_dataset", "curve_per_dataset", "curve_points", "token_budget", "warmup_examples", "warmup_steps",
             "smoke")
@@ -80,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(REPO / "runs" / "rex_vs_grpo"), help="index, warm-up and training dirs")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "rex_vs_grpo"), help="recorded results")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--replay-steps", type=int, default=0,
                    help="before new runs, re-run this many first steps of each recorded method's first seed and "
                         "refuse to reuse records that no longer reproduce")
@@ -331,7 +352,9 @@ STEP_KEYS = ("reward/mean", "rollout/em_rate", "rollout/groups_with_signal", "ro
              "timing/step_s", "actor/approx_kl", "actor/ratio_mean", "actor/clip_frac", "mismatch/policy/abs_mean",
              "mismatch/policy/abs_max", "mismatch/policy/kl_k3", "rollout_corr/policy/ratio_max",
              "rollout_corr/policy/truncated_frac", "rollout/dynamic_rounds", "rollout/dynamic_groups_dropped",
-             "rollout/dynamic_groups_filled")
+             "rollout/dynamic_groups_filled", "rollout/searches_per_traj", "search/recall", "search/query_copy_rate",
+             "search/turn_limit_rate", "process/reward_per_turn", "process/no_signal_before", "process/no_signal_after",
+             "curriculum/seen_frac", "curriculum/prior_pass_rate")
 
 
 def run_one(args, method, seed, model_dir, engine, retriever, heldout, rl_examples, work: Path, replay: int = 0) -> dict:
@@ -599,7 +622,9 @@ def summarize(base: dict, runs: list[dict]) -> dict:
 
 
 REX_ONLY = ("rex/probe_acc", "rex/rho", "rex/alpha")
-COLORS = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rex": "tab:orange", "rex_rc": "tab:red"}
+COLORS = {"grpo": "tab:blue", "grpo_ds": "tab:green", "rex": "tab:orange", "rex_rc": "tab:red", "grpo_process": "tab:cyan",
+          "rex_process": "tab:brown", "grpo_cur": "tab:purple", "rex_cur": "tab:pink", "grpo_process_cur": "tab:gray",
+          "rex_process_cur": "tab:olive"}
 
 
 def is_rex(method: str) -> bool:
@@ -671,7 +696,8 @@ def markdown(bases: dict[str, dict], runs: list[dict], args, out: Path) -> str:
              f"evaluated), recipe `configs/cpu_experiment.yaml`{' with ' + ' '.join(args.set) if args.set else ''}: "
              f"B={p['data.batch_size']} x G={ro['n']}, T={ro['temperature']}, lr {tr['lr']}, reward {tr['reward']}, "
              f"KL {al['kl_coef']}; REX-RAG p={rx['probe_prob']}, rho0={rx['keep_ratio']}, keep_min={rx['keep_min']}, "
-             f"{rx['correction']}; " + "; ".join(f"{LABELS[m]}: {' '.join(METHOD_SETTINGS[m]) or 'as is'}" for m in METHODS)
+             f"{rx['correction']}; " + "; ".join(f"{LABELS[m]}: {' '.join(METHOD_SETTINGS[m]) or 'as is'}" for m in METHODS
+                                     if m in DEFAULT_METHODS or any(r["method"] == m for r in runs))
              + f"; each run stops at {p['token_budget']:,} sampled tokens (originals + probe "
              "continuations). Held-out: "
              + ", ".join(f"{k} n={v}" for k, v in n.items()) + " (greedy agent); intervals over seeds are 95 % "
@@ -744,7 +770,8 @@ def table(b: dict, once: dict | None, summ: dict, n: dict) -> list[str]:
     Stability columns are the largest per-step value over a run, averaged over seeds."""
     cols = ["held-out EM", "F1", "cover-EM", *(f"{k} EM" for k in n), "steps", "sampled tokens", "train min",
             "dead-end groups (trained)", "groups with signal, sampled", "rounds/step", "probes kept/step", "probe acc",
-            "max ratio", "max approx KL", "max engine abs dlogp", "max IS weight"]
+            "max ratio", "max approx KL", "max engine abs dlogp", "max IS weight", "searches/rollout", "search recall",
+            "groups without signal, with process credit", "queries copying the question", "rollouts at the turn limit"]
     lines = ["| policy | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     blank = " | ".join([""] * (len(cols) - 3 - len(n)))
     for label, s in (("warm-up (start), agent", b), ("warm-up, retrieve once", once)):
@@ -767,7 +794,9 @@ def table(b: dict, once: dict | None, summ: dict, n: dict) -> list[str]:
             f"{avg('rex/dead_end_frac')} | {avg('sampled_signal')} | {avg('rollout/dynamic_rounds', fmt='.1f')} | "
             + (f"{avg('rex/probes_kept')} | {avg('rex/probe_acc')} | " if rex else "– | – | ")
             + f"{avg('max:actor/ratio_mean', fmt='.3f')} | {avg('max:actor/approx_kl', fmt='.1e')} | "
-            f"{avg('max:mismatch/policy/abs_max', fmt='.2f')} | {avg('max:rollout_corr/policy/ratio_max', fmt='.2f')} |")
+            f"{avg('max:mismatch/policy/abs_max', fmt='.2f')} | {avg('max:rollout_corr/policy/ratio_max', fmt='.2f')} | "
+            f"{avg('rollout/searches_per_traj')} | {avg('search/recall')} | {avg('process/no_signal_after')} | "
+            f"{avg('search/query_copy_rate')} | {avg('search/turn_limit_rate')} |")
     return lines + [""]
 
 

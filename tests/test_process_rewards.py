@@ -16,7 +16,7 @@ from rexrag.config import AlgoConfig, load_config
 from rexrag.data import QAExample
 from rexrag.errors import ConfigError, UserError
 from rexrag.process_rewards import (Turn, answer_seen, build_process_reward, check_data, evidence, process_terms,
-                                    register_process_reward, trajectory_turns)
+                                    process_reward_trajectories, register_process_reward, trajectory_turns)
 from rexrag.process_rewards import _REGISTRY as PROCESS_REGISTRY
 from rexrag.rollout.trajectory import Retrieval, Seg, Trajectory
 
@@ -181,6 +181,25 @@ def test_trajectory_turns_reads_searches_and_observations_and_probes_inherit_the
     probe = tr.truncated(start2 - 3)  # cut inside turn 1, before its results: only the first search is inherited
     assert [r.query for r in probe.retrievals] == ["a"]
     assert [r.query for r in tr.truncated(len(tr) - 2).retrievals] == ["a", "b"]
+
+
+def test_the_agent_records_each_search_and_evidence_reads_it():
+    from _rollout_fakes import FakeRetriever, ScriptedBackend
+
+    from rexrag.config import RolloutConfig
+    from rexrag.rollout.agent import SearchAgent
+
+    tok = FakeTokenizer()
+    script = {"Q1?": ["<search> alpha </search>", "<search> beta </search>", "<answer> no </answer>"]}
+    agent = SearchAgent(ScriptedBackend(tok, script), tok, FakeRetriever(), RolloutConfig(max_turns=3), topk=2)
+    ex = QAExample("0", "Q1?", ["about beta"], 5, "d", {"supporting_doc_ids": ["beta-1", "gamma-0"]})
+    (tr,) = agent.rollout([ex])
+    assert [(r.turn, r.query, r.doc_ids) for r in tr.retrievals] == [(0, "alpha", ["alpha-0", "alpha-1"]),
+                                                                     (1, "beta", ["beta-0", "beta-1"])]
+    assert all(tr.segments[r.start] == Seg.INFO and tr.segments[r.start - 1] == Seg.POLICY for r in tr.retrievals)
+    fn = build_process_reward("evidence + answer_seen*0.5")
+    process_reward_trajectories(fn, tok, [tr])
+    assert tr.meta["turn_rewards"] == [0.0, 0.5 + 0.5, 0.0]  # beta-1: half the evidence; "about beta" seen in turn 1
 
 
 # --------------------------------------------------------------------------- bad input, through the CLI
