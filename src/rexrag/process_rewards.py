@@ -42,7 +42,7 @@ from typing import Callable
 
 from rexrag.errors import ConfigError, UserError
 from rexrag.registry import Registry
-from rexrag.rewards import _accepted_keywords, cover_em, example_fields, load_dotted, reward_terms
+from rexrag.rewards import call_with_accepted, cover_em, example_fields, load_dotted, reward_terms
 from rexrag.rollout.trajectory import Seg, Trajectory
 
 ProcessRewardFn = Callable[..., list[list[float]]]
@@ -125,8 +125,7 @@ def trajectory_turns(tokenizer, traj: Trajectory) -> list[Turn]:
 def call_process_reward(fn: ProcessRewardFn, name: str, turns: list[list[Turn]], answers: list, **kw) -> list[list[float]]:
     """``fn(turns, answers, **kw)`` with the keywords it accepts; one finite number per turn, else a
     ``UserError`` naming ``name``."""
-    accepted = _accepted_keywords(fn)
-    out = fn(turns, answers, **(kw if accepted is None else {k: v for k, v in kw.items() if k in accepted}))
+    out = call_with_accepted(fn, turns, answers, **kw)
     try:
         values = [[float(x) for x in row] for row in out]
     except (TypeError, ValueError) as exc:

@@ -283,11 +283,16 @@ def _accepted_keywords(fn: Callable) -> set[str] | None:
     return {p.name for p in params[2:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
+def call_with_accepted(fn: Callable, *args, **kw):
+    """``fn(*args, **kw)`` with only the keywords ``fn`` names (all of them when it takes ``**kw``)."""
+    accepted = _accepted_keywords(fn)
+    return fn(*args, **(kw if accepted is None else {k: v for k, v in kw.items() if k in accepted}))
+
+
 def call_reward(fn: RewardFn, name: str, completions: list[str], answers: list, **kw) -> list[float]:
     """``fn(completions, answers, **kw)`` with the keywords ``fn`` accepts; the result must hold one
     finite number per completion, else a ``UserError`` naming ``name``. Exceptions ``fn`` raises propagate."""
-    accepted = _accepted_keywords(fn)
-    out = fn(completions, answers, **(kw if accepted is None else {k: v for k, v in kw.items() if k in accepted}))
+    out = call_with_accepted(fn, completions, answers, **kw)
     try:
         values = [float(r) for r in out]
     except (TypeError, ValueError) as exc:
