@@ -310,3 +310,30 @@ def test_dead_end_batch_trains_only_with_process_credit(tmp_path):
             assert m["process/no_signal_before"] == 1.0 and m["process/no_signal_after"] < 1.0
             assert 0.0 < m["process/reward_per_turn"] <= 0.5 and "process/_odd_last_token_per_turn" not in m
             assert "process/test_process_rewards:_odd_last_token_per_turn" in m
+
+
+def test_search_metrics_recall_and_hacking_sentinels():
+    from rexrag.train.credit import copies_question, search_metrics
+
+    assert copies_question("Which band released Counterparts?", "Which Canadian band released  'Counterparts'?") is False
+    assert copies_question("which canadian band released counterparts", "Which Canadian band released 'Counterparts'?")
+    ex = QAExample("e", "Which Canadian band released Counterparts?", ["Rush"], 1, "d", {"supporting_doc_ids": ["a", "b"]})
+    one = Trajectory(group_id=1, example=ex, n_searches=2,
+                     retrievals=[Retrieval(5, 0, ex.question, ["a", "x"]), Retrieval(9, 1, "Neil Peart", ["a", "c"])])
+    two = Trajectory(group_id=1, example=ex, n_searches=0)
+    m = search_metrics([one, two], max_turns=2)
+    assert m == {"search/recall": pytest.approx(0.25), "search/query_copy_rate": 0.5, "search/turn_limit_rate": 0.5}
+
+
+def test_signal_shares_before_and_after_process_credit():
+    from rexrag.train.credit import signal_metrics
+
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # groups 1 (dead), 2 (spread), 3 (dead)
+    group = torch.tensor([1, 1, 2, 2, 3, 3])
+    mask = torch.ones(6, 2)
+    term = torch.zeros(6, 2)
+    term[0, 1], term[1, 1] = 0.1, -0.1  # group 1's searches differ; group 3's do not
+    term[4, 0] = HUGE
+    mask[4, 0] = 0  # masked: never counts
+    m = signal_metrics(rewards, group, term, mask)
+    assert m == {"process/no_signal_before": pytest.approx(2 / 3), "process/no_signal_after": pytest.approx(1 / 3)}
