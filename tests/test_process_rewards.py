@@ -202,6 +202,26 @@ def test_the_agent_records_each_search_and_evidence_reads_it():
     assert tr.meta["turn_rewards"] == [0.0, 0.5 + 0.5, 0.0]  # beta-1: half the evidence; "about beta" seen in turn 1
 
 
+def test_a_probe_shares_its_sources_turn_rewards_before_the_cut_and_its_baseline():
+    from rexrag.rex.probe import make_probe
+
+    tok = FakeTokenizer()
+    parts = [("P", Seg.PROMPT, 0), ("<search>a</search>", Seg.POLICY, 0), ("<information>x</information>", Seg.INFO, 0),
+             ("<answer>no</answer>", Seg.POLICY, 1)]
+    start = len("P<search>a</search>")
+    source = _traj(tok, parts, [Retrieval(start, 0, "a", ["d2"])])
+    cut = len(source) - len("<answer>no</answer>")
+    probe = make_probe(source, 0, cut, tok.encode("<think>again"), 0)
+    probe.extend(tok.encode("</think><search>b</search>"), Seg.POLICY, 1, [-0.1] * 26)
+    probe.retrievals.append(Retrieval(len(probe), 1, "b", ["d9"]))
+    probe.extend(tok.encode("<information>y</information>"), Seg.INFO, 1)
+    fn = build_process_reward("evidence")
+    process_reward_trajectories(fn, tok, [source, probe])
+    assert source.meta["turn_rewards"] == [1.0, 0.0] and probe.meta["turn_rewards"] == [1.0, 0.0]
+    assert [t.index for t in trajectory_turns(tok, probe)] == [0, 1]
+    assert set(probe.turns[cut:]) == {1}  # the probe continues the turn it was cut from
+
+
 # --------------------------------------------------------------------------- bad input, through the CLI
 
 
