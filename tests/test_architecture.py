@@ -5,7 +5,9 @@ The graph is read from the source with ``ast``, nothing is imported: every ``imp
 import is still a dependency; it only hides a cycle), relative imports resolved. ``from pkg import
 name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``. Importing ``rexrag.pkg.mod``
 runs ``rexrag/pkg/__init__.py`` first, so it is an edge to ``rexrag.pkg`` as well (from outside
-``pkg``). Imports under ``if TYPE_CHECKING:`` never run: they count for the layering, not for cycles.
+``pkg``). Imports under ``if TYPE_CHECKING:`` never run, but they count for the layering and for cycles
+alike: an annotation still ties the two modules (``typing.get_type_hints`` and the API docs resolve it,
+and it is one edit away from a runtime import), so a circle closed by one is still a circle.
 Dynamic imports (``importlib.import_module`` with a computed name) are not edges.
 """
 
@@ -181,9 +183,8 @@ def _shortest_cycle(graph: dict[str, dict[str, Edge]], comp: set[str]) -> list[E
 def find_cycles(edges: list[Edge]) -> list[tuple[set[str], list[Edge]]]:
     """(modules, one shortest cycle as the edges that close it) per group of mutually importing modules."""
     graph: dict[str, dict[str, Edge]] = {}
-    for e in edges:
-        if not e.type_only:
-            graph.setdefault(e.src, {}).setdefault(e.dst, e)
+    for e in edges:  # type-only edges included (module docstring)
+        graph.setdefault(e.src, {}).setdefault(e.dst, e)
     return [(comp, _shortest_cycle(graph, comp)) for comp in _strongly_connected(graph)]
 
 
@@ -200,7 +201,7 @@ def layering_violations(edges: list[Edge]) -> list[str]:
 
 def _describe(comp: set[str], cycle: list[Edge]) -> str:
     chain = " -> ".join([cycle[0].src] + [e.dst for e in cycle])
-    lines = [chain] + [f"    {e.where()}" for e in cycle]
+    lines = [chain] + [f"    {e.where()}" + ("  (type-only)" if e.type_only else "") for e in cycle]
     if len(comp) > len(cycle):
         lines.append(f"    (other modules in the same loop: {', '.join(sorted(comp - {e.src for e in cycle}))})")
     return "\n".join(lines)
@@ -213,14 +214,55 @@ def test_no_import_cycles():
     assert not cycles, "import cycles in src/rexrag:\n" + "\n".join(_describe(*c) for c in cycles)
 
 
+# The config is read first and by everything (CLI, trainer, workers): what it imports to check a choice (the
+# backends' names, the reward names and the text views rewards read) must load none of the agent, the engines
+# or the models, which import the config themselves.
+CONFIG = "rexrag.config"
+CONFIG_NEVER_REACHES = ("rexrag.rollout.agent", "rexrag.rollout.backends", "rexrag.rollout.engine",
+                        "rexrag.rollout.vllm_backend", "rexrag.models")
+
+
+def import_chain(edges: list[Edge], start: str, goal: str) -> list[Edge] | None:
+    """The shortest chain of imports (type-only and function-level included) from ``start`` to ``goal``."""
+    graph: dict[str, dict[str, Edge]] = {}
+    for e in edges:
+        graph.setdefault(e.src, {}).setdefault(e.dst, e)
+    parent: dict[str, Edge] = {}
+    frontier, seen = [start], {start}
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w, e in sorted(graph.get(v, {}).items()):
+                if w in seen:
+                    continue
+                seen.add(w)
+                parent[w] = e
+                if w == goal:
+                    chain = [e]
+                    while chain[0].src != start:
+                        chain.insert(0, parent[chain[0].src])
+                    return chain
+                nxt.append(w)
+        frontier = nxt
+    return None
+
+
+def test_config_reads_choices_without_the_engines():
+    edges = import_edges()
+    found = {goal: import_chain(edges, CONFIG, goal) for goal in CONFIG_NEVER_REACHES}
+    bad = [f"{CONFIG} -> ... -> {goal}:\n" + "\n".join(f"    {e.where()}" for e in chain)
+           for goal, chain in found.items() if chain]
+    assert not bad, "the config imports what imports the config back:\n" + "\n".join(bad)
+
+
 def test_layering():
     bad = layering_violations(import_edges())
     assert not bad, "imports that break the README's layering:\n" + "\n".join(bad)
 
 
 def test_graph_reader_sees_function_level_relative_and_package_imports(tmp_path, monkeypatch):
-    """The checker itself: a cycle hidden in a function and through a package ``__init__``, a relative
-    import and a layering breach are caught; a TYPE_CHECKING import is no cycle but is a breach."""
+    """The checker itself: a cycle hidden in a function and through a package ``__init__``, one closed by
+    a TYPE_CHECKING import, a relative import and a layering breach are caught."""
     src = tmp_path / "src"
     pkg = src / PACKAGE
     (pkg / "retrieval").mkdir(parents=True)
@@ -246,11 +288,14 @@ def test_graph_reader_sees_function_level_relative_and_package_imports(tmp_path,
     assert {("rexrag.data", "rexrag.retrieval"), ("rexrag.data", "rexrag.retrieval.base")} <= pairs  # runs __init__
     assert ("rexrag.retrieval.uses", "rexrag.rollout.agent") in pairs  # relative, two levels up
     assert ("rexrag.config", "rexrag.rollout.agent") in pairs  # ``from pkg import module``
-    ((comp, cycle),) = find_cycles(edges)  # config <-> rollout.agent is type-only: no cycle
-    assert comp == {"rexrag.data", "rexrag.retrieval", "rexrag.retrieval.index"}
-    described = _describe(comp, cycle)
+    cycles = {frozenset(comp): _describe(comp, cycle) for comp, cycle in find_cycles(edges)}
+    assert set(cycles) == {frozenset({"rexrag.data", "rexrag.retrieval", "rexrag.retrieval.index"}),
+                           frozenset({"rexrag.config", "rexrag.rollout.agent"})}
+    described = cycles[frozenset({"rexrag.data", "rexrag.retrieval", "rexrag.retrieval.index"})]
     assert "rexrag.data -> rexrag.retrieval -> rexrag.retrieval.index -> rexrag.data" in described
     assert "src/rexrag/retrieval/index.py:2: from rexrag.data import load" in described
+    typed = cycles[frozenset({"rexrag.config", "rexrag.rollout.agent"})]  # closed by the TYPE_CHECKING import
+    assert "src/rexrag/rollout/agent.py:3: from rexrag.config import C  (type-only)" in typed
     (bad,) = layering_violations(edges)
     assert (
         bad

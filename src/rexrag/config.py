@@ -156,7 +156,7 @@ class RolloutConfig:
                                   "with an error naming it.", 600.0)
 
     def __post_init__(self):
-        from rexrag.rollout.backends import backend_choices
+        from rexrag.rollout.backend_names import backend_choices  # names only: no engine is imported
 
         _choices("rollout.backend", self.backend, tuple(backend_choices()))
         _choices("rollout.engine_dtype", self.engine_dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -1,15 +1,29 @@
 """One registry mechanism for every extension point (rewards, advantage estimators, index kinds).
 
-A registration under a taken name raises; a miss is a ``UserError`` that lists the choices.
+A registration under a taken name raises; a miss is a ``UserError`` that lists the choices. An entry
+may be registered by dotted path (:meth:`Registry.add_lazy`): its name is a choice at once, and its
+module is imported on the first ``get``, so that listing the choices (the config does) loads nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, TypeVar
 
 from rexrag.errors import UserError
 
 T = TypeVar("T")
+
+
+class _Lazy:
+    """A registry entry not imported yet: ``"pkg.module:attr"``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self):
+        module, _, attr = self.path.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 class Registry(Generic[T]):
@@ -23,6 +37,10 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def add_lazy(self, name: str, path: str) -> None:
+        """Register ``name`` as the object at ``path`` (``"pkg.module:attr"``), imported on its first ``get``."""
+        self.add(name, _Lazy(path))  # type: ignore[arg-type]
+
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of ``add``."""
         return lambda item: self.add(name, item)
@@ -34,7 +52,10 @@ class Registry(Generic[T]):
     def get(self, name: str, hint: str = "") -> T:
         if name not in self._items:
             raise UserError(f"unknown {self.kind} {name!r}; choose one of {self.names()}{hint}")
-        return self._items[name]
+        item = self._items[name]
+        if isinstance(item, _Lazy):
+            item = self._items[name] = item.load()
+        return item
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -5,22 +5,14 @@ and returns a ``GenerationBackend``: ``distributed`` says the process is one of 
 backend), ``load`` False defers copying the weights to the caller (a backend that samples from the
 model itself ignores both). ``auto`` picks ``vllm`` when it is installed, else ``hf`` (on a CPU only: a
 CUDA machine without vLLM is told to install it or to choose ``hf``).
-Registering a new builder here makes it selectable from the config and the CLI with no other edit.
+Registering a new builder here makes it selectable from the config and the CLI with no other edit. The
+registry and its choices live in ``rexrag.rollout.backend_names`` (the config reads them without importing
+the engines this module imports); the shipped builders below are registered there by dotted path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from rexrag.registry import Registry
-
-BackendBuilder = Callable[..., object]
-BACKENDS: Registry[BackendBuilder] = Registry("generation backend")
-AUTO = "auto"
-
-
-def backend_choices() -> list[str]:
-    return [AUTO, *BACKENDS.names()]
+from rexrag.rollout.backend_names import AUTO, BACKENDS, BackendBuilder, backend_choices  # noqa: F401 (re-exported)
 
 
 def resolve_backend_name(name: str) -> str:
@@ -65,7 +57,6 @@ def build_backend(name: str, model, tokenizer, cfg, *, device=None, seed: int | 
                                                     distributed=distributed, load=load)
 
 
-@BACKENDS.register("hf")
 def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     from rexrag.hardware import default_compute_dtype
     from rexrag.rollout.engine import HFBackend
@@ -75,7 +66,6 @@ def _build_hf(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, di
     return HFBackend(model, tokenizer, device=device, max_batch=max_batch, seed=seed, dtype=dtype)
 
 
-@BACKENDS.register("vllm")
 def _build_vllm(model, tokenizer, cfg, *, device=None, seed=None, max_batch=64, distributed=False, load=True):
     """``distributed``: one engine per process inside the running torch.distributed world; ``load``:
     False when the caller streams the weights in itself (``rexrag.rollout.colocate.start_engine``).
