@@ -54,8 +54,6 @@ def _finite(x: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
-
-
 class ForwardPasses:
     """Every forward sweep of a training step (see the module docstring); mixed into ``Trainer``."""
 
