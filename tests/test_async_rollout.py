@@ -286,3 +286,27 @@ def test_resume_with_batches_in_flight_trains_every_prompt_once(tmp_path, worker
     fresh = PromptSampler(16, 8, 0, True)
     want = [[toy_examples()[i].group_id for i in fresh.next_batch()] for _ in range(4)]
     assert trained == want
+
+
+# --------------------------------------------------------------------------- the benchmark's arithmetic
+
+
+def test_bench_summarises_steps_and_bounds_the_speedup():
+    from conftest import load_bench
+
+    bench = load_bench("async_rollout")
+    sync = [{"timing/step_s": 10.0, "rollout/trajectories": 8, "reward/mean": 0.5, "timing/gen_s": 6.0,
+             "timing/weight_sync_s": 1.0, "timing/reward_s": 0.0, "timing/update_s": 3.0}] * 3
+    off = [{"timing/step_s": s, "rollout/trajectories": 8, "reward/mean": 0.5, "timing/trainer_idle_s": idle,
+            "async/worker_idle_s": 1.0, "timing/worker_gen_s": 4.0, "async/staleness_max": k}
+           for s, idle, k in ((9.0, 5.0, 0), (6.0, 1.0, 1), (6.0, 1.0, 1))]
+    a, b = bench.summarize("sync", sync, 40.0), bench.summarize("one_step_off", off, 30.0)
+    assert a["traj_per_hour"] == pytest.approx(3600 * 24 / 30) and a["gen_share"] == pytest.approx(0.7)
+    assert b["traj_per_hour_steady"] == pytest.approx(3600 * 16 / 12) and b["staleness_steps"] == {"0": 1, "1": 2}
+    assert b["trainer_idle_share"] == pytest.approx(7 / 21) and b["worker_idle_share"] == pytest.approx(3 / 15)
+    m = bench.speedup_model(a, 0.85)
+    assert m["cpu_overlap_bound"] == pytest.approx(1 / 0.7)
+    assert m["gpu_overlap_bound"] <= 1.0  # a split of linearly scaling phases never beats time-sharing
+    text = bench.markdown({"date": "d", "cpu": "c", "machine": "m", "argv": "", "load_before": 0, "load_after": 0,
+                           "runs": [a, b], "model": m})
+    assert text.startswith(bench.HEADING) and "| one_step_off | 3 | 24 |" in text and "0: 1, 1: 2" in text
