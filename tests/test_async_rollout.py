@@ -9,6 +9,7 @@ the workers (killing one that does not stop within 30 s), and the fixture below 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,9 +85,9 @@ def test_cli_refuses_bad_async_input_with_exit_2_before_any_model_loads(tmp_path
 @pytest.mark.parametrize("overrides, world, given, match", [
     (["rex.enabled=true"], 1, [], "does not run rex.enabled"),
     (["data.dynamic_sampling=true"], 1, [], "does not run data.dynamic_sampling"),
-    ([], 2, [], "2 trainer processes is not built yet"),
+    ([], 2, [], r"2 trainer process\(es\) with 1 worker process\(es\) each need 4 CPU cores"),
     ([], 1, ["backend"], "the backend built in this process cannot run in a rollout worker"),
-    (["rollout.mode=async", "rollout.workers=3", "rollout.max_staleness=4"], 1, [], "rollout.workers=3: one trainer"),
+    (["rollout.mode=async", "rollout.workers=3", "rollout.max_staleness=4"], 1, [], r"rollout.workers=3: 1 trainer process\(es\) with 3 worker process\(es\) each need 4 CPU cores"),
 ])
 def test_async_refuses_what_it_cannot_run(overrides, world, given, match, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -310,3 +311,21 @@ def test_bench_summarises_steps_and_bounds_the_speedup():
     text = bench.markdown({"date": "d", "cpu": "c", "machine": "m", "argv": "", "load_before": 0, "load_after": 0,
                            "runs": [a, b], "model": m})
     assert text.startswith(bench.HEADING) and "| one_step_off | 3 | 24 |" in text and "0: 1, 1: 2" in text
+
+
+@pytest.mark.slow
+def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env):
+    """DDP over two gloo processes, a rollout worker each: every process trains its share of every batch (the
+    synchronous loop's split), within the bound, and the replicas stay equal."""
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "async_train_worker.py"), str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    sampler = PromptSampler(16, 8, 0, True)
+    for step in range(3):
+        batch = [toy_examples()[i].group_id for i in sampler.next_batch()]
+        assert [r["trained"][step] for r in ranks] == [batch[0::2], batch[1::2]]
+    assert all(r["staleness"] == [0.0, 1.0, 1.0] for r in ranks)
+    assert ranks[0]["params"] == ranks[1]["params"]

@@ -145,12 +145,12 @@ class RolloutConfig:
     max_staleness: int | None = doc("Async modes: no batch is trained more than this many weight versions after the "
                                     "version that generated it. null = the mode's own (sync 0, one_step_off 1, "
                                     "async 2); one_step_off accepts 0 (then it is sync, run by a worker).", None)
-    workers: int = doc("Async modes: rollout worker processes, each with its own engine (batches go to them in "
-                       "turn). At most max_staleness + 1 (no more batches are ever in flight).", 1)
+    workers: int = doc("Async modes: rollout worker processes per trainer process, each with its own engine "
+                       "(batches go to them in turn). At most max_staleness + 1 (no more batches are ever in flight).", 1)
     async_address: str = doc("Async modes: host:port the trainer listens on for its rollout workers. Empty = start "
                              "the workers on this machine (127.0.0.1, a free port); set = start none and wait for "
                              "workers launched elsewhere with `python -m rexrag.train.async_worker --address "
-                             "host:port --rank k` (k = 1..workers).", "")
+                             "host:port --rank k` (k = 1..workers); trainer process t listens on port + t.", "")
     worker_timeout_s: float = doc("Async modes: a worker silent for this long (no batch, no heartbeat) while the "
                                   "trainer waits for it, or not connected this long after the start, ends the run "
                                   "with an error naming it.", 600.0)

@@ -1,11 +1,14 @@
 """Asynchronous rollouts with bounded staleness: the trainer's side (``rollout.mode=one_step_off|async``).
 
-Processes. One trainer process (rank 0) and ``rollout.workers`` = R worker processes (ranks 1..R,
-:mod:`rexrag.train.async_worker`), each with its own engine, joined by a gloo process group of their own
-(``rexrag.sharding.Link`` over a ``TCPStore``): torch.distributed is what the trainer already uses, it crosses
-machines, and it needs no new dependency (Ray is not installed here). On one machine the trainer starts its
-workers itself (``python -m rexrag.train.async_worker`` on 127.0.0.1, a free port); with
-``rollout.async_address=host:port`` it starts none and waits for workers launched on other machines.
+Processes. N trainer processes (one, or DDP / FSDP2 as in the synchronous loop), each with ``rollout.workers`` = R
+worker processes of its own (:mod:`rexrag.train.async_worker`), each worker with its own engine. A trainer and its
+workers form a gloo process group of their own (``rexrag.sharding.Link`` over a ``TCPStore``; the trainer is its
+rank 0, the workers 1..R): torch.distributed is what the trainer already uses, it crosses machines, and it needs no
+new dependency (Ray is not installed here). On one machine each trainer starts its workers itself
+(``python -m rexrag.train.async_worker`` on 127.0.0.1, a free port); with ``rollout.async_address=host:port`` trainer
+process t listens on port + t, starts none and waits for workers launched on other machines. Each trainer process
+generates its share of every batch (prompts ``rank, rank + N, ...``, as in the synchronous loop), so the trainers
+need no traffic of their own beyond today's; a failure on one is agreed by all (``rexrag.sharding.on_all_ranks``).
 
 The bound. Step s trains batch s. Batch j goes to worker ``1 + j % R``; the trainer sends each worker its
 commands in one ordered stream, and a worker serves them in that order. At the start of step s (the weights
@@ -29,9 +32,10 @@ stop are discarded: their prompts were not consumed, so a resumed run draws them
 weights). Nothing is trained twice and no prompt is skipped.
 
 Failure. A worker that dies is noticed at once (its connection closes) or, if it goes silent, after
-``rollout.worker_timeout_s``; the run ends with one :class:`WorkerError` naming it. Not built yet: several
-trainer processes, REX-RAG probes made by workers, dynamic sampling, partial rollouts, NCCL weight pushes
-(weights travel through host memory).
+``rollout.worker_timeout_s``; the run ends with one :class:`WorkerError` naming it. Not built yet: REX-RAG probes
+made by workers, dynamic sampling, partial rollouts, NCCL weight pushes (weights travel through host memory). Tested
+with DDP over two CPU processes; FSDP2 streams its gathered weights the same way (every process gathers every tensor
+in the same order, a failed send keeps the gathers running), never run.
 """
 
 from __future__ import annotations
@@ -64,8 +68,6 @@ def check_async(cfg, world: int, given: list[str] = ()) -> None:
     if given:
         raise UserError(f"{what}: the {' and '.join(given)} built in this process cannot run in a rollout worker "
                         "process, which builds its own from rollout.backend and retrieval.*; use rollout.mode=sync")
-    if world > 1:
-        raise UserError(f"{what} with {world} trainer processes is not built yet: launch one trainer process")
     refused = {"rex.enabled": cfg.rex.enabled, "data.dynamic_sampling": cfg.data.dynamic_sampling,
                "trainer.eval_every": cfg.trainer.eval_every > 0}
     for key, on in refused.items():
@@ -77,9 +79,15 @@ def check_async(cfg, world: int, given: list[str] = ()) -> None:
         import torch
 
         slots, kind = (torch.cuda.device_count(), "GPUs") if torch.cuda.is_available() else (os.cpu_count() or 1, "CPU cores")
-        if 1 + ro.workers > slots:
-            raise UserError(f"rollout.workers={ro.workers}: one trainer and {ro.workers} worker processes need "
-                            f"{1 + ro.workers} {kind} on this machine, which has {slots}")
+        if world * (1 + ro.workers) > slots:
+            raise UserError(f"rollout.workers={ro.workers}: {world} trainer process(es) with {ro.workers} worker "
+                            f"process(es) each need {world * (1 + ro.workers)} {kind} on this machine, which has {slots}")
+
+
+def _lost_link(exc: BaseException) -> bool:
+    """A gloo send or receive that failed because the peer's connection went away (not a bug of ours)."""
+    text = str(exc)
+    return "gloo" in text or "Connection" in text or "Socket" in text
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,8 +101,8 @@ class AsyncSource:
     config's agent, backend and retriever). ``threads``: torch threads per worker (0 = torch's default).
     """
 
-    def __init__(self, cfg, *, factory: str = DEFAULT_FACTORY, threads: int = 0):
-        self.cfg, self.factory, self.threads = cfg, factory, threads
+    def __init__(self, cfg, *, factory: str = DEFAULT_FACTORY, threads: int = 0, rank: int = 0, world: int = 1):
+        self.cfg, self.factory, self.threads, self.rank, self.world = cfg, factory, threads, rank, world
         self.k, self.R, self.timeout = cfg.rollout.staleness, cfg.rollout.workers, cfg.rollout.worker_timeout_s
         self.link, self.procs, self.pids = None, {}, {}
         self.inbox: queue.Queue = queue.Queue()
@@ -122,7 +130,7 @@ class AsyncSource:
         from rexrag.sharding import Link
 
         address = self.cfg.rollout.async_address
-        host, port = (address.rpartition(":")[0], int(address.rpartition(":")[2])) if address else ("127.0.0.1", 0)
+        host, port = (address.rpartition(":")[0], int(address.rpartition(":")[2]) + self.rank) if address else ("127.0.0.1", 0)
         store = dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=self.timeout),
                               wait_for_workers=False)
         address = f"{host}:{store.port}"
@@ -133,11 +141,13 @@ class AsyncSource:
                                                   "--rank", str(r), "--timeout", str(self.timeout)])
         self._wait_joined(store, address)
         self.link = Link(store, 0, 1 + self.R, self.timeout)
-        cuda = torch.cuda.is_available() and not self.cfg.rollout.async_address
+        local_gpus = torch.cuda.is_available() and not self.cfg.rollout.async_address
         for r in range(1, self.R + 1):
             threading.Thread(target=self._receive, args=(r,), daemon=True, name=f"rexrag-recv-{r}").start()
-            send_msg(self.link, "init", {"config": config_to_dict(self.cfg), "factory": self.factory,
-                                         "device": f"cuda:{r}" if cuda else ("cuda:0" if torch.cuda.is_available() else "cpu"),
+            # local GPUs: the trainers hold 0..N-1, trainer t's workers the next R each
+            device = (f"cuda:{self.world + self.rank * self.R + r - 1}" if local_gpus
+                      else "cuda:0" if torch.cuda.is_available() else "cpu")
+            send_msg(self.link, "init", {"config": config_to_dict(self.cfg), "factory": self.factory, "device": device,
                                          "threads": self.threads}, r, TAG_CMD)
         return self
 
@@ -192,7 +202,13 @@ class AsyncSource:
 
     def sample(self, trainer, examples: list, t: dict) -> tuple[list, list[float], list, dict]:
         """``Trainer.sample`` in the async modes: push and dispatch ahead, take batch ``trainer.step_idx``,
-        score it. Returns (trajectories, rewards, no probes, the worker's agent metrics)."""
+        score it. Returns (trajectories, rewards, no probes, the worker's agent metrics). A failure on any
+        trainer process is raised on all (naming the process and the worker), so none waits in a collective."""
+        from rexrag.sharding import on_all_ranks
+
+        return on_all_ranks(lambda: self._sample(trainer, examples, t), "the async rollouts", WorkerError)
+
+    def _sample(self, trainer, examples: list, t: dict) -> tuple[list, list[float], list, dict]:
         s = trainer.step_idx
         if self.sampler is None:  # the first step (or the first after a resume): batch s was just drawn
             self.sampler = copy.deepcopy(trainer.sampler)
@@ -203,8 +219,10 @@ class AsyncSource:
         for j in range(self.next_batch, s + self.k + 1):
             try:
                 pushed += self._dispatch(trainer, j)
-            except RuntimeError as exc:  # the connection is gone: the worker's own report first, if it sent one
-                r = 1 + j % self.R
+            except RuntimeError as exc:
+                if not _lost_link(exc):
+                    raise
+                r = 1 + j % self.R  # the connection is gone: the worker's own report first, if it sent one
                 time.sleep(0.5)  # let its receiving thread deliver what the worker said last
                 self._drain()
                 raise WorkerError(f"{self._name(r)} died (the trainer was sending it batch {j}): {_one_line(exc)}") from None
@@ -243,7 +261,7 @@ class AsyncSource:
             dtype = getattr(torch, self.ready[r]["dtype"])
             sent = send_weights(self.link, stream_weights(trainer.acc.unwrap_model(trainer.model), dtype), s, r)
             self.pushed[r] = s
-        examples = [trainer.examples[i] for i in self.sampler.next_batch()]
+        examples = [trainer.examples[i] for i in self.sampler.next_batch()[self.rank :: self.world]]  # this process's share
         seed = rollout_seed(trainer.tc.seed, j, 0, trainer.rank)  # what the synchronous trainer would use at step j
         self.dispatched[j] = [ex.group_id for ex in examples]
         send_msg(self.link, "batch", {"step": j, "examples": examples, "n": self.cfg.rollout.n, "seed": seed}, r, TAG_CMD)

@@ -60,12 +60,22 @@ def recv_msg(link, src: int, tag: int, timeout_s: float = FOREVER_S) -> tuple[st
 
 def send_weights(link, pairs: Iterable[tuple[str, torch.Tensor]], version: int, dst: int) -> int:
     """Stream ``(name, tensor)`` pairs to worker ``dst`` as weight version ``version``; returns the bytes sent."""
-    sent = 0
-    send_msg(link, "weights", version, dst, TAG_CMD)
-    for name, t in pairs:
-        send_msg(link, "tensor", (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")), dst, TAG_CMD)
-        link.send_tensor(t, dst, TAG_CMD)
-        sent += t.numel() * t.element_size()
+    sent, failure = 0, None
+    try:
+        send_msg(link, "weights", version, dst, TAG_CMD)
+    except RuntimeError as exc:
+        failure = exc
+    for name, t in pairs:  # a failed send still runs the whole stream: under FSDP each tensor is a collective
+        if failure is not None:
+            continue
+        try:
+            send_msg(link, "tensor", (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")), dst, TAG_CMD)
+            link.send_tensor(t, dst, TAG_CMD)
+            sent += t.numel() * t.element_size()
+        except RuntimeError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
     send_msg(link, "end", None, dst, TAG_CMD)
     return sent
 

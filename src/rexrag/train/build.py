@@ -71,7 +71,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
     check_credit(cfg, examples, where)  # trainer.process_reward: estimator, data fields
     # rollout.mode=one_step_off|async: the workers start (and load their models) while this process loads its own
-    source = AsyncSource(cfg).start() if cfg.rollout.mode != "sync" else None
+    source = AsyncSource(cfg, rank=acc.process_index, world=acc.num_processes).start() if cfg.rollout.mode != "sync" else None
     try:
         trainer = _build(cfg, acc, backend, backend_name, examples, retriever, reward_fn, progress, source is None)
     except BaseException:
