@@ -7,17 +7,17 @@ staleness and held-out EM after equal numbers of trained trajectories. One scrip
 
 Protocol (every number is an option; run on a quiet machine):
 
-* Recipe: ``configs/demo_cpu.yaml`` (SmolLM2-135M, BM25 over the bundled corpus, B=2 prompts x G=4 rollouts, two
-  search turns, T=0.7, em_format) with ``rex.enabled=false`` in every mode (the async modes do not make REX-RAG probes
-  yet; the same recipe everywhere keeps the comparison about scheduling) and ``algo.rollout_correction=token_tis``
-  in every mode (the off-policy rule that covers staleness; in ``sync`` it corrects the engine's bf16 sampling only).
+* Recipe: ``configs/demo_cpu.yaml`` as it ships (SmolLM2-135M, BM25 over the bundled corpus, B=2 prompts x G=4
+  rollouts, two search turns, T=0.7, em_format, REX-RAG on: in the async modes the worker makes the probes) with
+  ``algo.rollout_correction=token_tis`` in every mode (the off-policy rule that covers staleness; in ``sync`` it
+  corrects the engine's bf16 sampling only). Trained trajectories include the kept probes.
   ``--model`` is the starting policy (a format warm-up from ``rexrag warmup`` learns faster than the raw model).
 * Modes: ``sync`` is the best synchronous configuration here: one process, the colocated engine and the update taking
   both cores in turn (torch's default threads). ``one_step_off`` and ``async`` (``rollout.max_staleness=2``) run one
   trainer process and one rollout worker (``rollout.workers=1``), each with one thread (``OMP_NUM_THREADS=1``): the
   worker generates batch t+1 (t+2) while the trainer updates on batch t.
-* Equal work: every mode trains ``--trajectories`` trajectories (steps = trajectories / (B x G)) from the same seed
-  and prompt order. Trajectories per hour count trained trajectories over the sum of step times (``all``) and over
+* Equal work: every mode trains about ``--trajectories`` trajectories (steps = trajectories / (B x G); kept probes
+  add a few, counted) from the same seed and prompt order. Trajectories per hour count trained trajectories over the sum of step times (``all``) and over
   steps 2.. (``steady``: the first async step has nothing to overlap with); the wall clock with start-up is recorded too.
 * Idle: in ``sync`` the share of a step spent generating (the trainer's update waits) and updating (the engine
   sleeps); in the async modes ``timing/trainer_idle_s`` over the step time, and the worker's
@@ -52,7 +52,7 @@ MODES = {
     "one_step_off": ["rollout.mode=one_step_off"],
     "async": ["rollout.mode=async", "rollout.max_staleness=2"],
 }
-COMMON = ["rex.enabled=false", "algo.rollout_correction=token_tis"]
+COMMON = ["algo.rollout_correction=token_tis"]
 
 
 def parse_args(argv=None):

@@ -82,3 +82,21 @@ def build_tiny_hf(cfg, rank, device):
                        seed=123)  # a different init: the first weight push must overwrite it
     backend = build_backend("hf", model, tok, cfg.rollout, device="cpu", seed=0)
     return _Faults(AgentRollout(SearchAgent(backend, tok, FakeRetriever(), cfg.rollout, topk=2), model))
+
+
+def build_rex_scripted(cfg, rank, device):
+    """tests/test_rex_integration.py's scripted agent, tiny scorer and reward, with REX-RAG's explorer."""
+    from _rollout_fakes import FakeRetriever, ScriptedBackend
+    from fake_tokenizer import FakeTokenizer
+    from test_rex_integration import SCRIPT, em_reward
+
+    from rexrag.models import tiny_llama
+    from rexrag.rex.explorer import RexExplorer
+    from rexrag.rollout.agent import SearchAgent
+
+    tok = FakeTokenizer()
+    agent = SearchAgent(ScriptedBackend(tok, SCRIPT), tok, FakeRetriever(), cfg.rollout,
+                        format_fn=lambda ps: " ".join(p.text for p in ps))
+    model = tiny_llama(len(tok), hidden=32, layers=2, heads=2, seed=5, pad_token_id=0, eos_token_id=3, bos_token_id=1)
+    return AgentRollout(agent, model, explorer=RexExplorer(cfg.rex, cfg.rollout, tok, None, seed=0), reward=em_reward,
+                        tokenizer=tok)

@@ -83,17 +83,22 @@ def test_cli_refuses_bad_async_input_with_exit_2_before_any_model_loads(tmp_path
 
 
 @pytest.mark.parametrize("overrides, world, given, match", [
-    (["rex.enabled=true"], 1, [], "does not run rex.enabled"),
+    (["rex.enabled=true"], 2, [], "does not run rex.enabled with 2 trainer processes"),
+    (["rex.enabled=true"], 1, ["reward_fn"], "the reward_fn built in this process cannot run in a rollout worker"),
     (["data.dynamic_sampling=true"], 1, [], "does not run data.dynamic_sampling"),
     ([], 2, [], r"2 trainer process\(es\) with 1 worker process\(es\) each need 4 CPU cores"),
     ([], 1, ["backend"], "the backend built in this process cannot run in a rollout worker"),
     (["rollout.mode=async", "rollout.workers=3", "rollout.max_staleness=4"], 1, [], r"rollout.workers=3: 1 trainer process\(es\) with 3 worker process\(es\) each need 4 CPU cores"),
 ])
 def test_async_refuses_what_it_cannot_run(overrides, world, given, match, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8 if "rex" in str(overrides) else 2)
     cfg = load_config(None, ["rollout.mode=one_step_off", *overrides])
     with pytest.raises(UserError, match=match):
         check_async(cfg, world, given)
+
+
+def test_async_runs_rex_with_one_trainer_process():
+    check_async(load_config(None, ["rollout.mode=one_step_off", "rex.enabled=true"]), 1, [])  # no error
 
 
 def _free_port() -> int:
@@ -329,3 +334,29 @@ def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env):
         assert [r["trained"][step] for r in ranks] == [batch[0::2], batch[1::2]]
     assert all(r["staleness"] == [0.0, 1.0, 1.0] for r in ranks)
     assert ranks[0]["params"] == ranks[1]["params"]
+
+
+@pytest.mark.slow
+def test_rex_probes_are_made_by_the_worker_from_originals_of_the_same_version(tmp_path, worker_env):
+    """tests/test_rex_integration.py's scripted step (a dead-end group rescued by its probes), generated and
+    explored by a worker: the same REX-RAG statistics as the synchronous step, probes of the originals' version,
+    and the trainer's correction and rho update run on them."""
+    from test_rex_integration import _setup
+
+    trainer, model, explorer = _setup(tmp_path, "rollout.mode=one_step_off", "rollout.max_staleness=0",
+                                      "rollout.worker_timeout_s=120")
+    source = AsyncSource(trainer.cfg, factory="async_fakes:build_rex_scripted", threads=1)
+    worker_env.append(source)
+    trainer.rollout_source = source.start()
+    seen, correct = [], explorer.correct
+
+    def spy(batch, old, is_probe, probe_start):
+        seen.append(is_probe.tolist())
+        return correct(batch, old, is_probe, probe_start)
+
+    explorer.correct = spy
+    (m,) = trainer.train()
+    assert m["rex/probes_made"] == 4 and m["rex/probes_kept"] == 4
+    assert m["rex/dead_end_frac"] == 0.5 and m["rex/probe_acc"] == 1.0 and abs(m["rex/alpha"] - 4 / 12) < 1e-9
+    assert seen[-1] == [False] * 8 + [True] * 4 and m["async/staleness_max"] == 0.0  # (last: the whole batch)
+    assert m["rex/rho"] == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)  # the trainer's rho moved by the probes' accuracy

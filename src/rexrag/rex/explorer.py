@@ -170,6 +170,24 @@ class RexExplorer:
         self._step_metrics.update({"rex/failure_rate": self.failure_rate, "rex/probes_kept": n_kept, "rex/alpha": self.alpha,
                                    "rex/probe_acc": self._accuracy if self._accuracy is not None else float("nan")})
 
+    @property
+    def step_metrics(self) -> dict[str, float]:
+        """The last :meth:`explore`'s ``rex/`` statistics (before :meth:`end_step` adds rho)."""
+        return dict(self._step_metrics)
+
+    def adopt(self, originals: list[Trajectory], rewards: list[float], probes: list[Trajectory],
+              step_metrics: dict[str, float]) -> None:
+        """Take a step's exploration done elsewhere (an async rollout worker ran :meth:`explore` on its own
+        explorer, ``rexrag.train.async_worker``): its statistics, then alpha, e and the probes' accuracy
+        recomputed here on the batch as trained (:meth:`rebase`), for :meth:`correct` and :meth:`end_step`."""
+        if self.comm is None:
+            from rexrag.rex.comm import default_comm
+
+            self.comm = default_comm()
+        self._reset_step()
+        self._step_metrics = dict(step_metrics)
+        self.rebase(originals, rewards, probes)
+
     # ------------------------------------------------------------------ correction
     def correct(
         self, batch: dict[str, torch.Tensor], old_logprobs: torch.Tensor, is_probe: torch.Tensor, probe_start: torch.Tensor

@@ -32,8 +32,16 @@ stop are discarded: their prompts were not consumed, so a resumed run draws them
 weights). Nothing is trained twice and no prompt is skipped.
 
 Failure. A worker that dies is noticed at once (its connection closes) or, if it goes silent, after
-``rollout.worker_timeout_s``; the run ends with one :class:`WorkerError` naming it. Not built yet: REX-RAG probes
-made by workers, dynamic sampling, partial rollouts, NCCL weight pushes (weights travel through host memory). Tested
+``rollout.worker_timeout_s``; the run ends with one :class:`WorkerError` naming it.
+
+REX-RAG (``rex.enabled``, one trainer process): the worker makes a batch's probes from its originals with the same
+weights (candidates, the filter's scores by its own copy of the policy, the continuations), so every token of a
+probe comes from the version its originals came from; rho is the trainer's at dispatch (up to k steps behind) and
+the probe RNG is seeded per batch, so ``max_staleness=0`` equals the synchronous loop without REX-RAG only. The
+trainer's explorer adopts the worker's statistics and recomputes alpha, e and the probes' accuracy on the batch
+(``RexExplorer.adopt``) for the correction and rho's update.
+
+Not built yet: REX-RAG across several trainer processes, dynamic sampling, partial rollouts, NCCL weight pushes (weights travel through host memory). Tested
 with DDP over two CPU processes; FSDP2 streams its gathered weights the same way (every process gathers every tensor
 in the same order, a failed send keeps the gathers running), never run.
 """
@@ -67,14 +75,15 @@ def check_async(cfg, world: int, given: list[str] = ()) -> None:
     what = f"rollout.mode={ro.mode}"
     if given:
         raise UserError(f"{what}: the {' and '.join(given)} built in this process cannot run in a rollout worker "
-                        "process, which builds its own from rollout.backend and retrieval.*; use rollout.mode=sync")
-    refused = {"rex.enabled": cfg.rex.enabled, "data.dynamic_sampling": cfg.data.dynamic_sampling,
-               "trainer.eval_every": cfg.trainer.eval_every > 0}
+                        "process, which builds its own from the config (rollout.backend, retrieval.*, trainer.reward); "
+                        "use rollout.mode=sync")
+    refused = {"data.dynamic_sampling": cfg.data.dynamic_sampling, "trainer.eval_every": cfg.trainer.eval_every > 0,
+               f"rex.enabled with {world} trainer processes": cfg.rex.enabled and world > 1}
     for key, on in refused.items():
         if on:
-            raise UserError(f"{what} does not run {key} yet (REX-RAG probes and extra sampling rounds would have to be "
-                            f"made by the workers; evaluation needs an engine in the trainer): turn {key} off or use "
-                            "rollout.mode=sync")
+            raise UserError(f"{what} does not run {key} yet (extra sampling rounds, and REX-RAG's batch-wide probe "
+                            "filter across trainers, would have to be coordinated between the workers; evaluation needs "
+                            "an engine in the trainer): turn it off or use rollout.mode=sync")
     if not ro.async_address:
         import torch
 
@@ -202,7 +211,7 @@ class AsyncSource:
 
     def sample(self, trainer, examples: list, t: dict) -> tuple[list, list[float], list, dict]:
         """``Trainer.sample`` in the async modes: push and dispatch ahead, take batch ``trainer.step_idx``,
-        score it. Returns (trajectories, rewards, no probes, the worker's agent metrics). A failure on any
+        score it. Returns (trajectories, rewards, REX-RAG's kept probes, the worker's agent metrics). A failure on any
         trainer process is raised on all (naming the process and the worker), so none waits in a collective."""
         from rexrag.sharding import on_all_ranks
 
@@ -232,13 +241,20 @@ class AsyncSource:
         t["trainer_idle"] = t.get("trainer_idle", 0.0) + time.perf_counter() - start
         if self.dispatched.pop(s) != [ex.group_id for ex in examples]:
             raise RuntimeError(f"batch {s} came back for other prompts than the trainer drew for step {s}")
-        staleness = [s - tr.meta["weight_version"] for tr in res["trajs"]]
+        probes = res.get("probes") or []
+        staleness = [s - tr.meta["weight_version"] for tr in res["trajs"] + probes]
         if max(staleness, default=0) > self.k or min(staleness, default=0) < 0:
             raise RuntimeError(f"batch {s} was generated with weight version {res['version']}: staleness "
                                f"{max(staleness)} outside [0, rollout.max_staleness={self.k}]")
         self._drain()  # so that the queue length counts what finished during the last update
         start = time.perf_counter()
         rewards = trainer.compute_rewards(res["trajs"])
+        if trainer.explorer is not None:  # the worker's exploration of this batch, adopted for correct / end_step
+            if res.get("rex_metrics") is None:
+                raise RuntimeError(f"batch {s} came back without REX-RAG's exploration (rex.enabled)")
+            if probes:
+                trainer.compute_rewards(probes)  # meta['reward'] by the trainer's own reward
+            trainer.explorer.adopt(res["trajs"], rewards, probes, res["rex_metrics"])
         t["reward"] = t.get("reward", 0.0) + time.perf_counter() - start
         t["worker_gen"] = res["gen_s"]
         self.last = {"async/staleness_mean": sum(staleness) / max(len(staleness), 1),
@@ -246,7 +262,7 @@ class AsyncSource:
                      "async/in_flight": float(self.next_batch - s - 1 - len(self.results)),
                      "async/weight_version": float(res["version"]), "async/worker_idle_s": res["idle_s"],
                      "async/weight_push_gib": pushed / 2**30, "async/worker_load_s": self.last_load_s}
-        return res["trajs"], rewards, [], res["metrics"]
+        return res["trajs"], rewards, probes, res["metrics"]
 
     def _dispatch(self, trainer, j: int) -> int:
         """Batch ``j`` to its worker, after the current weights if it lacks them; returns the bytes pushed."""
@@ -264,7 +280,10 @@ class AsyncSource:
         examples = [trainer.examples[i] for i in self.sampler.next_batch()[self.rank :: self.world]]  # this process's share
         seed = rollout_seed(trainer.tc.seed, j, 0, trainer.rank)  # what the synchronous trainer would use at step j
         self.dispatched[j] = [ex.group_id for ex in examples]
-        send_msg(self.link, "batch", {"step": j, "examples": examples, "n": self.cfg.rollout.n, "seed": seed}, r, TAG_CMD)
+        explorer = trainer.explorer  # REX-RAG: the worker makes the probes; rho as of now (the trainer's keeps it)
+        send_msg(self.link, "batch", {"step": j, "examples": examples, "n": self.cfg.rollout.n, "seed": seed,
+                                      "explore": explorer is not None,
+                                      "rho": explorer.ratio.rho if explorer is not None else None}, r, TAG_CMD)
         self.heard[r] = max(self.heard[r], time.monotonic())
         self.next_batch = j + 1
         return sent

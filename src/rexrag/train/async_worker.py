@@ -9,9 +9,10 @@ order the trainer sent them (that order is what bounds staleness, see ``async_so
   (``rexrag.rollout.weights.stream_weights`` on the trainer) and loaded into the engine (vLLM's
   ``load_weights``; the HF loop copies them into its model by name);
 - ``batch``: examples, ``rollout.n`` and a seed; the worker reseeds (the same seed the synchronous trainer
-  would use for that step: equal weights and seeds give equal trajectories) and rolls out, then tags every
-  trajectory with the weight version that generated all its segments (``meta["weight_version"]``; no
-  partial rollouts, so one version per trajectory) and sends the trajectories back;
+  would use for that step: equal weights and seeds give equal trajectories) and rolls out; with REX-RAG it also
+  makes the batch's probes from these originals with the same weights (:meth:`AgentRollout.explore`); it tags
+  every trajectory with the weight version that generated all its segments (``meta["weight_version"]``; no
+  partial rollouts, so one version per trajectory) and sends them back;
 - ``stop``: exit.
 
 A receiving thread takes every command off the wire as it arrives (a weight push completes while the
@@ -103,6 +104,7 @@ class WorkerRollout(Protocol):
     def load_weights(self, pairs: list[tuple[str, torch.Tensor]]) -> None: ...
     def reseed(self, seed: int) -> None: ...
     def rollout(self, examples: list, n: int) -> list: ...
+    def explore(self, trajs: list, rho: float, seed: int) -> tuple[list, dict]: ...  # REX-RAG's probes (rex.enabled)
 
 
 def copy_weights(model, pairs: list[tuple[str, torch.Tensor]]) -> None:
@@ -117,12 +119,16 @@ def copy_weights(model, pairs: list[tuple[str, torch.Tensor]]) -> None:
 
 
 class AgentRollout:
-    """The default: a ``SearchAgent`` over this process's backend, retriever and copy of the policy."""
+    """The default: a ``SearchAgent`` over this process's backend, retriever and copy of the policy; with an
+    ``explorer`` (``rex.enabled``) also REX-RAG's probes (:meth:`explore`), scored and rewarded here."""
 
-    def __init__(self, agent, model):
+    def __init__(self, agent, model, *, explorer=None, reward=None, tokenizer=None, temperature: float = 1.0,
+                 score_rows: int = 4):
         from rexrag.rollout.colocate import Colocation
 
         self.agent, self.model, self.last_metrics = agent, model, {}
+        self.explorer, self.reward, self.tokenizer = explorer, reward, tokenizer
+        self.temperature, self.score_rows = temperature, max(1, score_rows)
         self.colocation = Colocation(agent.backend)  # reseeding as the trainer's colocated engine is reseeded
         # the dtype the trainer streams weights in: the engine's own (vLLM), else the model's
         self.dtype = agent.backend.dtype if self.colocation.holds_weights else str(next(model.parameters()).dtype)[6:]
@@ -130,6 +136,8 @@ class AgentRollout:
     def load_weights(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         if self.colocation.holds_weights:  # vLLM: its in-place loader, as the colocated sync feeds it
             self.agent.backend.load_weights(iter(pairs))
+            if self.explorer is not None:  # the probe filter scores with the policy itself, of the same version
+                copy_weights(self.model, pairs)
             return
         copy_weights(self.model, pairs)  # the HF loop samples from self.model
         if hasattr(self.agent.backend, "reset_cache"):
@@ -140,8 +148,42 @@ class AgentRollout:
 
     def rollout(self, examples: list, n: int) -> list:
         trajs = self.agent.rollout(examples, n)
-        self.last_metrics = dict(getattr(self.agent, "last_metrics", None) or {})
+        self.last_metrics = dict(getattr(self.agent, "last_metrics", None) or {})  # before probes overwrite them
         return trajs
+
+    def explore(self, trajs: list, rho: float, seed: int) -> tuple[list, dict]:
+        """(kept probes, the explorer's ``rex/`` statistics) for this batch's originals, made by this worker's
+        policy of the version that generated them. The worker keeps no exploration state: rho is the trainer's
+        when it dispatched the batch (so it lags by up to max_staleness steps) and the probe RNG is seeded per
+        batch; the trainer's explorer keeps rho and adopts the statistics (``RexExplorer.adopt``)."""
+        from rexrag.rewards import reward_trajectories
+
+        name = getattr(self.reward, "name", None) or getattr(self.reward, "__qualname__", repr(self.reward))
+
+        def reward(ts: list) -> list[float]:
+            return reward_trajectories(self.reward, name, self.tokenizer, ts)
+
+        self.explorer.ratio.rho = float(rho)
+        self.explorer.rng.seed(seed)
+        probes = self.explorer.explore(trajs, reward(trajs), self.agent, self.score, reward)
+        return probes, self.explorer.step_metrics
+
+    @torch.no_grad()
+    def score(self, trajs: list) -> list[torch.Tensor]:
+        """Per-token log-probs of ``trajs`` under this worker's policy (eval mode, the sampling temperature),
+        ``score_rows`` rows a forward: what the trainer's ``score_fn`` gives the filter in the synchronous loop."""
+        from rexrag.models import sequence_logprobs
+        from rexrag.rollout.trajectory import to_batch
+
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        b = to_batch(trajs, pad if pad is not None else 0)
+        device = next(self.model.parameters()).device
+        out: list[torch.Tensor] = []
+        for i in range(0, len(trajs), self.score_rows):
+            ids, am = b["input_ids"][i : i + self.score_rows].to(device), b["attention_mask"][i : i + self.score_rows].to(device)
+            lp = sequence_logprobs(self.model, ids, am, temperature=self.temperature).float().cpu()
+            out += [lp[j, : len(trajs[i + j])] for j in range(lp.shape[0])]
+        return out
 
 
 def build_agent_rollout(cfg, rank: int, device: str) -> AgentRollout:
@@ -163,7 +205,15 @@ def build_agent_rollout(cfg, rank: int, device: str) -> AgentRollout:
                             seed=cfg.trainer.seed + 7919 * rank, max_batch=rows, load=False)
     agent = SearchAgent(backend, tokenizer, load_retriever(cfg.retrieval), rollout, topk=cfg.retrieval.topk,
                         max_failed_turns=cfg.retrieval.max_failed_turns)
-    return AgentRollout(agent, model)
+    if not cfg.rex.enabled:
+        return AgentRollout(agent, model)
+    from rexrag.rewards import build_reward
+    from rexrag.rex.explorer import RexExplorer
+
+    explorer = RexExplorer(cfg.rex, cfg.rollout, tokenizer, seed=cfg.trainer.seed, clip_range=(cfg.algo.clip_low, cfg.algo.clip_high))
+    return AgentRollout(agent, model, explorer=explorer, reward=build_reward(cfg.trainer.reward), tokenizer=tokenizer,
+                        temperature=cfg.rollout.temperature or 1.0,
+                        score_rows=cfg.rex.score_micro_batch_size or cfg.trainer.micro_batch_size)
 
 
 def load_factory(path: str):
@@ -231,10 +281,12 @@ def serve(link, rollout: WorkerRollout) -> None:
             start = time.perf_counter()
             rollout.reseed(body["seed"])
             trajs = rollout.rollout(body["examples"], body["n"])
-            for tr in trajs:
+            metrics = dict(rollout.last_metrics)
+            probes, rex = rollout.explore(trajs, body["rho"], body["seed"]) if body.get("explore") else ([], None)
+            for tr in trajs + probes:
                 tr.meta["weight_version"] = version
-            send_msg(link, "result", {"step": body["step"], "version": version, "trajs": trajs,
-                                      "metrics": dict(rollout.last_metrics), "gen_s": time.perf_counter() - start,
+            send_msg(link, "result", {"step": body["step"], "version": version, "trajs": trajs, "probes": probes,
+                                      "rex_metrics": rex, "metrics": metrics, "gen_s": time.perf_counter() - start,
                                       "idle_s": idle}, 0, TAG_RESULT)
             idle = 0.0
 

@@ -64,7 +64,8 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
     backend_name = None if backend is not None else resolve_backend_name(cfg.rollout.backend)
     if backend_name == "vllm":
         check_layout(cfg.rollout, acc.num_processes)
-    given = [name for name, obj in (("backend", backend), ("retriever", retriever)) if obj is not None]
+    given = [name for name, obj in (("backend", backend), ("retriever", retriever),
+                                    ("reward_fn", reward_fn if cfg.rex.enabled else None)) if obj is not None]
     check_async(cfg, acc.num_processes, given)  # what the async modes cannot run: before any model loads
     where = _data_files(cfg, examples is not None)
     examples = _examples(cfg) if examples is None else list(examples)
