@@ -360,3 +360,37 @@ def test_rex_probes_are_made_by_the_worker_from_originals_of_the_same_version(tm
     assert m["rex/dead_end_frac"] == 0.5 and m["rex/probe_acc"] == 1.0 and abs(m["rex/alpha"] - 4 / 12) < 1e-9
     assert seen[-1] == [False] * 8 + [True] * 4 and m["async/staleness_max"] == 0.0  # (last: the whole batch)
     assert m["rex/rho"] == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)  # the trainer's rho moved by the probes' accuracy
+
+
+@pytest.mark.slow
+def test_workers_exit_when_their_trainer_is_killed(tmp_path, worker_env):
+    """No orphans: a trainer killed outright (no close) leaves workers that notice the lost connection and exit."""
+    import signal
+
+    script = (f"import sys, time; sys.path.insert(0, {str(HERE)!r})\n"
+              "from toy_rl import toy_config\nfrom rexrag.train.async_source import AsyncSource\n"
+              f"cfg = toy_config({str(tmp_path)!r}, 'rollout.mode=async', 'rollout.workers=2', 'rollout.worker_timeout_s=60')\n"
+              "s = AsyncSource(cfg, factory='async_fakes:build_toy', threads=1).start()\n"
+              "print(' '.join(str(p.pid) for p in s.procs.values()), flush=True)\ntime.sleep(300)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in trainer.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if _running(p)]
+    assert not alive, f"workers {alive} outlived their trainer"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the killed trainer's children are reaped by init, maybe later)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
