@@ -1,11 +1,13 @@
 """Worker factories for tests/test_async_rollout.py (``rexrag.train.async_worker`` imports them by dotted path in
 the worker process; tests/ is on its PYTHONPATH). Faults are injected through the environment the worker
 inherits: ``REXRAG_TEST_WORKER_DELAY`` (seconds slept before each batch) and ``REXRAG_TEST_WORKER_DIE`` (the
-worker process exits abruptly when it is handed its N-th batch, 1-based)."""
+worker process exits abruptly when it is handed its N-th batch, 1-based) and ``REXRAG_TEST_WORKER_HANG`` (it stops
+itself with SIGSTOP there: alive, connected, silent)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -20,6 +22,7 @@ class _Faults:
         self.inner, self.batches = inner, 0
         self.delay = float(os.environ.get("REXRAG_TEST_WORKER_DELAY", "0"))
         self.die = int(os.environ.get("REXRAG_TEST_WORKER_DIE", "0"))
+        self.hang = int(os.environ.get("REXRAG_TEST_WORKER_HANG", "0"))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -28,6 +31,8 @@ class _Faults:
         self.batches += 1
         if self.die and self.batches >= self.die:
             os._exit(3)  # no goodbye: as a killed process
+        if self.hang and self.batches >= self.hang:
+            os.kill(os.getpid(), signal.SIGSTOP)  # frozen, connection open: as a machine gone silent
         time.sleep(self.delay)
         return self.inner.rollout(examples, n)
 

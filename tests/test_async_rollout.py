@@ -38,6 +38,7 @@ def worker_env(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.delenv("REXRAG_TEST_WORKER_DELAY", raising=False)
     monkeypatch.delenv("REXRAG_TEST_WORKER_DIE", raising=False)
+    monkeypatch.delenv("REXRAG_TEST_WORKER_HANG", raising=False)
     sources: list[AsyncSource] = []
     yield sources
     for s in sources:
@@ -263,6 +264,25 @@ def test_a_dying_worker_ends_the_run_with_one_error_naming_it(tmp_path, worker_e
         tr.train()
     assert time.monotonic() - start < 60
     assert "batch" in str(info.value) and tr.step_idx == 2  # two steps trained, then the error
+
+
+@pytest.mark.slow
+def test_a_silent_worker_times_out_but_a_slow_one_does_not(tmp_path, worker_env, monkeypatch):
+    """A frozen worker (connection open, no heartbeat) ends the run within about rollout.worker_timeout_s;
+    generating for longer than the timeout is fine while the heartbeat runs."""
+    monkeypatch.setenv("REXRAG_TEST_WORKER_DELAY", "4")  # each batch takes longer than the 3 s timeout
+    slow = _toy_trainer(tmp_path / "slow", worker_env, "rollout.mode=one_step_off", "rollout.max_staleness=0",
+                        "trainer.steps=1", "rollout.worker_timeout_s=3")
+    assert len(slow.train()) == 1
+    monkeypatch.setenv("REXRAG_TEST_WORKER_DELAY", "0")
+    monkeypatch.setenv("REXRAG_TEST_WORKER_HANG", "2")
+    tr = _toy_trainer(tmp_path / "hang", worker_env, "rollout.mode=one_step_off", "trainer.steps=4",
+                      "rollout.worker_timeout_s=3")
+    start = time.monotonic()
+    # either the heartbeat's absence, or the trainer's send timing out (gloo then closes the connection)
+    with pytest.raises(WorkerError, match=r"rollout worker 1 \(pid \d+\) (sent nothing for \d+ s|died)"):
+        tr.train()
+    assert time.monotonic() - start < 25  # closing killed the frozen worker instead of waiting for it
 
 
 @pytest.mark.slow

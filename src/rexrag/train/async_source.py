@@ -32,7 +32,8 @@ stop are discarded: their prompts were not consumed, so a resumed run draws them
 weights). Nothing is trained twice and no prompt is skipped.
 
 Failure. A worker that dies is noticed at once (its connection closes) or, if it goes silent, after
-``rollout.worker_timeout_s``; the run ends with one :class:`WorkerError` naming it.
+``rollout.worker_timeout_s`` (a worker sends a heartbeat every min(30 s, timeout / 4) while it generates); the run
+ends with one :class:`WorkerError` naming it.
 
 REX-RAG (``rex.enabled``, one trainer process): the worker makes a batch's probes from its originals with the same
 weights (candidates, the filter's scores by its own copy of the policy, the continuations), so every token of a
@@ -122,6 +123,7 @@ class AsyncSource:
         self.sampler = None  # the dispatch copy of the trainer's sampler (made at the first step)
         self.dispatched: dict[int, list[int]] = {}  # step -> group ids of the prompts sent for it
         self.next_batch, self.closing = 0, False
+        self.failed: set[int] = set()  # workers reported dead, failed or silent: not waited for at close
         self.last: dict[str, float] = {}
         self.last_load_s = 0.0  # a worker's last weight load (reported after it)
 
@@ -148,8 +150,13 @@ class AsyncSource:
             for r in range(1, self.R + 1):
                 self.procs[r] = subprocess.Popen([sys.executable, "-m", "rexrag.train.async_worker", "--address", address,
                                                   "--rank", str(r), "--timeout", str(self.timeout)])
-        self._wait_joined(store, address)
-        self.link = Link(store, 0, 1 + self.R, self.timeout)
+        try:
+            self._wait_joined(store, address)
+            self.link = Link(store, 0, 1 + self.R, self.timeout)
+        except BaseException:
+            self.failed.update(self.procs)  # nobody to stop gracefully yet
+            self.close()
+            raise
         local_gpus = torch.cuda.is_available() and not self.cfg.rollout.async_address
         for r in range(1, self.R + 1):
             threading.Thread(target=self._receive, args=(r,), daemon=True, name=f"rexrag-recv-{r}").start()
@@ -157,7 +164,7 @@ class AsyncSource:
             device = (f"cuda:{self.world + self.rank * self.R + r - 1}" if local_gpus
                       else "cuda:0" if torch.cuda.is_available() else "cpu")
             send_msg(self.link, "init", {"config": config_to_dict(self.cfg), "factory": self.factory, "device": device,
-                                         "threads": self.threads}, r, TAG_CMD)
+                                         "threads": self.threads, "beat_s": min(30.0, self.timeout / 4)}, r, TAG_CMD)
         return self
 
     def _wait_joined(self, store, address: str) -> None:
@@ -186,7 +193,9 @@ class AsyncSource:
                     send_msg(self.link, "stop", None, r, TAG_CMD)
             except Exception:  # noqa: BLE001,S110 - a dead worker needs no stop
                 pass
-        for p in self.procs.values():
+        for r, p in self.procs.items():
+            if r in self.failed:
+                p.kill()  # frozen or failing: no graceful stop to wait for
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -206,6 +215,11 @@ class AsyncSource:
 
     def _name(self, r: int) -> str:
         return f"rollout worker {r} (pid {self.pids.get(r, '?')})"
+
+    def _fail(self, r: int, message: str) -> WorkerError:
+        """The error to raise about worker ``r`` (which ``close`` then kills rather than waits for)."""
+        self.failed.add(r)
+        return WorkerError(message)
 
     # ------------------------------------------------------------------ a step
 
@@ -234,7 +248,7 @@ class AsyncSource:
                 r = 1 + j % self.R  # the connection is gone: the worker's own report first, if it sent one
                 time.sleep(0.5)  # let its receiving thread deliver what the worker said last
                 self._drain()
-                raise WorkerError(f"{self._name(r)} died (the trainer was sending it batch {j}): {_one_line(exc)}") from None
+                raise self._fail(r, f"{self._name(r)} died (the trainer was sending it batch {j}): {_one_line(exc)}") from None
         t["weight_push"] = t.get("weight_push", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         res = self._wait(s)
@@ -305,12 +319,12 @@ class AsyncSource:
         except queue.Empty:
             for q, p in self.procs.items():
                 if p.poll() is not None:
-                    raise WorkerError(f"{self._name(q)} exited with status {p.returncode} (the trainer was waiting "
-                                      f"for {what})") from None
+                    raise self._fail(q, f"{self._name(q)} exited with status {p.returncode} (the trainer was waiting "
+                                        f"for {what})") from None
             silent = time.monotonic() - self.heard[r]
             if silent > self.timeout:
-                raise WorkerError(f"{self._name(r)} sent nothing for {silent:.0f} s while the trainer waited for {what} "
-                                  f"(rollout.worker_timeout_s={self.timeout:g})") from None
+                raise self._fail(r, f"{self._name(r)} sent nothing for {silent:.0f} s while the trainer waited for {what} "
+                                    f"(rollout.worker_timeout_s={self.timeout:g})") from None
             return
         self._handle(src, kind, body, what)
 
@@ -329,8 +343,10 @@ class AsyncSource:
             self.results[body["step"]] = body
         elif kind == "ready":
             self.ready[src] = body
+        elif kind == "beat":  # alive (``heard`` is all a heartbeat updates)
+            pass
         elif kind == "loaded":
             self.last_load_s = body["load_s"]
         elif kind in ("error", "died"):
-            raise WorkerError(f"{self._name(src)} {'failed' if kind == 'error' else 'died'} (the trainer was waiting "
-                              f"for {what}): {body}")
+            raise self._fail(src, f"{self._name(src)} {'failed' if kind == 'error' else 'died'} (the trainer was "
+                                  f"waiting for {what}): {body}")

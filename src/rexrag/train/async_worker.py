@@ -261,6 +261,16 @@ def _receive(link, inbox: queue.Queue) -> None:
         inbox.put(("lost", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
 
 
+def _beat(link, every_s: float, stop: threading.Event) -> None:
+    """Thread: a heartbeat to the trainer every ``every_s`` seconds, so a long batch is not taken for a lost worker
+    (the trainer's ``rollout.worker_timeout_s`` then catches a machine or network gone silent)."""
+    while not stop.wait(every_s):
+        try:
+            send_msg(link, "beat", None, 0, TAG_RESULT)
+        except Exception:  # noqa: BLE001 - the trainer is gone: the serving loop hears it too
+            return
+
+
 def serve(link, rollout: WorkerRollout) -> None:
     """Serve the trainer's commands in order until ``stop`` (see the module docstring)."""
     inbox: queue.Queue = queue.Queue()
@@ -296,8 +306,12 @@ def run_worker(address: str, rank: int, timeout_s: float) -> int:
     from rexrag.config import config_from_dict
 
     link = connect(address, rank, timeout_s)
+    stop = threading.Event()
     try:
         kind, init = recv_msg(link, 0, TAG_CMD, timeout_s)
+        # beating from here on: building the engine and every batch may take longer than the trainer's timeout
+        threading.Thread(target=_beat, args=(link, float(init.get("beat_s", 30.0)), stop), daemon=True,
+                         name="rexrag-worker-beat").start()
         if init.get("threads"):
             torch.set_num_threads(int(init["threads"]))
         cfg = config_from_dict(init["config"])
@@ -311,6 +325,8 @@ def run_worker(address: str, rank: int, timeout_s: float) -> int:
         finally:
             print(f"rollout worker {rank}: {reason}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        stop.set()
     return 0
 
 
@@ -330,4 +346,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not sys.exit: the receiving thread is still blocked inside gloo, and tearing the process group down under it
+    # aborts the process ("terminate called without an active exception") instead of exiting with ``code``
+    os._exit(code)
