@@ -98,6 +98,19 @@ def test_async_refuses_what_it_cannot_run(overrides, world, given, match, monkey
         check_async(cfg, world, given)
 
 
+def test_async_refuses_a_backend_registered_by_the_callers_code():
+    from rexrag.rollout.backend_names import BACKENDS
+
+    BACKENDS.add("mine_for_async_test", lambda *a, **kw: None)
+    try:
+        cfg = load_config(None, ["rollout.mode=one_step_off", "rollout.backend=mine_for_async_test"])
+        with pytest.raises(UserError, match="rollout.backend=mine_for_async_test is registered by this process"):
+            check_async(cfg, 1, [], "mine_for_async_test")
+        check_async(cfg, 1, [], "hf")  # a shipped one is fine
+    finally:
+        BACKENDS.remove("mine_for_async_test")
+
+
 def test_async_runs_rex_with_one_trainer_process():
     check_async(load_config(None, ["rollout.mode=one_step_off", "rex.enabled=true"]), 1, [])  # no error
 

@@ -66,14 +66,21 @@ class WorkerError(EngineError):
     """A rollout worker died, failed or went silent (the message names it)."""
 
 
-def check_async(cfg, world: int, given: list[str] = ()) -> None:
+def check_async(cfg, world: int, given: list[str] = (), backend: str | None = None) -> None:
     """Refuse, before any model loads, what the async modes cannot run (one line naming the setting).
     ``given``: objects the caller built in this process (``backend``, ``retriever``), which a worker process
-    cannot use (it builds its own from the config)."""
+    cannot use (it builds its own from the config). ``backend``: the resolved ``rollout.backend``; one registered
+    by the caller's own code rather than shipped with rexrag is unknown to a worker process (which imports rexrag)."""
     ro = cfg.rollout
     if ro.mode == "sync":
         return
     what = f"rollout.mode={ro.mode}"
+    if backend is not None:
+        from rexrag.rollout.backend_names import BACKENDS
+
+        if not getattr(BACKENDS.get(backend), "__module__", "").startswith("rexrag."):
+            raise UserError(f"{what}: rollout.backend={backend} is registered by this process's own code, which a "
+                            "rollout worker process does not import; use a shipped backend (hf, vllm) or rollout.mode=sync")
     if given:
         raise UserError(f"{what}: the {' and '.join(given)} built in this process cannot run in a rollout worker "
                         "process, which builds its own from the config (rollout.backend, retrieval.*, trainer.reward); "

@@ -66,7 +66,7 @@ def build_trainer(cfg, *, progress: bool = True, backend=None, retriever=None, e
         check_layout(cfg.rollout, acc.num_processes)
     given = [name for name, obj in (("backend", backend), ("retriever", retriever),
                                     ("reward_fn", reward_fn if cfg.rex.enabled else None)) if obj is not None]
-    check_async(cfg, acc.num_processes, given)  # what the async modes cannot run: before any model loads
+    check_async(cfg, acc.num_processes, given, backend_name)  # what the async modes cannot run: before any model loads
     where = _data_files(cfg, examples is not None)
     examples = _examples(cfg) if examples is None else list(examples)
     check_examples(examples, cfg.data)  # bad data or too few prompts: before any model loads
