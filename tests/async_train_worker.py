@@ -1,5 +1,6 @@
 """Two trainer processes with a rollout worker each (tests/test_async_rollout.py):
-``accelerate launch --multi_gpu --num_processes 2 async_train_worker.py OUT``.
+``accelerate launch [--multi_gpu | --config_file configs/accelerate/cpu_fsdp.yaml] --num_processes 2
+async_train_worker.py OUT`` (DDP, or FSDP2: the weight push then gathers every tensor on both processes).
 
 Trains the toy setting with ``rollout.mode=async`` (k = 1); every process writes OUT/rank<r>.json: the group ids it
 trained per step, the staleness per step, and a checksum of its final parameters (DDP keeps them equal).
@@ -37,8 +38,9 @@ def main(out: str) -> None:
         hist = tr.train()
     finally:
         source.close()
-    params = sum(float(p.double().sum()) for p in tr.acc.unwrap_model(tr.model).parameters())
-    Path(out, f"rank{tr.rank}.json").write_text(json.dumps({"trained": trained, "params": params,
+    # DDP replicas must stay equal; FSDP2 shards differ by construction
+    params = None if tr.sharded else sum(float(p.double().sum()) for p in tr.acc.unwrap_model(tr.model).parameters())
+    Path(out, f"rank{tr.rank}.json").write_text(json.dumps({"trained": trained, "params": params, "sharded": tr.sharded,
                                                             "staleness": [m["async/staleness_max"] for m in hist]}))
 
 

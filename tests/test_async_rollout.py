@@ -352,11 +352,15 @@ def test_bench_summarises_steps_and_bounds_the_speedup():
 
 
 @pytest.mark.slow
-def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env):
-    """DDP over two gloo processes, a rollout worker each: every process trains its share of every batch (the
-    synchronous loop's split), within the bound, and the replicas stay equal."""
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env, layout):
+    """DDP or FSDP2 over two gloo processes, a rollout worker each: every process trains its share of every batch
+    (the synchronous loop's split), within the bound; DDP's replicas stay equal; FSDP2's weight pushes gather every
+    tensor on both processes in step (no hang)."""
     env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = (["--multi_gpu"] if layout == "ddp"
+              else ["--config_file", str(HERE.parent / "configs" / "accelerate" / "cpu_fsdp.yaml")])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "async_train_worker.py"), str(tmp_path)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -366,6 +370,7 @@ def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env):
         batch = [toy_examples()[i].group_id for i in sampler.next_batch()]
         assert [r["trained"][step] for r in ranks] == [batch[0::2], batch[1::2]]
     assert all(r["staleness"] == [0.0, 1.0, 1.0] for r in ranks)
+    assert all(r["sharded"] == (layout == "fsdp") for r in ranks)  # the launch really was what it says
     assert ranks[0]["params"] == ranks[1]["params"]
 
 

@@ -43,8 +43,8 @@ trainer's explorer adopts the worker's statistics and recomputes alpha, e and th
 (``RexExplorer.adopt``) for the correction and rho's update.
 
 Not built yet: REX-RAG across several trainer processes, dynamic sampling, partial rollouts, NCCL weight pushes (weights travel through host memory). Tested
-with DDP over two CPU processes; FSDP2 streams its gathered weights the same way (every process gathers every tensor
-in the same order, a failed send keeps the gathers running), never run.
+with DDP and with FSDP2 over two CPU processes (FSDP2 gathers every tensor of a push on every process in the same
+order; a failed send keeps the gathers running), never on GPUs.
 """
 
 from __future__ import annotations
