@@ -432,3 +432,27 @@ def _running(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_rexrag_train_one_step_off_end_to_end(tmp_path, smol_tokenizer):
+    """`rexrag train ... rollout.mode=one_step_off` starts its worker itself: the shipped worker factory builds the
+    config's model, BM25 index, HF loop and REX-RAG explorer in the worker; two steps train and checkpoint."""
+    from rexrag.cli import main
+    from rexrag.models import tiny_llama
+    from rexrag.train.logging import read_metrics
+
+    model = tmp_path / "model"
+    tok = smol_tokenizer
+    tiny_llama(len(tok), hidden=64, seed=3, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id).save_pretrained(model)
+    tok.save_pretrained(model)
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(HERE.parent / "configs" / "demo_cpu.yaml"), "--no-progress", f"trainer.out_dir={out}",
+               f"model.name_or_path={model}", "rollout.backend=hf", "rollout.mode=one_step_off", "trainer.steps=2",
+               "data.batch_size=2", "rollout.n=2", "rollout.max_turns=1", "rollout.max_new_tokens_per_turn=8",
+               "trainer.mini_batch_size=4", "trainer.micro_batch_size=2", "rollout.worker_timeout_s=120"])
+    assert rc == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["async/staleness_max"] for r in recs] == [0.0, 1.0] and all("rex/rho" in r for r in recs)
+    assert (out / "checkpoints" / "step_000002" / "model" / "config.json").is_file()
