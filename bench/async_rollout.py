@@ -19,9 +19,9 @@ Protocol (every number is an option; run on a quiet machine):
 * Equal work: every mode trains about ``--trajectories`` trajectories (steps = trajectories / (B x G); kept probes
   add a few, counted) from the same seed and prompt order. Trajectories per hour count trained trajectories over the sum of step times (``all``) and over
   steps 2.. (``steady``: the first async step has nothing to overlap with); the wall clock with start-up is recorded too.
-* Idle: in ``sync`` the share of a step spent generating (the trainer's update waits) and updating (the engine
-  sleeps); in the async modes ``timing/trainer_idle_s`` over the step time, and the worker's
-  ``async/worker_idle_s`` over its idle plus generation time. Staleness: the count of steps at each value.
+* Idle: in ``sync`` the share of a step spent generating (weight sync, rollouts, rewards, REX-RAG's probes: the
+  update waits) and updating (the engine sleeps); in the async modes ``timing/trainer_idle_s`` over the step time,
+  and the worker's ``async/worker_idle_s`` over its idle plus generation time. Staleness: steps at each value.
 * Held-out EM: ``rexrag eval --from-run`` (greedy agent, the run's settings) on the first ``--heldout`` bundled
   held-out questions; each async mode against ``sync`` as a paired bootstrap over the same questions
   (``rexrag.eval.report.paired_difference``). The target: >= 1.3x trajectories per hour at EM within noise.
@@ -105,7 +105,7 @@ def summarize(mode: str, steps: list[dict], wall_s: float) -> dict:
            "traj_per_hour_steady": 3600 * sum(m["rollout/trajectories"] for m in steps[1:]) / steady if steady else None,
            "reward_mean": sum(m["reward/mean"] for m in steps) / len(steps)}
     if mode == "sync":
-        gen = sum(m.get("timing/weight_sync_s", 0) + m.get("timing/gen_s", 0) + m.get("timing/reward_s", 0) for m in steps)
+        gen = sum(sum(m.get(f"timing/{k}_s", 0) for k in ("weight_sync", "gen", "reward", "explore")) for m in steps)
         out["gen_share"] = gen / total  # the update waits
         out["update_share"] = sum(m.get("timing/update_s", 0) for m in steps) / total  # the engine sleeps
     else:
