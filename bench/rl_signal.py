@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "top3_obs256": ["retrieval.topk=3", "rollout.max_obs_tokens=256"],
     "obs192_G8": ["rollout.max_obs_tokens=192", "rollout.n=8"],
     "process": ["trainer.process_reward=evidence*0.2"],  # turn-level credit: signal of dead-end groups' searches
+    "process_answer": ["trainer.process_reward=answer_seen*0.2"],  # the same from gold answer strings (no doc ids)
 }
 
 
