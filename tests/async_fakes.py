@@ -55,19 +55,11 @@ class ToyWorkerRollout:
         self.gen.manual_seed(seed)
 
     def rollout(self, examples, n):
-        from rexrag.rollout.trajectory import Seg, Trajectory
-        from toy_rl import prompt_ids
+        from toy_rl import prompt_ids, toy_trajectories
 
         prompts = [prompt_ids(ex) for ex in examples]
         toks, lps = self.sampler._sample(prompts, n, self.gen)
-        out = []
-        for i, ex in enumerate(examples):
-            for k in range(n):
-                tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
-                tr.extend(prompts[i], Seg.PROMPT, 0)
-                tr.extend(toks[i * n + k].tolist(), Seg.POLICY, 0, lps[i * n + k].tolist())
-                out.append(tr)
-        return out
+        return toy_trajectories(examples, prompts, toks, lps, n)
 
 
 def build_toy(cfg, rank, device):

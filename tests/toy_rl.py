@@ -77,14 +77,19 @@ class ToyRollout:
             toks, lps = torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])
         else:  # all prompts have the same length: one batch
             toks, lps = self._sample(prompts, n, None)
-        out = []
-        for i, ex in enumerate(examples):
-            for k in range(n):
-                tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
-                tr.extend(prompts[i], Seg.PROMPT, 0)
-                tr.extend(toks[i * n + k].tolist(), Seg.POLICY, 0, lps[i * n + k].tolist())
-                out.append(tr)
-        return out
+        return toy_trajectories(examples, prompts, toks, lps, n)
+
+
+def toy_trajectories(examples, prompts, toks, lps, n: int) -> list[Trajectory]:
+    """n trajectories per example: its prompt, then sampled row ``i * n + k`` of ``toks`` with its log-probs ``lps``."""
+    out = []
+    for i, ex in enumerate(examples):
+        for k in range(n):
+            tr = Trajectory(group_id=ex.group_id, example=ex, stop_reason="length")
+            tr.extend(prompts[i], Seg.PROMPT, 0)
+            tr.extend(toks[i * n + k].tolist(), Seg.POLICY, 0, lps[i * n + k].tolist())
+            out.append(tr)
+    return out
 
 
 def toy_config(out_dir, *overrides: str) -> Config:

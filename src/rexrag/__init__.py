@@ -20,7 +20,7 @@ Where things live: ``rexrag.config`` (typed config), ``rexrag.data`` (QA sets, c
 
 from __future__ import annotations
 
-import importlib
+from rexrag.registry import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -85,15 +85,4 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]  # noqa: PLE0604 (the lazy names above)
 
 
-def __getattr__(name: str):
-    """Import ``name``'s module on first access (PEP 562) and cache the attribute here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rexrag' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,6 +8,7 @@ module is imported on the first ``get``, so that listing the choices (the config
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable, Generic, TypeVar
 
 from rexrag.errors import UserError
@@ -62,3 +63,22 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """PEP 562 ``(__getattr__, __dir__)`` for ``package``: each name of ``exports`` (name -> module) is imported
+    from its module on first access and cached in the package, so importing the package imports none of them."""
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str):  # noqa: N807 (the module-level hook's name)
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:  # noqa: N807
+        return sorted({*namespace, *exports})
+
+    return __getattr__, __dir__

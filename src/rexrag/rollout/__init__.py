@@ -7,7 +7,7 @@ import the models and through them the config that reads those submodules.
 
 from __future__ import annotations
 
-import importlib
+from rexrag.registry import lazy_exports
 
 _EXPORTS = {
     "SearchAgent": "rexrag.rollout.agent",
@@ -26,15 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)  # noqa: PLE0604 (the lazy names above)
 
 
-def __getattr__(name: str):
-    """Import ``name``'s module on first access and cache the attribute here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rexrag.rollout' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
