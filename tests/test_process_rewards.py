@@ -357,3 +357,41 @@ def test_signal_shares_before_and_after_process_credit():
     mask[4, 0] = 0  # masked: never counts
     m = signal_metrics(rewards, group, term, mask)
     assert m == {"process/no_signal_before": pytest.approx(2 / 3), "process/no_signal_after": pytest.approx(1 / 3)}
+
+
+def _group(turn_rewards: list[list[float]], outcome: list[float] | None = None, probe_turns: list[list[float]] = ()):
+    """(originals, rewards, probes) as dynamic sampling groups them; each member's per-turn process rewards in meta."""
+    outcome = outcome or [0.0] * len(turn_rewards)
+    originals = [Trajectory(group_id=1, meta={"turn_rewards": t}) for t in turn_rewards]
+    probes = [Trajectory(group_id=1, meta={"turn_rewards": t, "reward": 0.0}) for t in probe_turns]
+    return originals, outcome, probes
+
+
+def _term_is_nonzero(group, gamma: float) -> bool:
+    """process_advantages on the group's members, one trainable token per turn."""
+    rows = [tr.meta["turn_rewards"] for tr in [*group[0], *group[2]]]
+    K = max(map(len, rows))
+    p = torch.tensor([r + [0.0] * (K - len(r)) for r in rows])
+    turns = torch.tensor([list(range(K))] * len(rows))
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (K - len(r)) for r in rows])
+    term, _ = process_advantages(p, turns, mask, torch.ones(len(rows), dtype=torch.long), gamma)
+    return bool(term.abs().max() > 1e-9)
+
+
+@pytest.mark.parametrize("turn_rewards,probe_turns,gamma", [
+    ([[0.0, 0.1], [0.0, 0.0]], [], 1.0),         # second searches differ: a signal
+    ([[0.1, 0.0], [0.0, 0.1]], [], 1.0),         # equal sums but turn 1 differs
+    ([[0.1, 0.0], [0.0, 0.1]], [], 0.0),         # each turn on its own differs
+    ([[0.1], [0.1, 0.0]], [], 1.0),              # turn 1 has one member: nothing to compare
+    ([[0.2, 0.0], [0.2, 0.0]], [], 0.5),         # alike
+    ([[0.0, 0.0], [0.0, 0.0]], [[0.2]], 1.0),    # a probe's search found evidence its source did not
+])
+def test_dynamic_sampling_keeps_the_groups_process_credit_gives_a_gradient(turn_rewards, probe_turns, gamma):
+    """A dead-end group (all outcome rewards equal) is kept by dynamic sampling exactly when the turn-level
+    term is non-zero for one of its members; without a process reward only the outcome rewards count."""
+    from rexrag.train.dynamic import has_signal
+
+    group = _group(turn_rewards, probe_turns=probe_turns)
+    assert has_signal(group, gamma) == _term_is_nonzero(group, gamma)
+    assert has_signal(group, None) is False
+    assert has_signal(_group(turn_rewards, outcome=[1.0] + [0.0] * (len(turn_rewards) - 1)), None) is True

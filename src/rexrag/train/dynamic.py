@@ -4,7 +4,9 @@ Dynamic sampling (``data.dynamic_sampling``; DAPO, arXiv 2503.14476). A group wh
 gives every member a zero group-relative advantage: it carries no signal. Each round samples a fresh
 global batch of prompts (every process its share), rolls them out, scores them and lets REX-RAG add its
 probes (probes join their group first, so a dead-end group that a probe rescued is kept: probes, then the
-filter). Groups without reward spread are dropped; rounds continue until this process holds its share of
+filter). Groups without a signal are dropped: no reward spread and, with turn-level credit
+(``trainer.process_reward``), no spread of any turn's process reward-to-go among the members that reached
+that turn either (such a group has a gradient on its searches: dropping it would undo the credit); rounds continue until this process holds its share of
 ``data.batch_size`` groups with signal or ``data.dynamic_sampling_max_rounds`` rounds ran. Every process
 runs the same number of rounds (rollouts, REX-RAG's batch-wide statistics and sharded forwards are
 collective), decided by an all-reduce of "still short". Still short after the last round, a process fills
@@ -45,8 +47,9 @@ def _sample(trainer, t: dict) -> tuple[list, list[float], list, dict]:
         rounds += 1
         prompts = [trainer.examples[i] for i in _fresh_prompts(trainer, seen)]
         trajs, rewards, probes, metrics = trainer.sample(prompts, t, round_idx=rounds - 1)
+        gamma = None if getattr(trainer, "process", None) is None else float(trainer.cfg.algo.turn_discount)
         for group in _groups(trajs, rewards, probes):
-            (kept if _has_signal(group) else dropped).append(group)
+            (kept if has_signal(group, gamma) else dropped).append(group)
         short = global_max(trainer.acc, float(len(kept) < share)) > 0
         if not short or rounds >= data.dynamic_sampling_max_rounds:
             break
@@ -87,6 +90,27 @@ def _groups(trajs: list, rewards: list[float], probes: list) -> list[tuple[list,
     return list(by.values())
 
 
-def _has_signal(group: tuple, tol: float = 1e-9) -> bool:
+def has_signal(group: tuple, gamma: float | None = None, tol: float = 1e-9) -> bool:
+    """Whether ``group`` ((originals, rewards, probes)) gives any member a non-zero advantage: its outcome rewards
+    differ or, with turn-level credit (``gamma``: ``algo.turn_discount``; None without a process reward), the
+    process reward-to-go of some turn differs among the members that reached it (``meta['turn_rewards']``),
+    the same comparison :func:`rexrag.algos.turn_credit.process_advantages` centres."""
     values = list(group[1]) + [float(p.meta.get("reward", 0.0)) for p in group[2]]
-    return max(values) - min(values) > tol
+    if max(values) - min(values) > tol:
+        return True
+    if gamma is None:
+        return False
+    returns = [_reward_to_go(tr.meta.get("turn_rewards") or [], gamma) for tr in [*group[0], *group[2]]]
+    for k in range(max(map(len, returns), default=0)):
+        at_k = [r[k] for r in returns if len(r) > k]
+        if len(at_k) > 1 and max(at_k) - min(at_k) > tol:
+            return True
+    return False
+
+
+def _reward_to_go(turn_rewards: list[float], gamma: float) -> list[float]:
+    out, running = [], 0.0
+    for r in reversed(turn_rewards):
+        running = float(r) + gamma * running
+        out.append(running)
+    return out[::-1]
