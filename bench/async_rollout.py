@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench_async")
     p.add_argument("--smoke", action="store_true", help="2 steps a mode, tiny rollouts, 4 held-out questions")
     p.add_argument("--append-md", action="store_true", help="put the section into BENCHMARKS.md")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a mode whose run in --out finished every step (and its evaluation, if any): "
+                        "an interrupted comparison goes on where it stopped; its wall clock is then unknown")
     return p.parse_args(argv)
 
 
@@ -76,12 +79,24 @@ def rexrag(args: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
+def steps_for(args) -> int:
+    return 2 if args.smoke else max(1, math.ceil(args.trajectories / (2 * 4)))
+
+
+def finished(run: Path, steps: int) -> bool:
+    """A run of this mode in ``run`` logged all ``steps`` steps (``--reuse``)."""
+    from rexrag.train.logging import read_metrics
+
+    path = run / "metrics.jsonl"
+    return path.is_file() and len([m for m in read_metrics(path) if "timing/step_s" in m]) >= steps
+
+
 def train(mode: str, args, out: Path) -> float:
-    steps = max(1, math.ceil(args.trajectories / (2 * 4)))
+    steps = steps_for(args)
     small = ["rollout.max_turns=1", "rollout.max_new_tokens_per_turn=16"] if args.smoke else []
     env = {"OMP_NUM_THREADS": "1"} if mode != "sync" else {}  # one core each: trainer and worker
     return rexrag(["train", "--config", "configs/demo_cpu.yaml", "--no-progress", "--overwrite",
-                   f"trainer.out_dir={out}", f"trainer.steps={2 if args.smoke else steps}",
+                   f"trainer.out_dir={out}", f"trainer.steps={steps}",
                    f"model.name_or_path={args.model}", f"trainer.seed={args.seed}", "trainer.save_every=0",
                    *COMMON, *MODES[mode], *small], env)
 
@@ -168,7 +183,7 @@ def main(argv=None) -> int:
 
     import rex_vs_grpo as rvg  # machine description and the BENCHMARKS.md section writer
 
-    from rexrag.eval.report import paired_difference
+    from rexrag.eval.report import paired_difference, read_jsonl
     from rexrag.train.logging import read_metrics
 
     args = parse_args(argv)
@@ -179,10 +194,12 @@ def main(argv=None) -> int:
     preds = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         run = out / mode
-        wall = train(mode, args, run)
-        row = summarize(mode, read_metrics(run / "metrics.jsonl"), wall)
+        reused = args.reuse and finished(run, steps_for(args))
+        wall = None if reused else train(mode, args, run)
+        row = summarize(mode, read_metrics(run / "metrics.jsonl"), wall) | {"reused": reused}
         if args.heldout:
-            preds[mode] = evaluate(args, run)
+            kept = reused and (run / "eval" / "predictions.jsonl").is_file()
+            preds[mode] = read_jsonl(run / "eval" / "predictions.jsonl")[: args.heldout] if kept else evaluate(args, run)
             row["em"] = sum(float(p["em"]) for p in preds[mode]) / max(len(preds[mode]), 1)
             if mode != "sync" and "sync" in preds:
                 row["em_vs_sync"] = paired_difference(preds["sync"], preds[mode])

@@ -351,6 +351,22 @@ def test_bench_summarises_steps_and_bounds_the_speedup():
     assert text.startswith(bench.HEADING) and "| one_step_off | 3 | 24 |" in text and "0: 1, 1: 2" in text
 
 
+def test_bench_reuses_only_a_run_that_finished_every_step(tmp_path):
+    """--reuse keeps a mode's run when its metrics hold every step; an interrupted run is trained again."""
+    from conftest import load_bench
+
+    bench = load_bench("async_rollout")
+    run = tmp_path / "sync"
+    assert not bench.finished(run, 2)  # nothing there
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "timing/step_s": 4.0}) + "\n"
+                                       + json.dumps({"step": 1, "eval/em": 0.1}) + "\n")
+    assert not bench.finished(run, 2)  # one step of two (an eval line is not a step)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "timing/step_s": 4.0}) + "\n")
+    assert bench.finished(run, 2) and bench.steps_for(bench.parse_args(["--trajectories", "16"])) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_two_trainer_processes_each_with_a_worker(tmp_path, worker_env, layout):
