@@ -571,6 +571,20 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def seed_difference_sentence(diffs: list[float]) -> str:
+    """The mean of per-seed paired EM differences (each on the same held-out questions, same seed) with a 95 %
+    Student-t interval over seeds, and how many seeds it would take for a difference of this size and spread
+    to exclude 0 (the budget question: more seeds, or a budget at which methods differ more)."""
+    m, lo, hi = t_interval(diffs)
+    sd = statistics.stdev(diffs)
+    verdict = "beyond seed noise" if lo > 0 or hi < 0 else "within seed noise"
+    need = next((n for n in range(2, 1000) if abs(m) > (T975[min(n - 2, len(T975) - 1)] if n < 11 else 1.96)
+                 * sd / math.sqrt(n)), None) if abs(m) > 1e-12 else None
+    more = f"; a difference of this size and spread would need {need} seeds" if need and verdict != "beyond seed noise" else ""
+    return (f"{100 * m:+.1f} EM [{100 * lo:+.1f}, {100 * hi:+.1f}], {verdict} (seed-to-seed SD of the difference "
+            f"{100 * sd:.1f}){more}")
+
+
 def _avg(steps: list[dict], key: str) -> float:
     xs = [s[key] for s in steps if key in s and not math.isnan(s[key])]
     return statistics.mean(xs) if xs else float("nan")
@@ -752,12 +766,17 @@ def block(out: Path, base: dict, runs: list[dict], n: dict) -> list[str]:
         d = paired_difference(base["heldout"], r["heldout"])
         lines.append(f"- {r['method']} seed {r['seed']}: " + difference_sentence(d, "RL", "the warm-up policy"))
     for ref, method in PAIRS:
+        diffs = []
         for seed in sorted({r["seed"] for r in runs}):
             pair = {r["method"]: r for r in runs if r["seed"] == seed}
             if ref in pair and method in pair:
                 d = paired_difference(pair[ref]["heldout"], pair[method]["heldout"])
+                diffs.append(d["diff"])
                 lines.append(f"- seed {seed}, {LABELS[method]} against {LABELS[ref]}: "
                              + difference_sentence(d, LABELS[method], LABELS[ref]))
+        if len(diffs) > 1:
+            lines.append(f"- **over {len(diffs)} seeds, {LABELS[method]} against {LABELS[ref]}**: "
+                         + seed_difference_sentence(diffs))
     if once:
         d = paired_difference(once, base["heldout"])
         lines.append("- warm-up policy, its own multi-turn search against retrieve-once: "

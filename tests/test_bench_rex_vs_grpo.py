@@ -221,3 +221,13 @@ def test_no_candidates_is_a_usage_error(rvg, capsys):
     with pytest.raises(SystemExit):
         rvg.parse_args(["--rl-questions", "solvable", "--candidates", "0"])
     assert "--candidates must be at least 1" in capsys.readouterr().err
+
+
+def test_seed_difference_says_whether_seeds_separate_two_methods(rvg):
+    """The pooled paired line: mean of per-seed differences, a Student-t interval, and the seeds a difference of
+    that size and spread would need (closed form: 2 EM with SD 1 needs 4 seeds, t(3) = 3.182)."""
+    s = rvg.seed_difference_sentence([0.01, 0.02, 0.03])
+    assert s.startswith("+2.0 EM [-0.5, +4.5], within seed noise") and "SD of the difference 1.0" in s
+    assert "would need 4 seeds" in s
+    s = rvg.seed_difference_sentence([-0.05, -0.06, -0.05, -0.06])
+    assert "beyond seed noise" in s and s.startswith("-5.5 EM") and "would need" not in s
