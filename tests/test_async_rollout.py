@@ -132,6 +132,27 @@ def test_workers_that_never_join_end_the_start_naming_the_settings(tmp_path):
     assert time.monotonic() - start < 10
 
 
+def test_a_worker_started_by_hand_joins_a_trainer_at_its_address(tmp_path, worker_env):
+    """Across machines, simulated on localhost: the trainer (``rollout.async_address``) starts no worker; one
+    launched by hand with only the address and its rank gets the config from the trainer, generates every batch
+    within the bound, and exits 0 when the trainer stops it."""
+    port = _free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "rexrag.train.async_worker", "--address", f"127.0.0.1:{port}",
+                               "--rank", "1", "--timeout", "60"])
+    try:
+        tr = _toy_trainer(tmp_path, worker_env, "rollout.mode=one_step_off", f"rollout.async_address=127.0.0.1:{port}",
+                          "trainer.steps=3")
+        assert tr.rollout_source.procs == {}  # nothing started by the trainer
+        hist = tr.train()
+        assert len(hist) == 3 and _staleness(hist) == [0.0, 1.0, 1.0]
+        tr.rollout_source.close()
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 def test_a_worker_that_cannot_reach_the_trainer_says_so_in_one_line_exit_2():
     port = _free_port()
     res = subprocess.run([sys.executable, "-m", "rexrag.train.async_worker", "--address", f"127.0.0.1:{port}", "--rank",
