@@ -858,6 +858,12 @@ def command(args, out: Path, runs: list[dict]) -> str:
     if args.rl_questions != "all":
         parts.append(f"--rl-questions {args.rl_questions} --candidates {args.candidates}")
     parts += [f"--set {kv}" for kv in args.set]
+    defaults = parse_args([])
+    parts += [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in PROTOCOL
+              if key != "smoke" and getattr(args, key) != getattr(defaults, key)]
+    methods = [m for m in METHODS if any(r.get("method") == m for r in runs)]
+    if methods and set(methods) != set(DEFAULT_METHODS):
+        parts.append(f"--methods {','.join(methods)}")
     seeds = sorted({r["seed"] for r in runs}) or [0]
     return " ".join(parts + [f"--seeds {','.join(map(str, seeds))}", "--append-md"])
 

@@ -215,6 +215,9 @@ def test_each_out_folder_has_its_own_section_and_command(rvg, tmp_path):
     assert rvg.command(args, other, [{"seed": 1}, {"seed": 0}]) == (
         "python bench/rex_vs_grpo.py --out bench/results/rex_vs_grpo_solvable --rl-questions solvable --candidates 256 "
         "--set rollout.n=8 --seeds 0,1 --append-md")
+    args = _args(rvg, tmp_path, curve_points=0)  # a protocol value off its default, methods not the default four
+    runs = [{"seed": 0, "method": "rex_process"}, {"seed": 0, "method": "grpo"}]
+    assert rvg.command(args, other, runs).endswith("--curve-points 0 --methods grpo,rex_process --seeds 0 --append-md")
 
 
 def test_no_candidates_is_a_usage_error(rvg, capsys):
