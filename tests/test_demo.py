@@ -138,6 +138,7 @@ def test_write_report_with_probe_and_plots(smol_tokenizer, tmp_path):
     assert "- The trained agent changed the score by +12.5 cover-EM over naive RAG on the same base model" in md
     assert "| HotpotQA | em | 25.0 | 50.0 | +25.0 |" in md  # warm-up vs trained, all metrics
     assert "of 10 candidates it answered 3 exactly and 4 with the gold in its answer; the 4 chosen include 3" in md
+    assert "Outcome reward only: turn-level credit (`trainer.process_reward`)" in md  # the measured choice, said
     assert "on average 25 % of groups had reward spread" in md and "1 of 2 steps had at least one exactly-correct" in md
     assert "rollout/groups_with_signal" in md
     assert "total wall time 1.0 min" in md and "CPU time 0.5 min (setup 0s)" in md

@@ -24,6 +24,13 @@ LABELS = {
 # --------------------------------------------------------------------------- trajectories in Markdown
 
 
+# What the demo's RL step uses beyond the outcome reward, and why (the measurement it follows).
+CREDIT_CHOICE = ("Outcome reward only: turn-level credit (`trainer.process_reward`) and the pass-rate curriculum "
+                 "(`data.curriculum`) are off. On the CPU protocol of the benchmark record (`bench/results/turn_credit`, "
+                 "2026-12-07, two seeds: GRPO and REX-RAG with and without `evidence*0.2`, same warm-up, 10,000 "
+                 "sampled tokens a run) process credit gave more groups a gradient but no held-out EM gain beyond "
+                 "noise; the curriculum was not measured. Each is one setting away.")
+
 def render_pieces_md(pieces: list[tuple[str, str]], max_info_chars: int = 400) -> str:
     """Markdown for ``(segment kind, text)`` runs: POLICY as code, INFO quoted, PROBE/NOTICE flagged."""
     out = []
@@ -187,7 +194,7 @@ def write_report(out: Path, tokenizer, p, evals: dict[str, dict], warm: dict, hi
         "## REX-RAG training", "",
         (f"{p.rl_steps} GRPO steps, {p.rl_prompts} prompts x {p.rl_rollouts} rollouts at temperature {p.rl_temperature:g}, "
         f"lr {p.rl_lr:g}, reward `em_format`, REX-RAG probes on (p={p.probe_prob}, keep ratio {p.keep_ratio}, at least "
-        "one kept probe per step when any exist), policy correction `rex_token`."), "",
+        "one kept probe per step when any exist), policy correction `rex_token`. " + CREDIT_CHOICE), "",
     ]
     if rl_info:
         text = (f"Training questions: {rl_info.get('questions')} bundled training questions that the warm-up did not use "
