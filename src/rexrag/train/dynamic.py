@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from rexrag.algos.turn_credit import turn_returns
 from rexrag.sharding import global_max
 
 
@@ -100,17 +103,11 @@ def has_signal(group: tuple, gamma: float | None = None, tol: float = 1e-9) -> b
         return True
     if gamma is None:
         return False
-    returns = [_reward_to_go(tr.meta.get("turn_rewards") or [], gamma) for tr in [*group[0], *group[2]]]
+    returns = [turn_returns(torch.tensor([tr.meta.get("turn_rewards") or []], dtype=torch.float64), gamma)[0].tolist()
+               for tr in [*group[0], *group[2]]]
     for k in range(max(map(len, returns), default=0)):
         at_k = [r[k] for r in returns if len(r) > k]
         if len(at_k) > 1 and max(at_k) - min(at_k) > tol:
             return True
     return False
 
-
-def _reward_to_go(turn_rewards: list[float], gamma: float) -> list[float]:
-    out, running = [], 0.0
-    for r in reversed(turn_rewards):
-        running = float(r) + gamma * running
-        out.append(running)
-    return out[::-1]
