@@ -711,7 +711,7 @@ def markdown(bases: dict[str, dict], runs: list[dict], args, out: Path) -> str:
              f"B={p['data.batch_size']} x G={ro['n']}, T={ro['temperature']}, lr {tr['lr']}, reward {tr['reward']}, "
              f"KL {al['kl_coef']}; REX-RAG p={rx['probe_prob']}, rho0={rx['keep_ratio']}, keep_min={rx['keep_min']}, "
              f"{rx['correction']}; " + "; ".join(f"{LABELS[m]}: {' '.join(METHOD_SETTINGS[m]) or 'as is'}" for m in METHODS
-                                     if m in DEFAULT_METHODS or any(r["method"] == m for r in runs))
+                                     if m in ({r["method"] for r in runs} or set(DEFAULT_METHODS)))
              + f"; each run stops at {p['token_budget']:,} sampled tokens (originals + probe "
              "continuations). Held-out: "
              + ", ".join(f"{k} n={v}" for k, v in n.items()) + " (greedy agent); intervals over seeds are 95 % "

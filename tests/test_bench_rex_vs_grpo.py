@@ -138,6 +138,9 @@ def test_report_from_recorded_runs(rvg, tmp_path):
     assert "| 2 | 25.0 [" in grpo  # 2 seeds, mean of 20 % and 30 % EM, with a t interval
     rex = next(line for line in text.splitlines() if line.startswith("| REX-RAG |"))
     assert "| 2 | 45.0 [" in rex
+    protocol = next(line for line in text.splitlines() if line.startswith("Protocol:"))
+    assert "GRPO: " in protocol and "REX-RAG: " in protocol  # the settings of the methods that ran, only those
+    assert not any(f"{rvg.LABELS[m]}: " in protocol for m in ("grpo_ds", "rex_rc"))
     assert "seed 1, REX-RAG against GRPO" in text and "+20.0 EM" in text
     assert "cut to 64 tokens) for 31 % of hotpotqa, 21 % of 2wikimultihopqa; in the top-2 passages whole for 67 %, 41 %" in text
 
