@@ -57,24 +57,23 @@ def build(kind: str, vectors: np.memmap, out: Path, train_size: int) -> dict:
     return {"factory": spec, "build_s": build_s, "train_vectors": used, "file_bytes": out.stat().st_size}
 
 
-def serve(path: Path, queries: Path, truth: Path | None, out: Path) -> None:
+def serve(path: Path, queries: Path, truth: Path | None, out: Path, seconds: float = 3.0) -> None:
     """The child: load like the server, measure RSS, speed and recall."""
     import faiss
 
-    from rexrag.retrieval.compressed import set_search_params
+    from rexrag.retrieval.compressed import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, set_search_params
+    from rexrag.retrieval.faiss_files import open_mapped
 
     faiss.omp_set_num_threads(1)
-    try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        index = faiss.read_index(str(path))
-    knobs = set_search_params(index, nprobe=32 if faiss.try_extract_index_ivf(index) is not None else 0)
+    index = open_mapped(path)  # as `rexrag serve` opens it: memory-mapped, or a one-line error naming the type
+    knobs = set_search_params(index, nprobe=DEFAULT_NPROBE if faiss.try_extract_index_ivf(index) is not None else 0,
+                              ef_search=DEFAULT_EF_SEARCH)  # the server's defaults
     rss_loaded = _rss_mb()
     q = np.load(queries)
     qps = {}
     for batch in (1, 64, 512):
         done, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 3.0 or done == 0:
+        while time.perf_counter() - t0 < seconds or done == 0:
             rows = q[(done % len(q)) : (done % len(q)) + batch] if batch < len(q) else np.tile(q, (2, 1))[:batch]
             index.search(rows, 10)
             done += len(rows)

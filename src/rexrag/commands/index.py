@@ -8,7 +8,7 @@ import time
 
 def add_parser(subparsers) -> None:
     from rexrag.retrieval import index_kinds  # the package registers the shipped kinds
-    from rexrag.retrieval.compressed import PRESETS
+    from rexrag.retrieval.compressed import DEFAULT_EF_SEARCH, PRESETS
 
     p = subparsers.add_parser(
         "index",
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantisers, bytes per vector (default d / 8)")
     g.add_argument("--train-size", type=int, default=0, help="training vectors (default max(65536, 50 nlist), at most N)")
     g.add_argument("--nprobe", type=int, default=0, help="IVF lists searched per query, stored as the default (32)")
-    g.add_argument("--ef-search", type=int, default=128, help="HNSW search candidate list, stored as the default")
+    g.add_argument("--ef-search", type=int, default=DEFAULT_EF_SEARCH, help="HNSW search candidate list, stored as the default")
     g.add_argument("--from-faiss", default="", metavar="FILE",
                    help="serve this existing faiss index (e.g. Search-R1's e5_Flat.index) over --corpus: no re-encoding, "
                         "no copy (linked); its vector count, dimension (--model) and metric are checked")

@@ -38,6 +38,7 @@ PRESETS = {
 }
 CHUNK = 65536
 DEFAULT_NPROBE = 32  # IVF lists visited per query unless --nprobe says otherwise (capped at nlist)
+DEFAULT_EF_SEARCH = 128  # HNSW candidate list at build and serve unless --ef-search says otherwise (faiss's own: 16)
 
 
 def default_nlist(n: int) -> int:

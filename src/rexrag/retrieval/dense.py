@@ -31,6 +31,7 @@ import numpy as np
 
 from rexrag.errors import UserError
 from rexrag.retrieval.base import Passage
+from rexrag.retrieval.compressed import DEFAULT_EF_SEARCH
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 FAISS_FILE = "faiss.index"
@@ -114,7 +115,7 @@ class DenseRetriever:
     kind = "dense"
 
     def __init__(self, encoder, index, passages: Sequence[Passage], *, query_prefix: str = "",
-                 batch_size: int = 64, ef_search: int = 128):
+                 batch_size: int = 64, ef_search: int = DEFAULT_EF_SEARCH):
         self.encoder = encoder
         self.index = index
         self.passages = passages
@@ -130,7 +131,7 @@ class DenseRetriever:
     @classmethod
     def from_passages(cls, passages: Sequence[Passage], *, model: str = DEFAULT_MODEL, index_type: str = "flat",
                       query_prefix: str = "", passage_prefix: str = "", batch_size: int = 64,
-                      hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
+                      hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = DEFAULT_EF_SEARCH,
                       device: str = "cpu") -> "DenseRetriever":
         """Encode and index ``passages`` in memory (no directory)."""
         encoder = load_encoder(model, device)
@@ -210,7 +211,7 @@ def _vectors(passages, out: Path, encoder, reader: tuple | None, passage_prefix:
 
 def build_dense(passages: Sequence[Passage], out: Path, *, model: str = DEFAULT_MODEL, index_type: str = "flat",
                 factory: str = "", query_prefix: str = "", passage_prefix: str = "", batch_size: int = 64,
-                hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128, nlist: int = 0, pq_m: int = 0,
+                hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = DEFAULT_EF_SEARCH, nlist: int = 0, pq_m: int = 0,
                 train_size: int = 0, nprobe: int = 0, device: str = "cpu", from_faiss: str = "") -> dict:
     """Index ``passages`` (``rexrag.retrieval.compressed`` documents the types and their defaults):
     encoded with ``model``, or, with ``from_faiss``, the vectors of an existing faiss file, served as it is
@@ -310,4 +311,4 @@ def load_dense(directory: Path, manifest: dict, passages: Sequence[Passage], dev
     search = set_search_params(index, nprobe or params.get("nprobe", 0), ef_search or params.get("ef_search", 0),
                                where=str(directory))
     return DenseRetriever(encoder, index, passages, query_prefix=params.get("query_prefix", ""),
-                          batch_size=params.get("batch_size", 64), ef_search=search.get("ef_search", 128))
+                          batch_size=params.get("batch_size", 64), ef_search=search.get("ef_search", DEFAULT_EF_SEARCH))
