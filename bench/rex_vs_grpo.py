@@ -27,7 +27,8 @@ Protocol (every number is an option; the defaults are the recorded CPU run):
   sentinels (queries copying the question, rollouts at the turn limit); the table shows them.
   ``--rl-questions solvable`` stays a separate, offline choice: the curriculum learns pass rates from the
   training rollouts themselves, one visit per question at a time, while ``solvable`` spends a greedy pass
-  up front; at this budget (tens of steps of B=2) the curriculum sees most questions at most once.
+  up front; at this budget (tens of steps of B=2) the curriculum sees most questions at most once, so it
+  draws like the uniform sampler (``bench/curriculum_reach.py`` simulates when it starts to differ).
 * Equal compute: each run trains until the tokens it *sampled* (original rollouts plus probe
   continuations, counted at the generation backend) reach ``--token-budget``; REX-RAG spends part of
   its budget on probes, so it takes fewer steps.
