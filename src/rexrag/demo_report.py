@@ -27,9 +27,11 @@ LABELS = {
 # What the demo's RL step uses beyond the outcome reward, and why (the measurement it follows).
 CREDIT_CHOICE = ("Outcome reward only: turn-level credit (`trainer.process_reward`) and the pass-rate curriculum "
                  "(`data.curriculum`) are off. On the CPU protocol of the benchmark record (`bench/results/turn_credit`, "
-                 "2026-12-07, two seeds: GRPO and REX-RAG with and without `evidence*0.2`, same warm-up, 10,000 "
-                 "sampled tokens a run) process credit gave more groups a gradient but no held-out EM gain beyond "
-                 "noise; the curriculum was not measured. Each is one setting away.")
+                 "2026-12-07, four seeds: GRPO and REX-RAG with and without `evidence*0.2`, same warm-up, 10,000 "
+                 "sampled tokens a run) process credit gave more groups a gradient but no held-out EM gain (+0.0 EM "
+                 "with GRPO, +0.9 with REX-RAG, both within seed noise); the curriculum, simulated, draws like uniform "
+                 "sampling until it has seen most questions once, which a demo-sized run never does. Each is one "
+                 "setting away.")
 
 def render_pieces_md(pieces: list[tuple[str, str]], max_info_chars: int = 400) -> str:
     """Markdown for ``(segment kind, text)`` runs: POLICY as code, INFO quoted, PROBE/NOTICE flagged."""
