@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WIKI18, MEASURED_N = 21_015_324, 1_000_000
 # bench/dense_scale.py at 1M x 768-d, one search thread (BENCHMARKS "Dense index types on 1M vectors"): best batch
-INDEX_QPS_1M = {"hnsw_sq8": 7114.0, "sq8": 19.0, "flat": 69.0}  # hnsw_sq8 at efSearch 16 (not the served 128): high
+INDEX_QPS_1M = {"hnsw_sq8": 2837.0, "sq8": 19.0, "flat": 69.0}  # hnsw_sq8 at the served efSearch 128 (2026-12-07)
 E5_OVER_MINILM_FLOPS = (12 * 768**2) / (6 * 384**2)  # per token, layers x hidden^2 (FFN = 4 x hidden in both): 8
 GPU_ENCODER_QPS = 20_000.0  # estimate: e5-base on one H100, ~20-token queries (not measured here)
 GPU_FLAT_QPS = 50_000.0  # estimate: 21M x 768 fp16 inner products sharded over 8 GPUs (not measured here)
