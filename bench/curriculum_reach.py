@@ -16,7 +16,7 @@ shuffle, ``rexrag.data.PromptSampler``) against simulated questions:
   right and a wrong rollout.
 
 Reported per step budget: the share of groups with signal so far under each sampler, their ratio, and the
-share of draws that were questions already seen. ``--epochs`` reads budgets as passes over the pool.
+share of draws that were questions already seen; budgets also read as passes over the pool.
 
 Usage: python bench/curriculum_reach.py [--questions 1103] [--batch 2] [--group 4] [--steps 15,100,500,2000]
 """
@@ -141,9 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decay", type=float, default=0.8, help="data.curriculum_decay")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "curriculum_reach.json"))
     args = p.parse_args(argv)
-    budgets = sorted({int(s) for s in args.steps.split(",") if s})
-    if not budgets or budgets[0] <= 0 or args.questions < args.batch:
-        p.error("--steps: positive step counts; --questions at least --batch")
+    try:
+        budgets = sorted({int(s) for s in args.steps.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--steps: comma-separated whole numbers, got {args.steps!r}")
+    if not budgets or budgets[0] <= 0:
+        p.error(f"--steps: positive step counts, got {args.steps!r}")
+    if args.batch < 1 or args.group < 1 or args.sims < 1 or args.questions < args.batch:
+        p.error("--batch, --group and --sims must be at least 1, and --questions at least --batch")
+    if not 0.0 < args.decay <= 1.0:
+        p.error(f"--decay: in (0, 1], got {args.decay}")
     load_before, start = os.getloadavg()[0], time.perf_counter()
     result = run(args.questions, args.batch, args.group, budgets, args.sims, args.decay)
     result.update({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_description(),

@@ -47,3 +47,13 @@ def test_simulation_counts_signal_and_revisits(cr):
     assert sampler.stats[7][0] > 0 and sum(res["revisits"]) > 0
     assert int(sampler.weights().argmax()) == 7
     assert sum(res["signal"]) > 0  # only question 7 can give a group signal, and it was drawn
+
+
+@pytest.mark.parametrize("argv, says", [(["--steps", "15,ten"], "--steps: comma-separated whole numbers"),
+                                        (["--steps", "0,15"], "--steps: positive step counts"),
+                                        (["--sims", "0"], "--sims must be at least 1"),
+                                        (["--decay", "0"], "--decay: in (0, 1]")])
+def test_bad_options_are_one_line_usage_errors(cr, capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        cr.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -8,7 +8,6 @@ import numpy as np
 from conftest import load_bench
 
 
-
 def test_the_serving_child_uses_the_servers_mapping_and_search_defaults(tmp_path):
     ds = load_bench("dense_scale")
     from rexrag.retrieval.compressed import DEFAULT_EF_SEARCH

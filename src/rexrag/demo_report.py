@@ -21,9 +21,6 @@ LABELS = {
 }
 
 
-# --------------------------------------------------------------------------- trajectories in Markdown
-
-
 # What the demo's RL step uses beyond the outcome reward, and why (the measurement it follows).
 CREDIT_CHOICE = ("Outcome reward only: turn-level credit (`trainer.process_reward`) and the pass-rate curriculum "
                  "(`data.curriculum`) are off. On the CPU protocol of the benchmark record (`bench/results/turn_credit`, "
@@ -32,6 +29,10 @@ CREDIT_CHOICE = ("Outcome reward only: turn-level credit (`trainer.process_rewar
                  "with GRPO, +0.9 with REX-RAG, both within seed noise); the curriculum, simulated, draws like uniform "
                  "sampling until it has seen most questions once, which a demo-sized run never does. Each is one "
                  "setting away.")
+
+
+# --------------------------------------------------------------------------- trajectories in Markdown
+
 
 def render_pieces_md(pieces: list[tuple[str, str]], max_info_chars: int = 400) -> str:
     """Markdown for ``(segment kind, text)`` runs: POLICY as code, INFO quoted, PROBE/NOTICE flagged."""
